@@ -1,0 +1,70 @@
+//! Back-ends: how frames move. Each supplies a listener and a dialer of frame
+//! pipes and nothing else; handshake, signatures and health live in
+//! [`crate::session`] and work the same over every back-end.
+
+pub mod tcp;
+
+use std::{future::Future, net::SocketAddr};
+
+use crate::{
+    error::TransportError,
+    session::{FrameReader, FrameWriter},
+};
+
+/// Both halves of a new connection.
+#[derive(Debug)]
+pub struct Pipe<R, W> {
+    /// Reading half.
+    pub reader: R,
+    /// Writing half.
+    pub writer: W,
+    /// The peer's address, when the back-end knows it.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// Accepts connections.
+pub trait Listener: Send + 'static {
+    /// Reading half of an accepted pipe.
+    type Reader: FrameReader;
+    /// Writing half of an accepted pipe.
+    type Writer: FrameWriter;
+
+    /// The next connection. Errors are per-connection (the listener goes on)
+    /// unless [`Listener::is_fatal`] says otherwise.
+    fn accept(
+        &mut self,
+    ) -> impl Future<Output = std::io::Result<Pipe<Self::Reader, Self::Writer>>> + Send;
+
+    /// The bound address (the real port when bound to port 0).
+    fn local_addr(&self) -> std::io::Result<SocketAddr>;
+
+    /// Whether an accept error means the listener itself is broken.
+    fn is_fatal(_error: &std::io::Error) -> bool {
+        false
+    }
+}
+
+/// A way to listen and dial: one per transport (TCP, gRPC, QUIC).
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// Reading half of a pipe.
+    type Reader: FrameReader;
+    /// Writing half of a pipe.
+    type Writer: FrameWriter;
+    /// The listener `bind` returns.
+    type Listener: Listener<Reader = Self::Reader, Writer = Self::Writer>;
+
+    /// Short name for logs and reports ("tcp", "grpc", "quic").
+    fn name(&self) -> &'static str;
+
+    /// Listens on `addr` (`host:port`; port 0 picks one).
+    fn bind(
+        &self,
+        addr: &str,
+    ) -> impl Future<Output = Result<Self::Listener, TransportError>> + Send;
+
+    /// Connects to `addr`. The caller bounds it with the connect timeout.
+    fn dial(
+        &self,
+        addr: &str,
+    ) -> impl Future<Output = Result<Pipe<Self::Reader, Self::Writer>, TransportError>> + Send;
+}

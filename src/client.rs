@@ -1,0 +1,557 @@
+//! The client, generic over the back-end: connect (with retry), send,
+//! automatic reconnect, connection-state events.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    backend::{Backend, Pipe},
+    config::{ClientAuth, ClientConfig},
+    error::{DisconnectReason, TransportError},
+    handshake::{ClientHandshake, ClientHandshakeConfig, NONCE_LEN},
+    proto::Message,
+    retry::RetryPolicy,
+    session::{
+        self, Connection, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionEnd,
+        SessionSetup, client_handshake, signing_state,
+    },
+    signed::SequenceCounter,
+};
+
+/// A change of the client's connection state.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// A session is up.
+    Connected {
+        /// The server address.
+        addr: String,
+        /// The server's session id, when authenticated.
+        session_id: Option<String>,
+        /// Whether this came from the automatic reconnect.
+        reconnect: bool,
+    },
+    /// The session ended.
+    Disconnected {
+        /// Why.
+        reason: DisconnectReason,
+        /// Details for logs.
+        details: String,
+        /// Whether the server ended it.
+        by_peer: bool,
+    },
+    /// An automatic reconnect attempt failed; another follows after `retry_in`.
+    ReconnectFailed {
+        /// Attempt number since the connection was lost.
+        attempt: u32,
+        /// The error.
+        error: String,
+        /// Wait before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+/// Client counters, cumulative over reconnects.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientStats {
+    /// The client id.
+    pub id: String,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// The address of the current or last server.
+    pub server_addr: Option<String>,
+    /// The current session, if any.
+    pub connection: Option<ConnectionInfo>,
+    /// Connection attempts made.
+    pub connect_attempts: u64,
+    /// Connection attempts that failed.
+    pub connect_failures: u64,
+    /// Sessions re-established by the automatic reconnect.
+    pub reconnects: u64,
+}
+
+/// A client over back-end `B`. Cheap to clone; clones share the client.
+pub struct TransportClient<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for TransportClient<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<B: Backend> {
+    backend: B,
+    config: RwLock<ClientConfig>,
+    auth: Option<ClientAuth>,
+    handler: Arc<HandlerSlot>,
+    current: Mutex<Option<Arc<Connection>>>,
+    server_addr: Mutex<Option<String>>,
+    /// Cancels the session supervisor (and its reconnect loop) on `disconnect`.
+    supervisor: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
+    events: broadcast::Sender<ConnectionEvent>,
+    next_id: AtomicU64,
+    connect_attempts: AtomicU64,
+    connect_failures: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl<B: Backend> TransportClient<B> {
+    /// A client; `auth: None` connects without a handshake (a server with auth disabled).
+    pub fn new(backend: B, config: ClientConfig, auth: Option<ClientAuth>) -> Self {
+        let (events, _) = broadcast::channel(64);
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                config: RwLock::new(config),
+                auth,
+                handler: Arc::new(HandlerSlot::default()),
+                current: Mutex::new(None),
+                server_addr: Mutex::new(None),
+                supervisor: Mutex::new(None),
+                events,
+                next_id: AtomicU64::new(1),
+                connect_attempts: AtomicU64::new(0),
+                connect_failures: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The client id.
+    pub fn id(&self) -> String {
+        self.config().client_id
+    }
+
+    /// A copy of the settings.
+    pub fn config(&self) -> ClientConfig {
+        self.inner
+            .config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn update_config(&self, change: impl FnOnce(&mut ClientConfig)) {
+        change(
+            &mut self
+                .inner
+                .config
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+
+    /// Sets the read timeout of future sessions.
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        self.update_config(|c| c.read_timeout = timeout);
+    }
+
+    /// Sets the write timeout of future sessions.
+    pub fn set_write_timeout(&self, timeout: Duration) {
+        self.update_config(|c| c.write_timeout = timeout);
+    }
+
+    /// Sets the first reconnect delay.
+    pub fn set_reconnect_delay(&self, delay: Duration) {
+        self.update_config(|c| c.reconnect_delay = delay);
+    }
+
+    /// Sets the handler of messages from the server.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        self.inner.handler.set(handler);
+    }
+
+    /// Connection-state events from now on.
+    pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether a session is up.
+    pub fn is_connected(&self) -> bool {
+        self.current().is_some_and(|c| !c.is_closed())
+    }
+
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The current session.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.current()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ClientStats {
+        let connection = self.current().filter(|c| !c.is_closed());
+        ClientStats {
+            id: self.id(),
+            connected: connection.is_some(),
+            server_addr: self
+                .inner
+                .server_addr
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            connection: connection.map(|c| c.info()),
+            connect_attempts: self.inner.connect_attempts.load(Ordering::Relaxed),
+            connect_failures: self.inner.connect_failures.load(Ordering::Relaxed),
+            reconnects: self.inner.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Connects to `addr` once; on success the session is supervised and,
+    /// if `auto_reconnect` is on, re-established after a loss.
+    pub async fn connect(&self, addr: &str) -> Result<(), TransportError> {
+        if self.is_connected() {
+            return Err(TransportError::AlreadyRunning);
+        }
+        self.stop_supervisor().await;
+        *self
+            .inner
+            .server_addr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(addr.to_owned());
+        let (connection, task) = establish(&self.inner, addr).await?;
+        let _ = self.inner.events.send(ConnectionEvent::Connected {
+            addr: addr.to_owned(),
+            session_id: connection.info().session_id,
+            reconnect: false,
+        });
+        self.supervise(addr.to_owned(), connection, task);
+        Ok(())
+    }
+
+    /// Connects with up to `max_retries` retries (`max_retries + 1` attempts),
+    /// waiting as the Go client does: the reconnect delay doubling to one
+    /// minute, plus jitter in `[0, delay/2)`. Errors that cannot heal (a
+    /// refused handshake) stop at once.
+    pub async fn connect_with_retry(
+        &self,
+        addr: &str,
+        max_retries: u32,
+    ) -> Result<(), TransportError> {
+        let policy = RetryPolicy::go_connect(self.config().reconnect_delay, max_retries);
+        self.connect_with_policy(addr, &policy).await
+    }
+
+    /// Connects, retrying by `policy`.
+    pub async fn connect_with_policy(
+        &self,
+        addr: &str,
+        policy: &RetryPolicy,
+    ) -> Result<(), TransportError> {
+        let mut attempts = 0u32;
+        let result = policy
+            .retry(
+                "connect",
+                || {
+                    attempts += 1;
+                    self.connect(addr)
+                },
+                TransportError::is_transient,
+            )
+            .await;
+        result.map_err(|last| match last {
+            last if attempts > 1 => TransportError::RetriesExhausted {
+                attempts,
+                last: Box::new(last),
+            },
+            last => last,
+        })
+    }
+
+    /// Closes the session (sending `Disconnect{REQUESTED}`) and stops any
+    /// automatic reconnect. Returns once the session has ended.
+    pub async fn disconnect(&self) -> Result<(), TransportError> {
+        let had_supervisor = self.stop_supervisor().await;
+        let current = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match current {
+            Some(connection) if !connection.is_closed() => {
+                connection.close(DisconnectReason::Requested, "client disconnect");
+                connection.closed().await;
+                Ok(())
+            }
+            _ if had_supervisor => Ok(()),
+            _ => Err(TransportError::NotConnected),
+        }
+    }
+
+    /// Closes the current session, if any, and connects again to the last address.
+    pub async fn reconnect(&self) -> Result<(), TransportError> {
+        let addr = self
+            .inner
+            .server_addr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| self.config().server_addr);
+        let _ = self.disconnect().await;
+        self.connect(&addr).await
+    }
+
+    /// Sends `message` (its `sender_id` becomes the client id), waiting up to
+    /// the write timeout for queue room.
+    pub async fn send(&self, message: Message) -> Result<(), TransportError> {
+        let connection = self
+            .current()
+            .filter(|c| !c.is_closed())
+            .ok_or(TransportError::NotConnected)?;
+        connection.send(message).await
+    }
+
+    fn supervise(
+        &self,
+        addr: String,
+        connection: Arc<Connection>,
+        task: tokio::task::JoinHandle<SessionEnd>,
+    ) {
+        let stop = CancellationToken::new();
+        let inner = self.inner.clone();
+        let handle = tokio::spawn(
+            supervise(inner, addr, connection, task, stop.clone())
+                .instrument(info_span!("client_supervisor")),
+        );
+        *self
+            .inner
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((stop, handle));
+    }
+
+    /// Stops the supervisor; returns whether one was running.
+    async fn stop_supervisor(&self) -> bool {
+        let supervisor = self
+            .inner
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some((stop, handle)) = supervisor else {
+            return false;
+        };
+        stop.cancel();
+        let _ = handle.await;
+        true
+    }
+}
+
+/// Dials, handshakes and starts a session; emits `Connected` on success.
+async fn establish<B: Backend>(
+    inner: &Arc<Inner<B>>,
+    addr: &str,
+) -> Result<(Arc<Connection>, tokio::task::JoinHandle<SessionEnd>), TransportError> {
+    inner.connect_attempts.fetch_add(1, Ordering::Relaxed);
+    let result = try_establish(inner, addr).await;
+    if result.is_err() {
+        inner.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn try_establish<B: Backend>(
+    inner: &Arc<Inner<B>>,
+    addr: &str,
+) -> Result<(Arc<Connection>, tokio::task::JoinHandle<SessionEnd>), TransportError> {
+    let config = inner
+        .config
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let Pipe {
+        mut reader,
+        mut writer,
+        remote_addr,
+    } = match tokio::time::timeout(config.connect_timeout, inner.backend.dial(addr)).await {
+        Ok(pipe) => pipe?,
+        Err(_) => {
+            return Err(TransportError::ConnectTimeout {
+                addr: addr.to_owned(),
+                after: config.connect_timeout,
+            });
+        }
+    };
+    let mut setup = SessionSetup {
+        identity: Arc::from(format!("server@{addr}")),
+        client_id: Some(config.client_id.clone()),
+        session_id: None,
+        remote_addr,
+        signer: None,
+        opener: None,
+        sender_id: Some(config.client_id.clone()),
+    };
+    if let Some(auth) = &inner.auth {
+        let unicast = SequenceCounter::from_clock(SystemTime::now());
+        let handshake = ClientHandshake::start(
+            ClientHandshakeConfig {
+                key: auth.key.clone(),
+                client_id: config.client_id.clone(),
+                expected_server_key: auth.server_key.clone(),
+                extensions: auth.extensions,
+                signed_frames: auth.signed_frames,
+                backend: auth.backend,
+            },
+            SystemTime::now(),
+            rand::random::<[u8; NONCE_LEN]>(),
+            unicast.floor(),
+        );
+        let server = client_handshake(
+            &mut reader,
+            &mut writer,
+            handshake,
+            config.handshake_timeout,
+        )
+        .await?;
+        if let Some(server_key) = &server.server_key {
+            setup.identity = Arc::from(format!("publisher:{server_key}"));
+        }
+        let (signer, opener) = signing_state(
+            server.signed_frames.as_ref(),
+            Some(&auth.key),
+            server.identity.clone(),
+            Some(unicast),
+            auth.backend,
+        );
+        info!(
+            %addr,
+            session_id = %server.session_id,
+            mutual = server.server_key.is_some(),
+            signed_frames = signer.is_some(),
+            "handshake complete"
+        );
+        setup.session_id = Some(server.session_id);
+        setup.signer = signer;
+        setup.opener = opener;
+    }
+    let context = Arc::new(SessionContext {
+        config: config.session(),
+        handler: inner.handler.clone(),
+    });
+    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let (connection, task) = session::start_session(id, reader, writer, setup, context);
+    *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+    Ok((connection, task))
+}
+
+/// Watches a session; after it ends, reconnects with doubling waits until it
+/// succeeds or `stop` fires.
+async fn supervise<B: Backend>(
+    inner: Arc<Inner<B>>,
+    addr: String,
+    mut connection: Arc<Connection>,
+    mut task: tokio::task::JoinHandle<SessionEnd>,
+    stop: CancellationToken,
+) {
+    loop {
+        let end = tokio::select! {
+            end = &mut task => end,
+            _ = stop.cancelled() => {
+                connection.close(DisconnectReason::Requested, "client disconnect");
+                let disconnect_timeout = inner.config.read().unwrap_or_else(PoisonError::into_inner).disconnect_timeout;
+                let end = match tokio::time::timeout(disconnect_timeout * 2, &mut task).await {
+                    Ok(end) => end,
+                    Err(_) => {
+                        connection.abort(DisconnectReason::Requested, "client disconnect");
+                        task.await
+                    }
+                };
+                emit_disconnected(&inner, &connection, end);
+                return;
+            }
+        };
+        emit_disconnected(&inner, &connection, end);
+        let config = inner
+            .config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if !config.auto_reconnect {
+            return;
+        }
+        let policy = RetryPolicy {
+            max_delay: config.max_reconnect_delay,
+            ..RetryPolicy::go_connect(config.reconnect_delay, 0).with_max_retries(None)
+        };
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let wait = policy.delay(attempt);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let established = tokio::select! {
+                _ = stop.cancelled() => return,
+                result = establish(&inner, &addr) => result,
+            };
+            match established {
+                Ok((new_connection, new_task)) => {
+                    inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                    info!(%addr, attempt, "reconnected");
+                    let _ = inner.events.send(ConnectionEvent::Connected {
+                        addr: addr.clone(),
+                        session_id: new_connection.info().session_id,
+                        reconnect: true,
+                    });
+                    connection = new_connection;
+                    task = new_task;
+                    break;
+                }
+                Err(err) => {
+                    let retry_in = policy.base_delay(attempt + 1);
+                    warn!(%addr, attempt, error = %err, "reconnect failed");
+                    let _ = inner.events.send(ConnectionEvent::ReconnectFailed {
+                        attempt,
+                        error: err.to_string(),
+                        retry_in,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn emit_disconnected<B: Backend>(
+    inner: &Inner<B>,
+    connection: &Arc<Connection>,
+    end: Result<SessionEnd, tokio::task::JoinError>,
+) {
+    let end = end.unwrap_or_else(|err| SessionEnd {
+        reason: DisconnectReason::InternalError,
+        details: format!("session task failed: {err}"),
+        by_peer: false,
+    });
+    {
+        let mut current = inner.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            *current = None;
+        }
+    }
+    let _ = inner.events.send(ConnectionEvent::Disconnected {
+        reason: end.reason,
+        details: end.details,
+        by_peer: end.by_peer,
+    });
+}

@@ -1,0 +1,291 @@
+//! Server and client settings: plain structs whose `Default` is the Go
+//! package's defaults (see each field), with human-readable durations in
+//! serde (`"30s"`, `"5m"`).
+
+use std::{sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    backend::tcp::TcpOptions,
+    codec::DEFAULT_MAX_FRAME_SIZE,
+    crypto::{CryptoBackend, PublicKey, SecretKey, TrustStore},
+    handshake::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CLOCK_SKEW, SignedFramesPolicy},
+    session::SessionConfig,
+};
+
+/// Per-IP connection rate limit: a token bucket of `burst` connections,
+/// refilled at `per_second`. A client can always reconnect at once unless it
+/// has used up the burst.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Connections allowed back to back.
+    pub burst: u32,
+    /// Tokens added per second.
+    pub per_second: f64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            burst: 20,
+            per_second: 5.0,
+        }
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on (Go: ":8080").
+    pub listen_addr: String,
+    /// Authenticated connections served at once (Go: 1000); more are refused
+    /// with `TOO_MANY_PEERS`.
+    pub max_connections: usize,
+    /// Nothing received for this long evicts the peer (Go: 30 s, but only logged).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Bound on a write and on `send` waiting for queue room (Go: 30 s).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Largest frame body (Go: 10 MiB).
+    pub max_message_size: usize,
+    /// Initial read buffer per connection (Go: 8192).
+    pub buffer_size: usize,
+    /// Socket options (Go: TCP_NODELAY, keep-alive 30 s, accept queue 64).
+    pub tcp: TcpOptions,
+    /// Bound on a client's handshake (Go: 5 s).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once; beyond it new connections are refused
+    /// with `TOO_MANY_PEERS` (Go runs them one at a time).
+    pub max_pending_handshakes: usize,
+    /// Bound on writing a final `Disconnect` (Go: 1 s).
+    #[serde(with = "humantime_serde")]
+    pub disconnect_timeout: Duration,
+    /// Ping a peer silent for this long; `None` never pings.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Option<Duration>,
+    /// Frames queued per connection.
+    pub send_queue_capacity: usize,
+    /// Per-IP connection rate limit; `None` disables it.
+    pub rate_limit: Option<RateLimit>,
+    /// How long `stop` waits for peers to take their `Disconnect`.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: "0.0.0.0:8080".into(),
+            max_connections: 1000,
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_message_size: DEFAULT_MAX_FRAME_SIZE,
+            buffer_size: 8192,
+            tcp: TcpOptions::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending_handshakes: 4096,
+            disconnect_timeout: Duration::from_secs(1),
+            ping_interval: Some(Duration::from_secs(15)),
+            send_queue_capacity: 4096,
+            rate_limit: Some(RateLimit::default()),
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Sets the listen address.
+    pub fn with_listen_addr(mut self, addr: impl Into<String>) -> Self {
+        self.listen_addr = addr.into();
+        self
+    }
+
+    /// Sets the per-IP rate limit (`None` disables it).
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// Sets the connection limit.
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    pub(crate) fn session(&self) -> SessionConfig {
+        SessionConfig {
+            read_timeout: self.read_timeout,
+            write_timeout: self.write_timeout,
+            ping_interval: self.ping_interval,
+            send_queue_capacity: self.send_queue_capacity,
+            max_frame_size: self.max_message_size,
+            disconnect_timeout: self.disconnect_timeout,
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Address `connect_with_retry` and `reconnect` use when given none.
+    pub server_addr: String,
+    /// Our id, sent in the handshake and as `sender_id` (Go: a fresh UUID v7).
+    pub client_id: String,
+    /// Bound on establishing the connection (Go: 10 s).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Nothing received for this long drops the connection (Go: 30 s).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Bound on a write and on `send` waiting for queue room (Go: 10 s).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// First wait before reconnecting; doubles per failure (Go: 5 s).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay: Duration,
+    /// Cap of the doubling (Go: 1 minute).
+    #[serde(with = "humantime_serde")]
+    pub max_reconnect_delay: Duration,
+    /// Reconnect automatically after a lost connection.
+    pub auto_reconnect: bool,
+    /// Largest frame body (Go: 10 MiB).
+    pub max_message_size: usize,
+    /// Initial read buffer (Go: 8192).
+    pub buffer_size: usize,
+    /// Socket options (Go: keep-alive 30 s).
+    pub tcp: TcpOptions,
+    /// Bound on the handshake exchange (Go: 5 s on the server's side).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Ping after this long without receiving anything (Go: every 15 s).
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Option<Duration>,
+    /// Frames queued before `send` waits.
+    pub send_queue_capacity: usize,
+    /// Bound on writing a final `Disconnect` (Go: 1 s).
+    #[serde(with = "humantime_serde")]
+    pub disconnect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            server_addr: "127.0.0.1:8080".into(),
+            client_id: uuid::Uuid::now_v7().to_string(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            reconnect_delay: Duration::from_secs(5),
+            max_reconnect_delay: Duration::from_secs(60),
+            auto_reconnect: true,
+            max_message_size: DEFAULT_MAX_FRAME_SIZE,
+            buffer_size: 8192,
+            tcp: TcpOptions::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            ping_interval: Some(Duration::from_secs(15)),
+            send_queue_capacity: 4096,
+            disconnect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Sets the client id.
+    pub fn with_client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+
+    /// Sets the server address.
+    pub fn with_server_addr(mut self, addr: impl Into<String>) -> Self {
+        self.server_addr = addr.into();
+        self
+    }
+
+    /// Sets the first reconnect delay.
+    pub fn with_reconnect_delay(mut self, delay: Duration) -> Self {
+        self.reconnect_delay = delay;
+        self
+    }
+
+    pub(crate) fn session(&self) -> SessionConfig {
+        SessionConfig {
+            read_timeout: self.read_timeout,
+            write_timeout: self.write_timeout,
+            ping_interval: self.ping_interval,
+            send_queue_capacity: self.send_queue_capacity,
+            max_frame_size: self.max_message_size,
+            disconnect_timeout: self.disconnect_timeout,
+        }
+    }
+}
+
+/// Server authentication. Without it (`None` where an `Option` is taken) the
+/// server runs Go's auth-disabled mode: no handshake at all.
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    /// Trusted client keys by identity; live changes apply to new handshakes.
+    pub trust: Arc<TrustStore>,
+    /// The server's key: proves the server to extended clients and signs its
+    /// frames. Without it only Go-mode handshakes happen.
+    pub key: Option<Arc<SecretKey>>,
+    /// Signed-frame negotiation.
+    pub signed_frames: SignedFramesPolicy,
+    /// Crypto implementation.
+    pub backend: CryptoBackend,
+    /// Allowed clock difference of handshake timestamps (Go: 30 s).
+    pub max_clock_skew: Duration,
+}
+
+impl ServerAuth {
+    /// Authentication with `key`, trusting `trust`, offering signed frames.
+    pub fn new(key: Arc<SecretKey>, trust: Arc<TrustStore>) -> Self {
+        Self {
+            trust,
+            key: Some(key),
+            signed_frames: SignedFramesPolicy::default(),
+            backend: CryptoBackend::default(),
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+        }
+    }
+}
+
+/// Client authentication.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// Our key.
+    pub key: Arc<SecretKey>,
+    /// The publisher's key; when set, a server that does not prove it is refused.
+    pub server_key: Option<PublicKey>,
+    /// Speak the handshake extensions (off: exactly Go's handshake).
+    pub extensions: bool,
+    /// Offer signed frames.
+    pub signed_frames: bool,
+    /// Crypto implementation.
+    pub backend: CryptoBackend,
+}
+
+impl ClientAuth {
+    /// Extended handshake with `key`, signed frames offered, any server key.
+    pub fn new(key: Arc<SecretKey>) -> Self {
+        Self {
+            key,
+            server_key: None,
+            extensions: true,
+            signed_frames: true,
+            backend: CryptoBackend::default(),
+        }
+    }
+
+    /// Requires the server to prove `server_key` (mutual authentication).
+    pub fn with_server_key(mut self, server_key: PublicKey) -> Self {
+        self.server_key = Some(server_key);
+        self
+    }
+}

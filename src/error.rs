@@ -1,0 +1,444 @@
+//! Error types, one enum per layer.
+
+use std::{io, path::PathBuf};
+
+use crate::proto::rollup::v1::disconnect_message::Reason;
+
+/// Why a connection is closed, as carried in `DisconnectMessage.reason`.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DisconnectReason {
+    /// Closed on purpose (shutdown, replaced by a newer connection).
+    Requested,
+    /// The peer broke the protocol (malformed or forged frame).
+    ProtocolError,
+    /// The server is at its connection limit.
+    TooManyPeers,
+    /// The handshake or a signature check failed.
+    AuthFailure,
+    /// Nothing was read within the read timeout.
+    ReadTimeout,
+    /// The peer did not take our frames within the write timeout.
+    WriteTimeout,
+    /// The network failed under the connection.
+    NetworkError,
+    /// A bug or resource failure on this side.
+    InternalError,
+    /// The peer connects or sends too fast.
+    Throttled,
+}
+
+impl DisconnectReason {
+    /// The protobuf enum value.
+    pub fn to_proto(self) -> Reason {
+        match self {
+            Self::Requested => Reason::Requested,
+            Self::ProtocolError => Reason::ProtocolError,
+            Self::TooManyPeers => Reason::TooManyPeers,
+            Self::AuthFailure => Reason::AuthFailure,
+            Self::ReadTimeout => Reason::ReadTimeout,
+            Self::WriteTimeout => Reason::WriteTimeout,
+            Self::NetworkError => Reason::NetworkError,
+            Self::InternalError => Reason::InternalError,
+            Self::Throttled => Reason::Throttled,
+        }
+    }
+
+    /// Maps a protobuf value; unknown numbers (a newer peer) become `ProtocolError`.
+    pub fn from_proto(value: i32) -> Self {
+        match Reason::try_from(value) {
+            Ok(Reason::Requested) => Self::Requested,
+            Ok(Reason::ProtocolError) | Err(_) => Self::ProtocolError,
+            Ok(Reason::TooManyPeers) => Self::TooManyPeers,
+            Ok(Reason::AuthFailure) => Self::AuthFailure,
+            Ok(Reason::ReadTimeout) => Self::ReadTimeout,
+            Ok(Reason::WriteTimeout) => Self::WriteTimeout,
+            Ok(Reason::NetworkError) => Self::NetworkError,
+            Ok(Reason::InternalError) => Self::InternalError,
+            Ok(Reason::Throttled) => Self::Throttled,
+        }
+    }
+
+    /// The snake_case name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::ProtocolError => "protocol_error",
+            Self::TooManyPeers => "too_many_peers",
+            Self::AuthFailure => "auth_failure",
+            Self::ReadTimeout => "read_timeout",
+            Self::WriteTimeout => "write_timeout",
+            Self::NetworkError => "network_error",
+            Self::InternalError => "internal_error",
+            Self::Throttled => "throttled",
+        }
+    }
+}
+
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Errors of the frame codec.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// A frame announced a length of zero (Go: "empty message").
+    #[error("empty message: frame length is zero")]
+    EmptyFrame,
+    /// A frame announced (or would need) more bytes than allowed.
+    #[error("message size {size} exceeds max {max}")]
+    FrameTooLarge {
+        /// Announced or encoded body length in bytes.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The frame body is not valid protobuf for the expected message.
+    #[error("malformed {what}: {source}")]
+    Malformed {
+        /// The message type that was expected.
+        what: &'static str,
+        /// The protobuf error.
+        source: prost::DecodeError,
+    },
+    /// The underlying pipe failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl CodecError {
+    /// The disconnect reason a peer gets for this error.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        match self {
+            Self::Io(_) => DisconnectReason::NetworkError,
+            _ => DisconnectReason::ProtocolError,
+        }
+    }
+}
+
+/// Errors about keys, key files and signatures.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The bytes are not a valid secp256k1 private key (zero or ≥ the curve order).
+    #[error("invalid private key: {reason}")]
+    InvalidPrivateKey {
+        /// What is wrong (never the key itself).
+        reason: &'static str,
+    },
+    /// The bytes are not a valid compressed (33) or uncompressed (65) public key.
+    #[error("invalid public key ({len} bytes): {reason}")]
+    InvalidPublicKey {
+        /// Length of the input.
+        len: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The bytes are not a valid 65-byte `r || s || v` signature.
+    #[error("invalid signature: {reason}")]
+    InvalidSignature {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A signature does not match the data and key.
+    #[error("signature verification failed")]
+    VerificationFailed,
+    /// A key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    KeyFileIo {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A key file does not hold 64 hex characters of a valid key.
+    #[error("key file {path}: {reason}")]
+    KeyFileFormat {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never the file's content).
+        reason: String,
+    },
+    /// The crypto backend asked for is not compiled in.
+    #[error("crypto backend {0} is not available (enable the `libsecp256k1` feature)")]
+    BackendUnavailable(&'static str),
+    /// No crypto backend has this name.
+    #[error("unknown crypto backend {name:?} (expected k256 or libsecp256k1)")]
+    UnknownBackend {
+        /// The name given.
+        name: String,
+    },
+    /// A trust-store change would map one key to two identities.
+    #[error("public key is already trusted as {existing:?}")]
+    KeyAlreadyTrusted {
+        /// The identity that holds the key.
+        existing: String,
+    },
+}
+
+/// Why a handshake failed. The `Display` strings of the Go-mode checks are
+/// exactly the Go package's, since a Go peer shows them to its operator.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// A handshake frame is not valid protobuf.
+    #[error("malformed handshake {what}: {source}")]
+    Malformed {
+        /// The message type that was expected.
+        what: &'static str,
+        /// The protobuf error.
+        source: prost::DecodeError,
+    },
+    /// The request's timestamp lies more than the allowed skew ahead.
+    #[error("handshake timestamp too far in future")]
+    TimestampInFuture {
+        /// How far ahead, in nanoseconds.
+        skew_nanos: i128,
+    },
+    /// The request's timestamp lies more than the allowed skew behind.
+    #[error("handshake timestamp too old")]
+    TimestampTooOld {
+        /// How far behind, in nanoseconds.
+        skew_nanos: i128,
+    },
+    /// A key or signature field is malformed, or the signature does not match.
+    #[error("invalid handshake signature: {0}")]
+    BadSignature(#[source] KeyError),
+    /// The key is valid but not in the trust store.
+    #[error("untrusted public key - connection rejected")]
+    UntrustedKey {
+        /// The offending key, compressed, hex.
+        public_key: String,
+    },
+    /// The nonce was already used by this key within the clock window.
+    #[error("handshake replayed: nonce already seen")]
+    Replayed,
+    /// The request is addressed to another server (its expected key is not ours).
+    #[error("handshake addressed to another server")]
+    WrongAudience,
+    /// The server policy requires extensions (signed frames) the client lacks.
+    #[error("client does not support required feature: {feature}")]
+    FeatureRequired {
+        /// The missing feature.
+        feature: &'static str,
+    },
+    /// The server rejected our request; `reason` is its error string.
+    #[error("handshake rejected by server: {reason}")]
+    Rejected {
+        /// The server's error text.
+        reason: String,
+    },
+    /// The server did not prove its identity, but we require it.
+    #[error("server did not authenticate itself (mutual authentication required)")]
+    ServerNotAuthenticated,
+    /// The server proved a key other than the one we expect.
+    #[error("server key mismatch: expected {expected}, got {actual}")]
+    WrongServerKey {
+        /// The configured key, compressed hex.
+        expected: String,
+        /// The key the server proved, compressed hex.
+        actual: String,
+    },
+    /// The server's proof does not verify.
+    #[error("invalid server signature: {0}")]
+    BadServerSignature(#[source] KeyError),
+    /// The handshake did not finish in time.
+    #[error("handshake timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl HandshakeError {
+    /// The disconnect reason a peer gets for this error.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        match self {
+            Self::Malformed { .. } => DisconnectReason::ProtocolError,
+            Self::Timeout(_) => DisconnectReason::ReadTimeout,
+            _ => DisconnectReason::AuthFailure,
+        }
+    }
+
+    /// A short stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Malformed { .. } => "malformed",
+            Self::TimestampInFuture { .. } => "timestamp_future",
+            Self::TimestampTooOld { .. } => "timestamp_old",
+            Self::BadSignature(_) => "bad_signature",
+            Self::UntrustedKey { .. } => "untrusted_key",
+            Self::Replayed => "replayed",
+            Self::WrongAudience => "wrong_audience",
+            Self::FeatureRequired { .. } => "feature_required",
+            Self::Rejected { .. } => "rejected",
+            Self::ServerNotAuthenticated => "server_not_authenticated",
+            Self::WrongServerKey { .. } => "wrong_server_key",
+            Self::BadServerSignature(_) => "bad_server_signature",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// Why a signed frame was refused.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum SignedFrameError {
+    /// The frame is not a valid `SignedFrame`, or an inner message is not a valid `Message`.
+    #[error("malformed signed frame: {0}")]
+    Malformed(String),
+    /// The signature does not verify against the sender's handshake key.
+    #[error("signed frame signature verification failed")]
+    BadSignature,
+    /// The frame is addressed to another peer.
+    #[error("signed frame misaddressed: {0}")]
+    Misaddressed(&'static str),
+    /// The sequence number was already accepted.
+    #[error("signed frame replayed: sequence {sequence}")]
+    Replayed {
+        /// The repeated sequence number.
+        sequence: u64,
+    },
+    /// The sequence number lies below the window or the session's floor.
+    #[error("signed frame too old: sequence {sequence} below {lowest_accepted}")]
+    TooOld {
+        /// The frame's sequence number.
+        sequence: u64,
+        /// The lowest sequence number still accepted.
+        lowest_accepted: u64,
+    },
+}
+
+impl SignedFrameError {
+    /// The disconnect reason a peer gets for this error.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        match self {
+            Self::Malformed(_) => DisconnectReason::ProtocolError,
+            _ => DisconnectReason::AuthFailure,
+        }
+    }
+
+    /// A short stable label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::BadSignature => "bad_signature",
+            Self::Misaddressed(_) => "misaddressed",
+            Self::Replayed { .. } => "replayed",
+            Self::TooOld { .. } => "too_old",
+        }
+    }
+}
+
+/// Errors of servers, clients and connections.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A socket operation failed.
+    #[error("{op} {addr}: {source}")]
+    Io {
+        /// What was being done ("bind", "connect", "accept").
+        op: &'static str,
+        /// The address involved.
+        addr: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Connecting did not complete in time.
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        /// The address dialled.
+        addr: String,
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// Framing failed (oversize, empty, malformed, I/O on the pipe).
+    #[error("frame: {0}")]
+    Codec(#[from] CodecError),
+    /// The server refused the connection before the handshake.
+    #[error("refused by server: {reason}: {details}")]
+    Refused {
+        /// The server's reason.
+        reason: DisconnectReason,
+        /// The server's details.
+        details: String,
+    },
+    /// The client is not connected.
+    #[error("not connected")]
+    NotConnected,
+    /// No connection has this identity.
+    #[error("no connection for peer {peer:?}")]
+    PeerNotFound {
+        /// The identity asked for.
+        peer: String,
+    },
+    /// The peer's send queue stayed full for the write timeout.
+    #[error("send to {peer} timed out after {after:?}; peer disconnected")]
+    SendTimeout {
+        /// The peer.
+        peer: String,
+        /// The write timeout.
+        after: std::time::Duration,
+    },
+    /// The peer's send queue was full; the peer was disconnected as too slow.
+    #[error("send queue of {peer} full; peer disconnected")]
+    QueueFull {
+        /// The peer.
+        peer: String,
+    },
+    /// The connection closed before the message was queued.
+    #[error("connection to {peer} closed ({reason})")]
+    ConnectionClosed {
+        /// The peer.
+        peer: String,
+        /// Why it closed.
+        reason: DisconnectReason,
+    },
+    /// Every attempt failed.
+    #[error("gave up after {attempts} attempts: {last}")]
+    RetriesExhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last attempt's error.
+        last: Box<TransportError>,
+    },
+    /// The server is already running, or the client already connected.
+    #[error("already running")]
+    AlreadyRunning,
+    /// The server is not running.
+    #[error("not running")]
+    NotRunning,
+    /// A setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The operation was cancelled (e.g. by `disconnect`).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl TransportError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Io { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::Codec(CodecError::Io(_))
+            | Self::SendTimeout { .. }
+            | Self::QueueFull { .. }
+            | Self::ConnectionClosed { .. }
+            | Self::NotConnected => true,
+            Self::Refused { reason, .. } => matches!(
+                reason,
+                DisconnectReason::Throttled
+                    | DisconnectReason::TooManyPeers
+                    | DisconnectReason::Requested
+                    | DisconnectReason::InternalError
+            ),
+            Self::Handshake(HandshakeError::Timeout(_)) => true,
+            _ => false,
+        }
+    }
+}

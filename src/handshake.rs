@@ -1,0 +1,671 @@
+//! The authentication handshake as sans-IO state machines.
+//!
+//! Frames go in and out as bodies (no length prefix, no sockets); the clock,
+//! nonce, keys and sequence floors are passed in, so both sides can be driven
+//! against each other in memory. A back-end moves the bodies with the codec.
+//!
+//! **Go mode** is the Go package's handshake exactly (docs/PROTOCOL.md §2).
+//! **Extended mode** appends [`HandshakeRequestExt`] / [`HandshakeResponseExt`]
+//! fields that a Go peer skips (§3): mutual authentication, replay protection
+//! of the request, and negotiation of signed frames.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
+
+use crate::{
+    crypto::{CryptoBackend, Keccak, PublicKey, SecretKey, Signature, TrustStore, recover},
+    error::{DisconnectReason, HandshakeError},
+    proto::{
+        Message, Payload,
+        rollup::v1::{DisconnectMessage, HandshakeRequest, HandshakeResponse},
+        transport::v1::{Feature, HandshakeRequestExt, HandshakeResponseExt},
+    },
+};
+
+/// How long the server waits for the request (Go: 5 s).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How far a request's timestamp may differ from the server's clock (Go: 30 s).
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// Length of the request nonce.
+pub const NONCE_LEN: usize = 16;
+/// The extension version this crate speaks.
+pub const EXT_VERSION: u32 = 1;
+/// Domain tag of the client's extension signature.
+pub const CLIENT_TRANSCRIPT_DOMAIN: &[u8] = b"publisher-transport/v1/handshake/client";
+/// Domain tag of the server's proof of identity.
+pub const SERVER_TRANSCRIPT_DOMAIN: &[u8] = b"publisher-transport/v1/handshake/server";
+/// Most request nonces remembered for replay protection.
+pub const DEFAULT_NONCE_CACHE_CAPACITY: usize = 100_000;
+
+const MAX_NONCE_LEN: usize = 64;
+const MAX_CLIENT_ID_LEN: usize = 256;
+
+/// Unix time in nanoseconds, saturating outside `i64`.
+pub fn unix_nanos(now: SystemTime) -> i64 {
+    match now.duration_since(UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_nanos()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// Whether the server offers, requires or refuses signed frames.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignedFramesPolicy {
+    /// Never use signed frames.
+    Off,
+    /// Use them with clients that offer them; serve Go clients in Go mode.
+    #[default]
+    Offer,
+    /// Refuse clients that do not offer them (Go clients included).
+    Require,
+}
+
+/// The digest a Go-mode request signs: `Keccak-256(u64_be(timestamp) || nonce)`.
+pub fn go_request_digest(timestamp: i64, nonce: &[u8]) -> [u8; 32] {
+    let mut hasher = Keccak::new();
+    hasher
+        .update(&(timestamp as u64).to_be_bytes())
+        .update(nonce);
+    hasher.finalize()
+}
+
+/// The digest of the client's extension transcript (docs/PROTOCOL.md §3.1).
+pub fn client_transcript_digest(request: &HandshakeRequest, ext: &HandshakeRequestExt) -> [u8; 32] {
+    let mut hasher = Keccak::new();
+    hasher
+        .update(CLIENT_TRANSCRIPT_DOMAIN)
+        .update_prefixed(&request.public_key)
+        .update(&(request.timestamp as u64).to_be_bytes())
+        .update_prefixed(&request.nonce)
+        .update_prefixed(request.client_id.as_bytes())
+        .update(&ext.ext_version.to_be_bytes())
+        .update(&ext.features.to_be_bytes())
+        .update_prefixed(&ext.expected_server_key)
+        .update(&ext.sequence_floor.to_be_bytes());
+    hasher.finalize()
+}
+
+/// The digest the server signs to prove its key (docs/PROTOCOL.md §3.2). It
+/// covers the whole request as sent, so it answers that request only.
+pub fn server_transcript_digest(
+    request_body: &[u8],
+    response: &HandshakeResponse,
+    ext: &HandshakeResponseExt,
+) -> [u8; 32] {
+    let mut hasher = Keccak::new();
+    hasher
+        .update(SERVER_TRANSCRIPT_DOMAIN)
+        .update(&crate::crypto::keccak256(request_body))
+        .update_prefixed(&ext.server_public_key)
+        .update_prefixed(response.session_id.as_bytes())
+        .update_prefixed(ext.identity.as_bytes())
+        .update(&ext.ext_version.to_be_bytes())
+        .update(&ext.features.to_be_bytes())
+        .update(&ext.unicast_floor.to_be_bytes())
+        .update(&ext.broadcast_floor.to_be_bytes());
+    hasher.finalize()
+}
+
+fn has_feature(bits: u32, feature: Feature) -> bool {
+    bits & feature as u32 != 0
+}
+
+/// Encodes a bare message followed by its extension fields: protobuf merges
+/// concatenated encodings, and a Go peer skips the unknown extension fields.
+fn encode_with_ext(base: &impl prost::Message, ext: Option<&impl prost::Message>) -> Bytes {
+    let mut buf = BytesMut::with_capacity(base.encoded_len() + ext.map_or(0, |e| e.encoded_len()));
+    base.encode(&mut buf).expect("BytesMut grows");
+    if let Some(ext) = ext {
+        ext.encode(&mut buf).expect("BytesMut grows");
+    }
+    buf.freeze()
+}
+
+/// The body of a `Message{Disconnect}` frame.
+pub fn disconnect_body(reason: DisconnectReason, details: impl Into<String>) -> Bytes {
+    Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Disconnect(DisconnectMessage {
+            reason: reason.to_proto() as i32,
+            details: details.into(),
+        })),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Sequence floors for signed frames: the lowest sequence number each stream
+/// of the announcing side will use in this session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SequenceFloors {
+    /// Floor of frames addressed to one peer.
+    pub unicast: u64,
+    /// Floor of broadcast frames; `None` for a side that never broadcasts.
+    pub broadcast: Option<u64>,
+}
+
+/// Signed-frame parameters both sides agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedFrameSession {
+    /// The peer's key, authenticated by the handshake; frames must verify against it.
+    pub peer_key: PublicKey,
+    /// The peer's floors; lower sequence numbers are refused.
+    pub peer_floors: SequenceFloors,
+    /// Our floors, as announced.
+    pub local_floors: SequenceFloors,
+}
+
+// ---------------------------------------------------------------------------
+// Server side
+// ---------------------------------------------------------------------------
+
+/// Server-side handshake settings.
+#[derive(Debug, Clone)]
+pub struct ServerHandshakeConfig {
+    /// Keys allowed to connect, and the identity each is known by.
+    pub trust: Arc<TrustStore>,
+    /// The server's own key: proves its identity to extended clients and signs
+    /// its frames. Without it the server speaks Go mode only.
+    pub key: Option<Arc<SecretKey>>,
+    /// Signed-frame negotiation.
+    pub signed_frames: SignedFramesPolicy,
+    /// Allowed difference between the request's timestamp and our clock.
+    pub max_clock_skew: Duration,
+    /// Crypto implementation.
+    pub backend: CryptoBackend,
+    /// Most nonces remembered for replay protection.
+    pub nonce_cache_capacity: usize,
+}
+
+impl ServerHandshakeConfig {
+    /// Defaults around a trust store: Go's ±30 s, signed frames offered.
+    pub fn new(trust: Arc<TrustStore>, key: Option<Arc<SecretKey>>) -> Self {
+        Self {
+            trust,
+            key,
+            signed_frames: SignedFramesPolicy::default(),
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+            backend: CryptoBackend::default(),
+            nonce_cache_capacity: DEFAULT_NONCE_CACHE_CAPACITY,
+        }
+    }
+}
+
+/// A client the server accepted.
+#[derive(Debug, Clone)]
+pub struct AcceptedClient {
+    /// The identity its key is trusted as; the verified sender of its messages.
+    pub identity: String,
+    /// Its authenticated key.
+    pub public_key: PublicKey,
+    /// The id the client claims (informational; `identity` is what counts).
+    pub client_id: String,
+    /// `"<identity>-<unix nanos>"`.
+    pub session_id: String,
+    /// Whether the client spoke the extension (and got our proof).
+    pub extended: bool,
+    /// Present when the session uses signed frames.
+    pub signed_frames: Option<SignedFrameSession>,
+}
+
+/// The server's answer to a request.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServerVerdict {
+    /// Send `response`, then run the session.
+    Accept {
+        /// Body of the `HandshakeResponse` frame.
+        response: Bytes,
+        /// Who connected.
+        client: Box<AcceptedClient>,
+    },
+    /// Send `response`, then `disconnect`, then close.
+    Reject {
+        /// Body of the refusing `HandshakeResponse` frame.
+        response: Bytes,
+        /// Body of the `Message{Disconnect}` frame that follows it.
+        disconnect: Bytes,
+        /// Why.
+        error: HandshakeError,
+    },
+}
+
+/// The server half: stateless per connection, except for the shared nonce memory.
+#[derive(Debug)]
+pub struct ServerHandshake {
+    config: ServerHandshakeConfig,
+    nonces: NonceCache,
+}
+
+impl ServerHandshake {
+    /// A server handshake with its own nonce memory.
+    pub fn new(config: ServerHandshakeConfig) -> Self {
+        let nonces = NonceCache::new(config.nonce_cache_capacity);
+        Self { config, nonces }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServerHandshakeConfig {
+        &self.config
+    }
+
+    /// Answers the request in `request_body`, received at `now`. `local_floors`
+    /// are the sequence floors this session will sign from, if it signs.
+    pub fn respond(
+        &self,
+        request_body: &[u8],
+        now: SystemTime,
+        local_floors: SequenceFloors,
+    ) -> ServerVerdict {
+        match self.check(request_body, now, local_floors) {
+            Ok((response, client)) => ServerVerdict::Accept {
+                response,
+                client: Box::new(client),
+            },
+            Err(error) => {
+                let response = HandshakeResponse {
+                    accepted: false,
+                    error: error.to_string(),
+                    session_id: String::new(),
+                }
+                .encode_to_vec()
+                .into();
+                let disconnect = disconnect_body(error.disconnect_reason(), error.to_string());
+                ServerVerdict::Reject {
+                    response,
+                    disconnect,
+                    error,
+                }
+            }
+        }
+    }
+
+    fn check(
+        &self,
+        body: &[u8],
+        now: SystemTime,
+        local_floors: SequenceFloors,
+    ) -> Result<(Bytes, AcceptedClient), HandshakeError> {
+        let malformed = |what| move |source| HandshakeError::Malformed { what, source };
+        let request = HandshakeRequest::decode(body).map_err(malformed("HandshakeRequest"))?;
+        let ext = HandshakeRequestExt::decode(body).map_err(malformed("HandshakeRequestExt"))?;
+        if request.nonce.is_empty() || request.nonce.len() > MAX_NONCE_LEN {
+            return Err(HandshakeError::BadSignature(
+                crate::error::KeyError::InvalidSignature {
+                    reason: "nonce must be 1 to 64 bytes",
+                },
+            ));
+        }
+
+        // Go's checks, in Go's order: clock, signature, trust.
+        let now_nanos = unix_nanos(now);
+        let skew = i128::from(request.timestamp) - i128::from(now_nanos);
+        let max_skew = self.config.max_clock_skew.as_nanos() as i128;
+        if skew > max_skew {
+            return Err(HandshakeError::TimestampInFuture { skew_nanos: skew });
+        }
+        if skew < -max_skew {
+            return Err(HandshakeError::TimestampTooOld { skew_nanos: skew });
+        }
+        let claimed =
+            PublicKey::from_slice(&request.public_key).map_err(HandshakeError::BadSignature)?;
+        let signature =
+            Signature::from_slice(&request.signature).map_err(HandshakeError::BadSignature)?;
+        let digest = go_request_digest(request.timestamp, &request.nonce);
+        let recovered = recover(self.config.backend, &digest, &signature)
+            .map_err(HandshakeError::BadSignature)?;
+        if recovered != claimed {
+            return Err(HandshakeError::BadSignature(
+                crate::error::KeyError::VerificationFailed,
+            ));
+        }
+        let identity = self.config.trust.identity_of(&claimed).ok_or_else(|| {
+            HandshakeError::UntrustedKey {
+                public_key: claimed.to_string(),
+            }
+        })?;
+
+        let extended = ext.ext_version >= EXT_VERSION && self.config.key.is_some();
+        if extended {
+            let ext_signature =
+                Signature::from_slice(&ext.ext_signature).map_err(HandshakeError::BadSignature)?;
+            claimed
+                .verify_digest_with(
+                    self.config.backend,
+                    &client_transcript_digest(&request, &ext),
+                    &ext_signature,
+                )
+                .map_err(HandshakeError::BadSignature)?;
+            let own_key = self
+                .config
+                .key
+                .as_ref()
+                .expect("extended implies a key")
+                .public_key();
+            if !ext.expected_server_key.is_empty()
+                && ext.expected_server_key[..] != own_key.as_compressed()[..]
+            {
+                return Err(HandshakeError::WrongAudience);
+            }
+        }
+        let client_offers_signed = extended && has_feature(ext.features, Feature::SignedFrames);
+        let signed = match self.config.signed_frames {
+            SignedFramesPolicy::Off => false,
+            SignedFramesPolicy::Offer => client_offers_signed,
+            SignedFramesPolicy::Require if client_offers_signed => true,
+            SignedFramesPolicy::Require => {
+                return Err(HandshakeError::FeatureRequired {
+                    feature: "signed frames",
+                });
+            }
+        };
+
+        // Only requests from trusted keys with valid signatures reach the nonce
+        // memory, so strangers cannot flush it.
+        if !self.nonces.insert_if_new(
+            &claimed,
+            &request.nonce,
+            now_nanos,
+            self.config.max_clock_skew,
+        ) {
+            return Err(HandshakeError::Replayed);
+        }
+
+        let session_id = format!("{identity}-{now_nanos}");
+        let response = HandshakeResponse {
+            accepted: true,
+            error: String::new(),
+            session_id: session_id.clone(),
+        };
+        let mut accepted = AcceptedClient {
+            identity: identity.clone(),
+            public_key: claimed.clone(),
+            client_id: request.client_id.chars().take(MAX_CLIENT_ID_LEN).collect(),
+            session_id,
+            extended,
+            signed_frames: None,
+        };
+        if !extended {
+            return Ok((
+                encode_with_ext(&response, None::<&HandshakeResponseExt>),
+                accepted,
+            ));
+        }
+
+        let server_key = self.config.key.as_ref().expect("extended implies a key");
+        let mut features = Feature::MutualAuth as u32;
+        if signed {
+            features |= Feature::SignedFrames as u32;
+            accepted.signed_frames = Some(SignedFrameSession {
+                peer_key: claimed,
+                peer_floors: SequenceFloors {
+                    unicast: ext.sequence_floor,
+                    broadcast: None,
+                },
+                local_floors,
+            });
+        }
+        let mut response_ext = HandshakeResponseExt {
+            ext_version: EXT_VERSION,
+            features,
+            server_public_key: Bytes::copy_from_slice(server_key.public_key().as_compressed()),
+            identity,
+            unicast_floor: if signed { local_floors.unicast } else { 0 },
+            broadcast_floor: if signed {
+                local_floors.broadcast.unwrap_or(0)
+            } else {
+                0
+            },
+            server_signature: Bytes::new(),
+        };
+        let proof = server_key.sign_digest_with(
+            self.config.backend,
+            &server_transcript_digest(body, &response, &response_ext),
+        );
+        response_ext.server_signature = Bytes::copy_from_slice(proof.as_bytes());
+        Ok((encode_with_ext(&response, Some(&response_ext)), accepted))
+    }
+}
+
+/// Remembers request nonces for the clock window, so a captured request
+/// cannot be replayed while its timestamp is still accepted.
+#[derive(Debug)]
+struct NonceCache {
+    capacity: usize,
+    inner: Mutex<NonceCacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct NonceCacheInner {
+    seen: HashSet<[u8; 32]>,
+    /// (forget after, in unix nanos; entry), in insertion order.
+    expiry: VecDeque<(i64, [u8; 32])>,
+}
+
+impl NonceCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Records (key, nonce) and returns whether it was new.
+    fn insert_if_new(&self, key: &PublicKey, nonce: &[u8], now_nanos: i64, skew: Duration) -> bool {
+        let mut hasher = Keccak::new();
+        hasher.update(key.as_compressed()).update(nonce);
+        let entry = hasher.finalize();
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(&(forget_after, old)) = inner.expiry.front() {
+            if forget_after >= now_nanos && inner.seen.len() < self.capacity {
+                break;
+            }
+            inner.expiry.pop_front();
+            inner.seen.remove(&old);
+        }
+        if !inner.seen.insert(entry) {
+            return false;
+        }
+        // A request is accepted while |timestamp - now| ≤ skew, so it is
+        // replayable for at most 2 × skew after we first see it.
+        let keep = i64::try_from(skew.as_nanos().saturating_mul(2)).unwrap_or(i64::MAX);
+        inner
+            .expiry
+            .push_back((now_nanos.saturating_add(keep), entry));
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client side
+// ---------------------------------------------------------------------------
+
+/// Client-side handshake settings.
+#[derive(Debug, Clone)]
+pub struct ClientHandshakeConfig {
+    /// Our key.
+    pub key: Arc<SecretKey>,
+    /// The id we announce (`client_id`).
+    pub client_id: String,
+    /// The server key we expect. When set, a server that does not prove this
+    /// key (a Go server included) is refused: mutual authentication.
+    pub expected_server_key: Option<PublicKey>,
+    /// Send the extension fields. Off, the request is byte-for-byte Go's.
+    pub extensions: bool,
+    /// Offer signed frames (needs `extensions`).
+    pub signed_frames: bool,
+    /// Crypto implementation.
+    pub backend: CryptoBackend,
+}
+
+impl ClientHandshakeConfig {
+    /// Extended handshake offering signed frames, no expected server key.
+    pub fn new(key: Arc<SecretKey>, client_id: impl Into<String>) -> Self {
+        Self {
+            key,
+            client_id: client_id.into(),
+            expected_server_key: None,
+            extensions: true,
+            signed_frames: true,
+            backend: CryptoBackend::default(),
+        }
+    }
+}
+
+/// What the client learned from an accepted handshake.
+#[derive(Debug, Clone)]
+pub struct ServerSession {
+    /// The server's session id.
+    pub session_id: String,
+    /// The server's key, when it proved it (extended mode).
+    pub server_key: Option<PublicKey>,
+    /// The identity the server knows us by (extended mode).
+    pub identity: Option<String>,
+    /// Present when the session uses signed frames.
+    pub signed_frames: Option<SignedFrameSession>,
+}
+
+/// The client half: [`ClientHandshake::start`] makes the request,
+/// [`ClientHandshake::finish`] checks the response.
+#[derive(Debug)]
+pub struct ClientHandshake {
+    config: ClientHandshakeConfig,
+    request_body: Bytes,
+    local_floor: u64,
+    offered_signed: bool,
+}
+
+impl ClientHandshake {
+    /// Builds the request at time `now` with `nonce`; `sequence_floor` is the
+    /// first sequence number our signed frames will use in this session.
+    pub fn start(
+        config: ClientHandshakeConfig,
+        now: SystemTime,
+        nonce: [u8; NONCE_LEN],
+        sequence_floor: u64,
+    ) -> Self {
+        let timestamp = unix_nanos(now);
+        let key = &config.key;
+        let signature = key.sign_digest_with(config.backend, &go_request_digest(timestamp, &nonce));
+        let request = HandshakeRequest {
+            timestamp,
+            public_key: Bytes::copy_from_slice(key.public_key().as_compressed()),
+            signature: Bytes::copy_from_slice(signature.as_bytes()),
+            client_id: config.client_id.clone(),
+            nonce: Bytes::copy_from_slice(&nonce),
+        };
+        let offered_signed = config.extensions && config.signed_frames;
+        let request_body = if config.extensions {
+            let mut features = Feature::MutualAuth as u32;
+            if offered_signed {
+                features |= Feature::SignedFrames as u32;
+            }
+            let mut ext = HandshakeRequestExt {
+                ext_version: EXT_VERSION,
+                features,
+                expected_server_key: config
+                    .expected_server_key
+                    .as_ref()
+                    .map(|k| Bytes::copy_from_slice(k.as_compressed()))
+                    .unwrap_or_default(),
+                sequence_floor,
+                ext_signature: Bytes::new(),
+            };
+            let ext_signature =
+                key.sign_digest_with(config.backend, &client_transcript_digest(&request, &ext));
+            ext.ext_signature = Bytes::copy_from_slice(ext_signature.as_bytes());
+            encode_with_ext(&request, Some(&ext))
+        } else {
+            encode_with_ext(&request, None::<&HandshakeRequestExt>)
+        };
+        Self {
+            config,
+            request_body,
+            local_floor: sequence_floor,
+            offered_signed,
+        }
+    }
+
+    /// Body of the request frame to send.
+    pub fn request(&self) -> &Bytes {
+        &self.request_body
+    }
+
+    /// Checks the server's response body.
+    pub fn finish(self, response_body: &[u8]) -> Result<ServerSession, HandshakeError> {
+        let malformed = |what| move |source| HandshakeError::Malformed { what, source };
+        let response =
+            HandshakeResponse::decode(response_body).map_err(malformed("HandshakeResponse"))?;
+        if !response.accepted {
+            return Err(HandshakeError::Rejected {
+                reason: response.error,
+            });
+        }
+        let ext = HandshakeResponseExt::decode(response_body)
+            .map_err(malformed("HandshakeResponseExt"))?;
+        if !self.config.extensions || ext.ext_version < EXT_VERSION {
+            // A Go server (or we asked for Go mode): nothing proves its identity.
+            if self.config.expected_server_key.is_some() {
+                return Err(HandshakeError::ServerNotAuthenticated);
+            }
+            return Ok(ServerSession {
+                session_id: response.session_id,
+                server_key: None,
+                identity: None,
+                signed_frames: None,
+            });
+        }
+
+        let server_key = PublicKey::from_slice(&ext.server_public_key)
+            .map_err(HandshakeError::BadServerSignature)?;
+        if let Some(expected) = &self.config.expected_server_key
+            && *expected != server_key
+        {
+            return Err(HandshakeError::WrongServerKey {
+                expected: expected.to_string(),
+                actual: server_key.to_string(),
+            });
+        }
+        let proof = Signature::from_slice(&ext.server_signature)
+            .map_err(HandshakeError::BadServerSignature)?;
+        server_key
+            .verify_digest_with(
+                self.config.backend,
+                &server_transcript_digest(&self.request_body, &response, &ext),
+                &proof,
+            )
+            .map_err(HandshakeError::BadServerSignature)?;
+
+        let signed = has_feature(ext.features, Feature::SignedFrames);
+        if signed && !self.offered_signed {
+            return Err(HandshakeError::Rejected {
+                reason: "server enabled signed frames that were not offered".into(),
+            });
+        }
+        let signed_frames = signed.then(|| SignedFrameSession {
+            peer_key: server_key.clone(),
+            peer_floors: SequenceFloors {
+                unicast: ext.unicast_floor,
+                broadcast: Some(ext.broadcast_floor),
+            },
+            local_floors: SequenceFloors {
+                unicast: self.local_floor,
+                broadcast: None,
+            },
+        });
+        Ok(ServerSession {
+            session_id: response.session_id,
+            server_key: Some(server_key),
+            identity: Some(ext.identity),
+            signed_frames,
+        })
+    }
+}

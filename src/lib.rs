@@ -1,0 +1,197 @@
+//! Signed, length-prefixed protobuf transport between a rollup publisher and
+//! its sequencers, wire-compatible with the Go publisher SDK's `transport`.
+//!
+//! Layers, bottom-up:
+//! - [`codec`]: the frame format (4-byte big-endian length + protobuf), pure;
+//! - [`crypto`]: secp256k1 keys, Ethereum-style signatures, the trust store;
+//! - [`handshake`]: the authentication handshake as sans-IO state machines;
+//! - [`signed`]: per-message signatures (signed frames) with anti-replay;
+//! - [`session`]: one connection over any frame pipe (writer, reader, health);
+//! - [`backend`]: listeners and dialers of frame pipes (TCP, …);
+//! - [`TransportServer`] / [`TransportClient`]: the application API, also
+//!   behind the object-safe [`Server`] and [`Client`] traits.
+//!
+//! See `docs/PROTOCOL.md` for the exact bytes on the wire.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod handshake;
+pub mod manager;
+pub mod multi;
+pub mod proto;
+pub mod retry;
+pub mod server;
+pub mod session;
+pub mod signed;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+pub use backend::tcp::{TcpBackend, TcpOptions};
+pub use client::{ClientStats, ConnectionEvent, TransportClient};
+pub use codec::FrameCodec;
+pub use config::{ClientAuth, ClientConfig, RateLimit, ServerAuth, ServerConfig};
+pub use crypto::{Address, CryptoBackend, PublicKey, SecretKey, Signature, TrustStore};
+pub use error::{
+    CodecError, DisconnectReason, HandshakeError, KeyError, SignedFrameError, TransportError,
+};
+pub use handshake::SignedFramesPolicy;
+pub use manager::BroadcastReport;
+pub use proto::Message;
+pub use retry::RetryPolicy;
+pub use server::TransportServer;
+pub use session::{ConnectionInfo, Handler, HandlerError, Inbound, channel_handler};
+
+/// A TCP server.
+pub type TcpServer = TransportServer<TcpBackend>;
+/// A TCP client.
+pub type TcpClient = TransportClient<TcpBackend>;
+
+impl TcpServer {
+    /// A TCP server with the socket options of `config`.
+    pub fn tcp(config: ServerConfig, auth: Option<ServerAuth>) -> Self {
+        TransportServer::new(TcpBackend::new(config.tcp.clone()), config, auth)
+    }
+}
+
+impl TcpClient {
+    /// A TCP client with the socket options of `config`.
+    pub fn tcp(config: ClientConfig, auth: Option<ClientAuth>) -> Self {
+        TransportClient::new(TcpBackend::new(config.tcp.clone()), config, auth)
+    }
+}
+
+/// The server side of every back-end, object-safe (the Go `Server` interface).
+#[async_trait::async_trait]
+pub trait Server: Send + Sync {
+    /// Listens on the configured address; returns the bound address.
+    async fn start(&self) -> Result<SocketAddr, TransportError>;
+    /// Listens on `addr` (port 0 picks one); returns the bound address.
+    async fn listen(&self, addr: &str) -> Result<SocketAddr, TransportError>;
+    /// Graceful stop: `Disconnect{REQUESTED}` to every peer, bounded in time.
+    async fn stop(&self) -> Result<(), TransportError>;
+    /// The bound address while running.
+    fn local_addr(&self) -> Option<SocketAddr>;
+    /// Sends to every peer but `exclude`; never waits on a slow peer.
+    fn broadcast(
+        &self,
+        message: Message,
+        exclude: Option<&str>,
+    ) -> Result<BroadcastReport, TransportError>;
+    /// Sends to one peer by identity.
+    async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError>;
+    /// Sets the handler of inbound messages.
+    fn set_handler(&self, handler: Arc<dyn Handler>);
+    /// Metadata and counters of every connection.
+    fn connections(&self) -> Vec<ConnectionInfo>;
+}
+
+#[async_trait::async_trait]
+impl<B: backend::Backend> Server for TransportServer<B> {
+    async fn start(&self) -> Result<SocketAddr, TransportError> {
+        TransportServer::start(self).await
+    }
+    async fn listen(&self, addr: &str) -> Result<SocketAddr, TransportError> {
+        TransportServer::listen(self, addr).await
+    }
+    async fn stop(&self) -> Result<(), TransportError> {
+        TransportServer::stop(self).await
+    }
+    fn local_addr(&self) -> Option<SocketAddr> {
+        TransportServer::local_addr(self)
+    }
+    fn broadcast(
+        &self,
+        message: Message,
+        exclude: Option<&str>,
+    ) -> Result<BroadcastReport, TransportError> {
+        TransportServer::broadcast(self, message, exclude)
+    }
+    async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
+        TransportServer::send(self, peer, message).await
+    }
+    fn set_handler(&self, handler: Arc<dyn Handler>) {
+        TransportServer::set_handler(self, handler)
+    }
+    fn connections(&self) -> Vec<ConnectionInfo> {
+        TransportServer::connections(self)
+    }
+}
+
+/// The client side of every back-end, object-safe (the Go `Client` interface).
+#[async_trait::async_trait]
+pub trait Client: Send + Sync {
+    /// Connects once.
+    async fn connect(&self, addr: &str) -> Result<(), TransportError>;
+    /// Connects with `max_retries` retries and Go's backoff.
+    async fn connect_with_retry(&self, addr: &str, max_retries: u32) -> Result<(), TransportError>;
+    /// Closes the session and stops reconnecting.
+    async fn disconnect(&self) -> Result<(), TransportError>;
+    /// Closes and connects again to the last address.
+    async fn reconnect(&self) -> Result<(), TransportError>;
+    /// Sends a message to the server.
+    async fn send(&self, message: Message) -> Result<(), TransportError>;
+    /// Whether a session is up.
+    fn is_connected(&self) -> bool;
+    /// The client id.
+    fn id(&self) -> String;
+    /// Counters.
+    fn stats(&self) -> ClientStats;
+    /// Sets the handler of messages from the server.
+    fn set_handler(&self, handler: Arc<dyn Handler>);
+    /// Sets the read timeout of future sessions.
+    fn set_read_timeout(&self, timeout: Duration);
+    /// Sets the write timeout of future sessions.
+    fn set_write_timeout(&self, timeout: Duration);
+    /// Sets the first reconnect delay.
+    fn set_reconnect_delay(&self, delay: Duration);
+    /// Connection-state events.
+    fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent>;
+}
+
+#[async_trait::async_trait]
+impl<B: backend::Backend> Client for TransportClient<B> {
+    async fn connect(&self, addr: &str) -> Result<(), TransportError> {
+        TransportClient::connect(self, addr).await
+    }
+    async fn connect_with_retry(&self, addr: &str, max_retries: u32) -> Result<(), TransportError> {
+        TransportClient::connect_with_retry(self, addr, max_retries).await
+    }
+    async fn disconnect(&self) -> Result<(), TransportError> {
+        TransportClient::disconnect(self).await
+    }
+    async fn reconnect(&self) -> Result<(), TransportError> {
+        TransportClient::reconnect(self).await
+    }
+    async fn send(&self, message: Message) -> Result<(), TransportError> {
+        TransportClient::send(self, message).await
+    }
+    fn is_connected(&self) -> bool {
+        TransportClient::is_connected(self)
+    }
+    fn id(&self) -> String {
+        TransportClient::id(self)
+    }
+    fn stats(&self) -> ClientStats {
+        TransportClient::stats(self)
+    }
+    fn set_handler(&self, handler: Arc<dyn Handler>) {
+        TransportClient::set_handler(self, handler)
+    }
+    fn set_read_timeout(&self, timeout: Duration) {
+        TransportClient::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Duration) {
+        TransportClient::set_write_timeout(self, timeout)
+    }
+    fn set_reconnect_delay(&self, delay: Duration) {
+        TransportClient::set_reconnect_delay(self, delay)
+    }
+    fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
+        TransportClient::events(self)
+    }
+}

@@ -1,0 +1,2 @@
+//! Clients holding connections to several publishers.
+//! placeholder

@@ -1,0 +1,426 @@
+//! The server, generic over the back-end: accept loop, admission (rate limit,
+//! connection and handshake caps), one task per connection, broadcast.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use prost::Message as _;
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::{
+    backend::{Backend, Listener, Pipe},
+    codec,
+    config::{ServerAuth, ServerConfig},
+    error::{DisconnectReason, TransportError},
+    handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
+    manager::{BroadcastReport, ConnectionManager, RateLimiter},
+    proto::Message,
+    session::{
+        self, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionSetup, send_disconnect,
+        server_handshake, signing_state,
+    },
+    signed::{self, Audience, SequenceCounter},
+};
+
+/// `sender_id` of the server's broadcasts, as in Go.
+pub const PUBLISHER_SENDER_ID: &str = "publisher";
+
+/// A server over back-end `B`. Cheap to clone; clones share the server.
+pub struct TransportServer<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for TransportServer<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<B: Backend> {
+    backend: B,
+    config: ServerConfig,
+    auth: Option<ServerAuth>,
+    handshake: Option<ServerHandshake>,
+    manager: ConnectionManager,
+    context: Arc<SessionContext>,
+    broadcasts: SequenceCounter,
+    next_id: AtomicU64,
+    rate_limiter: Option<RateLimiter>,
+    handshakes: Arc<Semaphore>,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl<B: Backend> TransportServer<B> {
+    /// A server; `auth: None` runs Go's auth-disabled mode (no handshake).
+    pub fn new(backend: B, config: ServerConfig, auth: Option<ServerAuth>) -> Self {
+        let handshake = auth.as_ref().map(|auth| {
+            let mut hs = ServerHandshakeConfig::new(auth.trust.clone(), auth.key.clone());
+            hs.signed_frames = auth.signed_frames;
+            hs.backend = auth.backend;
+            hs.max_clock_skew = auth.max_clock_skew;
+            ServerHandshake::new(hs)
+        });
+        let context = Arc::new(SessionContext {
+            config: config.session(),
+            handler: Arc::new(HandlerSlot::default()),
+        });
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                rate_limiter: config.rate_limit.map(RateLimiter::new),
+                handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes.max(1))),
+                config,
+                auth,
+                handshake,
+                manager: ConnectionManager::new(),
+                context,
+                broadcasts: SequenceCounter::from_clock(SystemTime::now()),
+                next_id: AtomicU64::new(1),
+                running: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// The live connections.
+    pub fn manager(&self) -> &ConnectionManager {
+        &self.inner.manager
+    }
+
+    /// The trust store, for live changes (`None` without authentication).
+    pub fn trust(&self) -> Option<&Arc<crate::TrustStore>> {
+        self.inner.auth.as_ref().map(|auth| &auth.trust)
+    }
+
+    /// Listens on `addr` and serves until [`stop`](Self::stop). Returns the
+    /// bound address (the real port when `addr` asks for port 0).
+    pub async fn listen(&self, addr: &str) -> Result<SocketAddr, TransportError> {
+        if self.local_addr().is_some() {
+            return Err(TransportError::AlreadyRunning);
+        }
+        let listener = self.inner.backend.bind(addr).await?;
+        let local_addr = listener.local_addr().map_err(|source| TransportError::Io {
+            op: "bind",
+            addr: addr.to_owned(),
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        {
+            let mut running = self
+                .inner
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if running.is_some() {
+                return Err(TransportError::AlreadyRunning);
+            }
+            *running = Some(Running {
+                local_addr,
+                shutdown: shutdown.clone(),
+                tasks: tasks.clone(),
+            });
+        }
+        info!(
+            backend = self.inner.backend.name(),
+            %local_addr,
+            auth = self.inner.auth.is_some(),
+            "listening"
+        );
+        tokio::spawn(accept_loop(self.inner.clone(), listener, shutdown, tasks));
+        Ok(local_addr)
+    }
+
+    /// Listens on the configured `listen_addr`.
+    pub async fn start(&self) -> Result<SocketAddr, TransportError> {
+        let addr = self.inner.config.listen_addr.clone();
+        self.listen(&addr).await
+    }
+
+    /// The bound address while running.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|running| running.local_addr)
+    }
+
+    /// Stops accepting, sends every peer `Disconnect{REQUESTED}`, and waits up
+    /// to the configured stop timeout for them to go; stragglers are cut.
+    pub async fn stop(&self) -> Result<(), TransportError> {
+        let running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or(TransportError::NotRunning)?;
+        running.shutdown.cancel();
+        for connection in self.inner.manager.snapshot(None) {
+            connection.close(DisconnectReason::Requested, "server shutting down");
+        }
+        running.tasks.close();
+        if tokio::time::timeout(self.inner.config.stop_timeout, running.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("stop timeout: closing the remaining connections");
+            for connection in self.inner.manager.snapshot(None) {
+                connection.abort(DisconnectReason::Requested, "server shutting down");
+            }
+            let _ =
+                tokio::time::timeout(self.inner.config.disconnect_timeout, running.tasks.wait())
+                    .await;
+        }
+        info!("stopped");
+        Ok(())
+    }
+
+    /// Sets the handler of inbound messages (replacing any previous one).
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        self.inner.context.handler.set(handler);
+    }
+
+    /// Sends `message` to every peer except `exclude`. It is encoded once, and
+    /// signed once for all signed-frame peers. Never waits on a slow peer: a
+    /// peer whose queue is full is disconnected and listed as dropped.
+    pub fn broadcast(
+        &self,
+        mut message: Message,
+        exclude: Option<&str>,
+    ) -> Result<BroadcastReport, TransportError> {
+        let started = Instant::now();
+        message.sender_id = PUBLISHER_SENDER_ID.to_owned();
+        // Snapshot before drawing the sequence number: every recipient's
+        // handshake announced a floor at or below it (docs/PROTOCOL.md §4.3).
+        let recipients = self.inner.manager.snapshot(exclude);
+        let max = self.inner.config.max_message_size;
+        let plain = if recipients.iter().any(|c| !c.is_signed()) {
+            Some(codec::frame_message(&message, max)?)
+        } else {
+            None
+        };
+        let sealed = match (recipients.iter().any(|c| c.is_signed()), self.signing_key()) {
+            (true, Some(key)) => {
+                let frame = signed::seal(
+                    key,
+                    self.inner
+                        .auth
+                        .as_ref()
+                        .map(|a| a.backend)
+                        .unwrap_or_default(),
+                    self.inner.broadcasts.next(),
+                    &Audience::Broadcast {
+                        exclude: exclude.unwrap_or_default().to_owned(),
+                    },
+                    vec![Bytes::from(message.encode_to_vec())],
+                );
+                Some(codec::frame_message(&frame, max)?)
+            }
+            _ => None,
+        };
+        let report = ConnectionManager::fan_out(&recipients, plain.as_ref(), sealed.as_ref());
+        debug!(
+            recipients = recipients.len(),
+            dropped = report.dropped.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "broadcast"
+        );
+        for dropped in &report.dropped {
+            warn!(peer = %dropped.identity, reason = %dropped.reason, "broadcast dropped peer");
+        }
+        Ok(report)
+    }
+
+    /// Sends `message` to the peer with identity `peer`, waiting up to the
+    /// write timeout for room in its queue.
+    pub async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
+        let connection =
+            self.inner
+                .manager
+                .get(peer)
+                .ok_or_else(|| TransportError::PeerNotFound {
+                    peer: peer.to_owned(),
+                })?;
+        connection.send(message).await
+    }
+
+    /// Metadata and counters of every live connection.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.inner.manager.infos()
+    }
+
+    fn signing_key(&self) -> Option<&Arc<crate::SecretKey>> {
+        self.inner.auth.as_ref().and_then(|auth| auth.key.as_ref())
+    }
+}
+
+async fn accept_loop<B: Backend>(
+    inner: Arc<Inner<B>>,
+    mut listener: B::Listener,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(pipe) => {
+                let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("connection", id, remote = ?pipe.remote_addr);
+                tasks.spawn(serve(inner.clone(), id, pipe).instrument(span));
+            }
+            Err(err) if B::Listener::is_fatal(&err) => {
+                error!(error = %err, "listener failed; no longer accepting");
+                return;
+            }
+            Err(err) => {
+                // Typically EMFILE or a connection reset before accept: back
+                // off briefly rather than spin.
+                warn!(error = %err, "accept failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Admits, authenticates and runs one connection.
+async fn serve<B: Backend>(inner: Arc<Inner<B>>, id: u64, pipe: Pipe<B::Reader, B::Writer>) {
+    let Pipe {
+        mut reader,
+        mut writer,
+        remote_addr,
+    } = pipe;
+    let config = &inner.config;
+    let refuse = async |writer: &mut B::Writer, reason: DisconnectReason, details: &str| {
+        info!(%reason, details, "connection refused");
+        send_disconnect(writer, reason, details, config.disconnect_timeout).await;
+    };
+    if let (Some(limiter), Some(addr)) = (&inner.rate_limiter, remote_addr)
+        && !limiter.allow(addr.ip())
+    {
+        return refuse(
+            &mut writer,
+            DisconnectReason::Throttled,
+            "connection rate limit",
+        )
+        .await;
+    }
+    if inner.manager.len() >= config.max_connections {
+        return refuse(
+            &mut writer,
+            DisconnectReason::TooManyPeers,
+            "connection limit reached",
+        )
+        .await;
+    }
+
+    let setup = match &inner.handshake {
+        None => SessionSetup {
+            identity: Arc::from(id.to_string()),
+            client_id: None,
+            session_id: None,
+            remote_addr,
+            signer: None,
+            opener: None,
+            sender_id: None,
+        },
+        Some(handshake) => {
+            let Ok(_permit) = inner.handshakes.clone().try_acquire_owned() else {
+                return refuse(
+                    &mut writer,
+                    DisconnectReason::TooManyPeers,
+                    "too many pending handshakes",
+                )
+                .await;
+            };
+            let unicast = SequenceCounter::from_clock(SystemTime::now());
+            let floors = SequenceFloors {
+                unicast: unicast.floor(),
+                broadcast: Some(inner.broadcasts.floor()),
+            };
+            let client = match server_handshake(
+                &mut reader,
+                &mut writer,
+                handshake,
+                floors,
+                config.handshake_timeout,
+                config.disconnect_timeout,
+            )
+            .await
+            {
+                Ok(client) => client,
+                Err(err) => {
+                    warn!(error = %err, "handshake failed");
+                    return;
+                }
+            };
+            info!(
+                identity = %client.identity,
+                client_id = %client.client_id,
+                extended = client.extended,
+                signed_frames = client.signed_frames.is_some(),
+                "handshake accepted"
+            );
+            let auth = inner.auth.as_ref().expect("a handshake implies auth");
+            let (signer, opener) = signing_state(
+                client.signed_frames.as_ref(),
+                auth.key.as_ref(),
+                None,
+                Some(unicast),
+                auth.backend,
+            );
+            SessionSetup {
+                identity: Arc::from(client.identity),
+                client_id: Some(client.client_id),
+                session_id: Some(client.session_id),
+                remote_addr,
+                signer,
+                opener,
+                sender_id: None,
+            }
+        }
+    };
+
+    let (connection, task) =
+        session::start_session(id, reader, writer, setup, inner.context.clone());
+    let replaces = inner.manager.get(connection.identity()).is_some();
+    if !replaces && inner.manager.len() >= config.max_connections {
+        connection.close(DisconnectReason::TooManyPeers, "connection limit reached");
+    } else if let Some(old) = inner.manager.insert(connection.clone()) {
+        info!(
+            old_id = old.id(),
+            "replaced an older connection of the same identity"
+        );
+    }
+    let _ = task.await;
+    inner.manager.remove(&connection);
+}

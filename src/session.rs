@@ -1,0 +1,1061 @@
+//! One authenticated connection over any ordered, reliable frame pipe.
+//!
+//! A back-end hands over a [`FrameReader`] and a [`FrameWriter`]; everything
+//! above frames lives here: driving the handshake, the writer task (one per
+//! connection, so frames never interleave; queued frames coalesced into few
+//! writes; unicast batches signed once), the reader loop (verify, answer
+//! pings, dispatch to the handler), idle eviction and orderly disconnects.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    sync::mpsc::{self, error::TrySendError},
+};
+use tokio_util::{codec::FramedRead, sync::CancellationToken};
+use tracing::{Instrument, debug, info, warn};
+
+use crate::{
+    codec::{self, FrameCodec, HANDSHAKE_MAX_FRAME_SIZE},
+    crypto::{CryptoBackend, PublicKey, SecretKey},
+    error::{CodecError, DisconnectReason, HandshakeError, TransportError},
+    handshake::{
+        AcceptedClient, ClientHandshake, SequenceFloors, ServerHandshake, ServerSession,
+        ServerVerdict, SignedFrameSession, disconnect_body, unix_nanos,
+    },
+    proto::{
+        Message, Payload,
+        rollup::v1::{DisconnectMessage, Ping, Pong},
+    },
+    signed::{self, Audience, FrameOpener, SequenceCounter},
+};
+
+/// Bytes of queued frames gathered into one write before it is issued.
+pub const WRITE_COALESCE_BYTES: usize = 64 * 1024;
+
+/// Reads frame bodies from a pipe.
+pub trait FrameReader: Send + 'static {
+    /// The next frame body; `None` at a clean end of stream.
+    fn read_frame(&mut self) -> impl Future<Output = Option<Result<Bytes, CodecError>>> + Send;
+    /// Changes the largest body accepted from now on.
+    fn set_max_frame_size(&mut self, max: usize);
+}
+
+/// Writes frames to a pipe.
+pub trait FrameWriter: Send + 'static {
+    /// Writes `frames`: one or more complete frames, length prefixes included.
+    fn write_frames(&mut self, frames: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the sending side.
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Frame reader over a byte stream (TCP, TLS, QUIC stream, in-memory duplex).
+#[derive(Debug)]
+pub struct StreamFrameReader<R>(FramedRead<R, FrameCodec>);
+
+impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
+    /// Reads frames of at most `max_frame_size` bytes from `inner`.
+    pub fn new(inner: R, max_frame_size: usize) -> Self {
+        Self(FramedRead::new(inner, FrameCodec::new(max_frame_size)))
+    }
+}
+
+impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R> {
+    async fn read_frame(&mut self) -> Option<Result<Bytes, CodecError>> {
+        self.0.next().await
+    }
+
+    fn set_max_frame_size(&mut self, max: usize) {
+        self.0.decoder_mut().set_max_frame_size(max);
+    }
+}
+
+/// Frame writer over a byte stream.
+#[derive(Debug)]
+pub struct StreamFrameWriter<W>(pub W);
+
+impl<W: AsyncWrite + Send + Unpin + 'static> FrameWriter for StreamFrameWriter<W> {
+    async fn write_frames(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.0.write_all(frames).await?;
+        self.0.flush().await
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+/// Splits an in-memory or socket byte stream into a frame reader and writer.
+pub fn stream_pipe<S>(
+    stream: S,
+    max_frame_size: usize,
+) -> (
+    StreamFrameReader<tokio::io::ReadHalf<S>>,
+    StreamFrameWriter<tokio::io::WriteHalf<S>>,
+)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    (
+        StreamFrameReader::new(read, max_frame_size),
+        StreamFrameWriter(write),
+    )
+}
+
+/// Per-connection settings shared by server and client.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Nothing received for this long evicts the peer with `READ_TIMEOUT`.
+    pub read_timeout: Duration,
+    /// Bound on one write, and on how long `send` waits for queue space.
+    pub write_timeout: Duration,
+    /// Ping after this long without receiving anything; `None` never pings.
+    pub ping_interval: Option<Duration>,
+    /// Frames queued per connection before senders wait (and broadcasts drop the peer).
+    pub send_queue_capacity: usize,
+    /// Largest frame body accepted after authentication.
+    pub max_frame_size: usize,
+    /// Bound on writing the final `Disconnect` frame.
+    pub disconnect_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            ping_interval: Some(Duration::from_secs(15)),
+            send_queue_capacity: 4096,
+            max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
+            disconnect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A verified message handed to the application.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Who sent it: the verified identity when authenticated, else the connection id.
+    pub from: Arc<str>,
+    /// The connection it arrived on.
+    pub connection_id: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// Error a handler returns; logged and counted, the connection goes on.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Future returned by a [`Handler`].
+pub type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// Receives verified application messages, on the connection's reader task
+/// and in order: a slow handler slows only that connection's reading.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    fn handle(&self, inbound: Inbound) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Inbound) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(&self, inbound: Inbound) -> HandlerFuture {
+        Box::pin(self(inbound))
+    }
+}
+
+/// A handler that forwards every message into a bounded channel, waiting
+/// for room (backpressure) rather than dropping.
+pub fn channel_handler(capacity: usize) -> (Arc<dyn Handler>, mpsc::Receiver<Inbound>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let handler = move |inbound: Inbound| {
+        let tx = tx.clone();
+        async move {
+            tx.send(inbound)
+                .await
+                .map_err(|_| HandlerError::from("inbound receiver dropped"))
+        }
+    };
+    (Arc::new(handler), rx)
+}
+
+/// The slot a server or client keeps its handler in, changeable at any time.
+#[derive(Default)]
+pub(crate) struct HandlerSlot(std::sync::RwLock<Option<Arc<dyn Handler>>>);
+
+impl HandlerSlot {
+    pub(crate) fn set(&self, handler: Arc<dyn Handler>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+    }
+
+    pub(crate) fn get(&self) -> Option<Arc<dyn Handler>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What one connection is, as reported by `connections()` and `stats()`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    /// Connection id, unique per server or client.
+    pub id: u64,
+    /// Verified identity (the connection id as text when unauthenticated).
+    pub identity: String,
+    /// The id the peer announced in its handshake.
+    pub client_id: Option<String>,
+    /// Session id from the handshake.
+    pub session_id: Option<String>,
+    /// The peer's address.
+    pub remote_addr: Option<SocketAddr>,
+    /// When the connection was established.
+    pub connected_at: SystemTime,
+    /// When the last frame arrived.
+    pub last_seen: SystemTime,
+    /// Chain id, if the application set one.
+    pub chain_id: Option<String>,
+    /// Whether frames are signed.
+    pub signed_frames: bool,
+    /// Bytes received, length prefixes included.
+    pub bytes_in: u64,
+    /// Bytes sent, length prefixes included.
+    pub bytes_out: u64,
+    /// Application messages received.
+    pub messages_in: u64,
+    /// Application messages sent.
+    pub messages_out: u64,
+}
+
+/// Items of a connection's send queue.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A message the writer encodes (and, in signed mode, seals with others).
+    Message(Message),
+    /// A complete frame encoded (and sealed) once for many recipients.
+    Frame(Bytes),
+    /// Write a `Disconnect` and close.
+    Close(DisconnectReason, String),
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// Why.
+    pub reason: DisconnectReason,
+    /// Details for logs.
+    pub details: String,
+    /// Whether the peer ended it (its `Disconnect`, or end of stream).
+    pub by_peer: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    last_seen_nanos: AtomicI64,
+}
+
+/// Signing state of the sending side of a signed session.
+#[derive(Debug)]
+pub(crate) struct FrameSigner {
+    pub(crate) key: Arc<SecretKey>,
+    pub(crate) backend: CryptoBackend,
+    pub(crate) unicast: SequenceCounter,
+    pub(crate) recipient: PublicKey,
+}
+
+/// Everything the handshake settled for a session.
+#[derive(Debug)]
+pub(crate) struct SessionSetup {
+    pub(crate) identity: Arc<str>,
+    pub(crate) client_id: Option<String>,
+    pub(crate) session_id: Option<String>,
+    pub(crate) remote_addr: Option<SocketAddr>,
+    pub(crate) signer: Option<FrameSigner>,
+    pub(crate) opener: Option<FrameOpener>,
+    /// `sender_id` stamped on messages we send.
+    pub(crate) sender_id: Option<String>,
+}
+
+/// A live connection, shared by its tasks, the manager and the application.
+#[derive(Debug)]
+pub struct Connection {
+    id: u64,
+    identity: Arc<str>,
+    client_id: Option<String>,
+    session_id: Option<String>,
+    remote_addr: Option<SocketAddr>,
+    connected_at: SystemTime,
+    chain_id: Mutex<Option<String>>,
+    signed: bool,
+    counters: Counters,
+    queue: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+    end: OnceLock<SessionEnd>,
+    write_timeout: Duration,
+    max_frame_size: usize,
+}
+
+impl Connection {
+    /// Connection id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Verified identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    pub(crate) fn identity_arc(&self) -> &Arc<str> {
+        &self.identity
+    }
+
+    /// Whether frames are signed.
+    pub fn is_signed(&self) -> bool {
+        self.signed
+    }
+
+    /// Whether the connection is closed or closing.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Sets the chain id reported in [`ConnectionInfo`].
+    pub fn set_chain_id(&self, chain_id: impl Into<String>) {
+        *self.chain_id.lock().unwrap_or_else(PoisonError::into_inner) = Some(chain_id.into());
+    }
+
+    /// A snapshot of the connection's metadata and counters.
+    pub fn info(&self) -> ConnectionInfo {
+        let last_seen_nanos = self.counters.last_seen_nanos.load(Ordering::Relaxed);
+        ConnectionInfo {
+            id: self.id,
+            identity: self.identity.to_string(),
+            client_id: self.client_id.clone(),
+            session_id: self.session_id.clone(),
+            remote_addr: self.remote_addr,
+            connected_at: self.connected_at,
+            last_seen: SystemTime::UNIX_EPOCH + Duration::from_nanos(last_seen_nanos.max(0) as u64),
+            chain_id: self
+                .chain_id
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            signed_frames: self.signed,
+            bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
+            messages_in: self.counters.messages_in.load(Ordering::Relaxed),
+            messages_out: self.counters.messages_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How the session ended, once it has.
+    pub fn end(&self) -> Option<&SessionEnd> {
+        self.end.get()
+    }
+
+    /// Resolves when the connection is closed.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Queues `message`, waiting up to the write timeout for room. A peer
+    /// whose queue stays full is disconnected with `WRITE_TIMEOUT`.
+    pub async fn send(&self, message: Message) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        self.check_size(&message)?;
+        match self.queue.try_send(Outbound::Message(message)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
+            Err(TrySendError::Full(item)) => {
+                match tokio::time::timeout(self.write_timeout, self.queue.send(item)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(self.closed_error()),
+                    Err(_) => {
+                        self.abort(DisconnectReason::WriteTimeout, "send queue stayed full");
+                        Err(TransportError::SendTimeout {
+                            peer: self.identity.to_string(),
+                            after: self.write_timeout,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuses a message the writer could not put in one frame.
+    fn check_size(&self, message: &Message) -> Result<(), TransportError> {
+        let overhead = if self.signed {
+            SIGNED_FRAME_OVERHEAD
+        } else {
+            0
+        };
+        let size = message.encoded_len() + overhead;
+        codec::check_frame_len(message.encoded_len(), self.max_frame_size)?;
+        if size > self.max_frame_size {
+            return Err(CodecError::FrameTooLarge {
+                size,
+                max: self.max_frame_size,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Queues a pre-encoded frame without waiting. On a full queue the peer is
+    /// too slow: it is disconnected with `WRITE_TIMEOUT` and the error says so.
+    pub(crate) fn try_send_frame(&self, frame: Bytes) -> Result<(), TransportError> {
+        match self.queue.try_send(Outbound::Frame(frame)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
+            Err(TrySendError::Full(_)) => {
+                self.abort(DisconnectReason::WriteTimeout, "send queue full");
+                Err(TransportError::QueueFull {
+                    peer: self.identity.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Sends `Disconnect{reason, details}` after what is already queued, then
+    /// closes. If the queue is full the connection closes at once.
+    pub fn close(&self, reason: DisconnectReason, details: impl Into<String>) {
+        let details = details.into();
+        match self
+            .queue
+            .try_send(Outbound::Close(reason, details.clone()))
+        {
+            Ok(()) => {}
+            Err(_) => self.abort(reason, details),
+        }
+    }
+
+    /// Closes without waiting for queued frames.
+    pub(crate) fn abort(&self, reason: DisconnectReason, details: impl Into<String>) {
+        self.finish(SessionEnd {
+            reason,
+            details: details.into(),
+            by_peer: false,
+        });
+    }
+
+    fn finish(&self, end: SessionEnd) {
+        let _ = self.end.set(end);
+        self.closed.cancel();
+    }
+
+    fn closed_error(&self) -> TransportError {
+        let end = self.end.get();
+        TransportError::ConnectionClosed {
+            peer: self.identity.to_string(),
+            reason: end.map_or(DisconnectReason::Requested, |e| e.reason),
+        }
+    }
+
+    fn touch(&self, bytes: usize) {
+        self.counters
+            .bytes_in
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters
+            .last_seen_nanos
+            .store(unix_nanos(SystemTime::now()), Ordering::Relaxed);
+    }
+}
+
+/// Runs the client side of the handshake over a fresh pipe.
+pub(crate) async fn client_handshake<R: FrameReader, W: FrameWriter>(
+    reader: &mut R,
+    writer: &mut W,
+    handshake: ClientHandshake,
+    timeout: Duration,
+) -> Result<ServerSession, TransportError> {
+    let exchange = async {
+        let frame = codec::frame_body(handshake.request(), HANDSHAKE_MAX_FRAME_SIZE)?;
+        writer.write_frames(&frame).await.map_err(CodecError::Io)?;
+        reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
+        let response = match reader.read_frame().await {
+            Some(frame) => frame?,
+            None => {
+                return Err(TransportError::Codec(CodecError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "server closed during the handshake",
+                ))));
+            }
+        };
+        // A server refusing before the handshake (throttled, full) answers
+        // with a bare `Message{Disconnect}` where the response would be.
+        if let Some(disconnect) = as_disconnect(&response) {
+            return Err(TransportError::Refused {
+                reason: DisconnectReason::from_proto(disconnect.reason),
+                details: disconnect.details,
+            });
+        }
+        handshake
+            .finish(&response)
+            .map_err(TransportError::Handshake)
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
+    }
+}
+
+/// Decodes `body` as a `Message` carrying a `Disconnect`, if it is one.
+pub(crate) fn as_disconnect(body: &[u8]) -> Option<DisconnectMessage> {
+    match Message::decode(body) {
+        Ok(Message {
+            payload: Some(Payload::Disconnect(disconnect)),
+            ..
+        }) => Some(disconnect),
+        _ => None,
+    }
+}
+
+/// Runs the server side of the handshake over a fresh pipe. On refusal the
+/// response and a `Disconnect` are written before the error is returned.
+pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
+    reader: &mut R,
+    writer: &mut W,
+    handshake: &ServerHandshake,
+    local_floors: SequenceFloors,
+    timeout: Duration,
+    disconnect_timeout: Duration,
+) -> Result<AcceptedClient, TransportError> {
+    reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
+    let request = match tokio::time::timeout(timeout, reader.read_frame()).await {
+        Err(_) => return Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
+        Ok(None) => {
+            return Err(TransportError::Codec(CodecError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed before its handshake",
+            ))));
+        }
+        Ok(Some(Err(err))) => {
+            let details = err.to_string();
+            send_disconnect(
+                writer,
+                err.disconnect_reason(),
+                &details,
+                disconnect_timeout,
+            )
+            .await;
+            return Err(TransportError::Codec(err));
+        }
+        Ok(Some(Ok(request))) => request,
+    };
+    match handshake.respond(&request, SystemTime::now(), local_floors) {
+        ServerVerdict::Accept { response, client } => {
+            let frame = codec::frame_body(&response, HANDSHAKE_MAX_FRAME_SIZE)?;
+            match tokio::time::timeout(timeout, writer.write_frames(&frame)).await {
+                Ok(Ok(())) => Ok(*client),
+                Ok(Err(err)) => Err(TransportError::Codec(CodecError::Io(err))),
+                Err(_) => Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
+            }
+        }
+        ServerVerdict::Reject {
+            response,
+            disconnect,
+            error,
+        } => {
+            let mut frames = BytesMut::new();
+            for body in [&response, &disconnect] {
+                frames.extend_from_slice(&codec::frame_body(body, HANDSHAKE_MAX_FRAME_SIZE)?);
+            }
+            let _ = tokio::time::timeout(disconnect_timeout, async {
+                writer.write_frames(&frames).await?;
+                writer.shutdown().await
+            })
+            .await;
+            Err(TransportError::Handshake(error))
+        }
+    }
+}
+
+/// Writes a bare `Message{Disconnect}` and ends the stream, bounded in time.
+pub(crate) async fn send_disconnect<W: FrameWriter>(
+    writer: &mut W,
+    reason: DisconnectReason,
+    details: &str,
+    timeout: Duration,
+) {
+    let Ok(frame) = codec::frame_body(&disconnect_body(reason, details), HANDSHAKE_MAX_FRAME_SIZE)
+    else {
+        return;
+    };
+    let _ = tokio::time::timeout(timeout, async {
+        writer.write_frames(&frame).await?;
+        writer.shutdown().await
+    })
+    .await;
+}
+
+/// Builds the per-session signing state from what the handshake agreed.
+pub(crate) fn signing_state(
+    session: Option<&SignedFrameSession>,
+    local_key: Option<&Arc<SecretKey>>,
+    local_identity: Option<String>,
+    unicast: Option<SequenceCounter>,
+    backend: CryptoBackend,
+) -> (Option<FrameSigner>, Option<FrameOpener>) {
+    let (Some(session), Some(key), Some(unicast)) = (session, local_key, unicast) else {
+        return (None, None);
+    };
+    let opener = FrameOpener::new(session, key.public_key().clone(), local_identity, backend);
+    let signer = FrameSigner {
+        key: key.clone(),
+        backend,
+        unicast,
+        recipient: session.peer_key.clone(),
+    };
+    (Some(signer), Some(opener))
+}
+
+/// Shared context a session's reader needs from its owner.
+pub(crate) struct SessionContext {
+    pub(crate) config: SessionConfig,
+    pub(crate) handler: Arc<HandlerSlot>,
+}
+
+/// Starts the reader and writer of an authenticated session. Returns the
+/// shared connection and a future that completes, with how it ended, when
+/// both halves are done.
+pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
+    id: u64,
+    mut reader: R,
+    writer: W,
+    setup: SessionSetup,
+    context: Arc<SessionContext>,
+) -> (Arc<Connection>, tokio::task::JoinHandle<SessionEnd>) {
+    let config = &context.config;
+    reader.set_max_frame_size(config.max_frame_size);
+    let (queue, queue_rx) = mpsc::channel(config.send_queue_capacity.max(1));
+    let now = SystemTime::now();
+    let connection = Arc::new(Connection {
+        id,
+        identity: setup.identity,
+        client_id: setup.client_id,
+        session_id: setup.session_id,
+        remote_addr: setup.remote_addr,
+        connected_at: now,
+        chain_id: Mutex::new(None),
+        signed: setup.signer.is_some(),
+        counters: Counters {
+            last_seen_nanos: AtomicI64::new(unix_nanos(now)),
+            ..Counters::default()
+        },
+        queue,
+        closed: CancellationToken::new(),
+        end: OnceLock::new(),
+        write_timeout: config.write_timeout,
+        max_frame_size: config.max_frame_size,
+    });
+    let span = tracing::info_span!(
+        "connection",
+        id,
+        identity = %connection.identity,
+        remote = ?connection.remote_addr,
+    );
+    let writer_task = tokio::spawn(
+        write_loop(
+            writer,
+            queue_rx,
+            connection.clone(),
+            setup.signer,
+            setup.sender_id,
+            config.clone(),
+        )
+        .instrument(span.clone()),
+    );
+    let reader_connection = connection.clone();
+    let task = tokio::spawn(
+        async move {
+            read_loop(reader, &reader_connection, setup.opener, &context).await;
+            reader_connection.closed.cancel();
+            let _ = writer_task.await;
+            let end = reader_connection.end.get().cloned().unwrap_or(SessionEnd {
+                reason: DisconnectReason::Requested,
+                details: "closed".into(),
+                by_peer: false,
+            });
+            info!(reason = %end.reason, details = %end.details, by_peer = end.by_peer, "disconnected");
+            end
+        }
+        .instrument(span),
+    );
+    (connection, task)
+}
+
+async fn read_loop<R: FrameReader>(
+    mut reader: R,
+    connection: &Connection,
+    mut opener: Option<FrameOpener>,
+    context: &SessionContext,
+) {
+    let config = &context.config;
+    let check_every = config
+        .ping_interval
+        .unwrap_or(config.read_timeout)
+        .min(config.read_timeout)
+        .div_f32(2.0)
+        .max(Duration::from_millis(10));
+    let mut health = tokio::time::interval(check_every);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_received = Instant::now();
+    let mut last_ping: Option<Instant> = None;
+    let mut evicting = false;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = connection.closed.cancelled() => return,
+            frame = reader.read_frame() => frame,
+            _ = health.tick() => {
+                let idle = last_received.elapsed();
+                if idle >= config.read_timeout && !evicting {
+                    evicting = true;
+                    warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
+                    connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));
+                    // Let the writer send the Disconnect; it cancels when done.
+                    continue;
+                }
+                if let Some(interval) = config.ping_interval
+                    && idle >= interval
+                    && last_ping.is_none_or(|at| at.elapsed() >= interval)
+                {
+                    last_ping = Some(Instant::now());
+                    let ping = Payload::Ping(Ping { timestamp: unix_nanos(SystemTime::now()) });
+                    let _ = connection.queue.try_send(Outbound::Message(control(ping)));
+                }
+                continue;
+            }
+        };
+        let body = match frame {
+            None => {
+                connection.finish(SessionEnd {
+                    reason: DisconnectReason::NetworkError,
+                    details: "peer closed the connection".into(),
+                    by_peer: true,
+                });
+                return;
+            }
+            Some(Err(err)) => {
+                let reason = err.disconnect_reason();
+                warn!(error = %err, "read failed");
+                if matches!(err, CodecError::Io(_)) {
+                    connection.abort(reason, err.to_string());
+                } else {
+                    connection.close(reason, err.to_string());
+                }
+                return;
+            }
+            Some(Ok(body)) => body,
+        };
+        last_received = Instant::now();
+        last_ping = None;
+        connection.touch(body.len() + codec::LENGTH_PREFIX_LEN);
+
+        let flow = match opener.as_mut() {
+            None => match Message::decode(body) {
+                Ok(message) => deliver(connection, message, context).await,
+                Err(err) => Flow::Close(
+                    DisconnectReason::ProtocolError,
+                    format!("malformed Message: {err}"),
+                ),
+            },
+            Some(opener) => match opener.open_messages(&body) {
+                Ok(messages) => {
+                    let mut flow = Flow::Continue;
+                    for message in messages {
+                        flow = deliver(connection, message, context).await;
+                        if !matches!(flow, Flow::Continue) {
+                            break;
+                        }
+                    }
+                    flow
+                }
+                Err(err) => {
+                    warn!(error = %err, kind = err.kind(), "signed frame refused");
+                    Flow::Close(err.disconnect_reason(), err.to_string())
+                }
+            },
+        };
+        match flow {
+            Flow::Continue => {}
+            Flow::PeerLeft => return,
+            Flow::Close(reason, details) => {
+                warn!(%reason, %details, "closing connection");
+                connection.close(reason, details);
+                return;
+            }
+        }
+    }
+}
+
+/// What the reader does after a message.
+enum Flow {
+    Continue,
+    /// The peer sent `Disconnect`; its reason is recorded.
+    PeerLeft,
+    /// Send `Disconnect{reason}` and close.
+    Close(DisconnectReason, String),
+}
+
+fn control(payload: Payload) -> Message {
+    Message {
+        sender_id: String::new(),
+        payload: Some(payload),
+    }
+}
+
+/// Handles control messages; hands the rest to the application handler.
+async fn deliver(connection: &Connection, message: Message, context: &SessionContext) -> Flow {
+    match &message.payload {
+        Some(Payload::Ping(ping)) => {
+            let pong = control(Payload::Pong(Pong {
+                timestamp: ping.timestamp,
+            }));
+            // A peer too slow to take its pongs is caught by the write path.
+            let _ = connection.queue.try_send(Outbound::Message(pong));
+            Flow::Continue
+        }
+        Some(Payload::Pong(_)) => Flow::Continue,
+        Some(Payload::Disconnect(disconnect)) => {
+            let reason = DisconnectReason::from_proto(disconnect.reason);
+            info!(%reason, details = %disconnect.details, "peer disconnected");
+            connection.finish(SessionEnd {
+                reason,
+                details: disconnect.details.clone(),
+                by_peer: true,
+            });
+            Flow::PeerLeft
+        }
+        Some(Payload::HandshakeRequest(_) | Payload::HandshakeResponse(_)) => Flow::Close(
+            DisconnectReason::ProtocolError,
+            "handshake message after the handshake".into(),
+        ),
+        _ => {
+            connection
+                .counters
+                .messages_in
+                .fetch_add(1, Ordering::Relaxed);
+            let Some(handler) = context.handler.get() else {
+                debug!("no handler set; message counted and dropped");
+                return Flow::Continue;
+            };
+            let inbound = Inbound {
+                from: connection.identity.clone(),
+                connection_id: connection.id,
+                message,
+            };
+            if let Err(err) = handler.handle(inbound).await {
+                warn!(error = %err, "handler failed");
+            }
+            Flow::Continue
+        }
+    }
+}
+
+/// Accumulates queued items into one write buffer. In signed mode unicast
+/// messages wait in `pending` and are sealed together as one frame.
+struct WriteBatch {
+    buffer: BytesMut,
+    pending: Vec<Bytes>,
+    pending_bytes: usize,
+    messages: u64,
+    max_frame_size: usize,
+}
+
+impl WriteBatch {
+    fn len(&self) -> usize {
+        self.buffer.len() + self.pending_bytes
+    }
+
+    fn push_message(&mut self, message: &Message, signer: Option<&FrameSigner>) {
+        self.messages += u64::from(is_application(message));
+        let Some(signer) = signer else {
+            // Sizes were checked when the message was queued.
+            if let Err(err) = codec::encode_message(message, self.max_frame_size, &mut self.buffer)
+            {
+                warn!(error = %err, "message refused by the encoder");
+            }
+            return;
+        };
+        let encoded: Bytes = message.encode_to_vec().into();
+        if self.pending_bytes + encoded.len() + SIGNED_FRAME_OVERHEAD > self.max_frame_size {
+            self.seal(Some(signer));
+        }
+        self.pending_bytes += encoded.len() + 8;
+        self.pending.push(encoded);
+    }
+
+    fn push_frame(&mut self, frame: &[u8], signer: Option<&FrameSigner>) {
+        // Keep order: what was queued before this frame goes out before it.
+        self.seal(signer);
+        self.messages += 1;
+        self.buffer.extend_from_slice(frame);
+    }
+
+    fn seal(&mut self, signer: Option<&FrameSigner>) {
+        let Some(signer) = signer else { return };
+        if self.pending.is_empty() {
+            return;
+        }
+        let frame = signed::seal(
+            &signer.key,
+            signer.backend,
+            signer.unicast.next(),
+            &Audience::Unicast {
+                recipient: signer.recipient.clone(),
+            },
+            std::mem::take(&mut self.pending),
+        );
+        self.pending_bytes = 0;
+        if let Err(err) = codec::encode_message(&frame, self.max_frame_size, &mut self.buffer) {
+            warn!(error = %err, "signed batch refused by the encoder");
+        }
+    }
+}
+
+/// Room a signed frame needs beyond its messages: sequence, audience,
+/// signature and field tags, with margin.
+pub(crate) const SIGNED_FRAME_OVERHEAD: usize = 512;
+
+/// The connection's single writer: drains the queue in batches of up to
+/// [`WRITE_COALESCE_BYTES`], encodes (and seals) them into one buffer, and
+/// writes it with one call.
+async fn write_loop<W: FrameWriter>(
+    mut writer: W,
+    mut queue: mpsc::Receiver<Outbound>,
+    connection: Arc<Connection>,
+    signer: Option<FrameSigner>,
+    sender_id: Option<String>,
+    config: SessionConfig,
+) {
+    let signer = signer.as_ref();
+    let mut batch = WriteBatch {
+        buffer: BytesMut::with_capacity(8 * 1024),
+        pending: Vec::new(),
+        pending_bytes: 0,
+        messages: 0,
+        max_frame_size: config.max_frame_size,
+    };
+    'outer: loop {
+        let first = tokio::select! {
+            biased;
+            item = queue.recv() => item,
+            _ = connection.closed.cancelled() => None,
+        };
+        let mut next = first;
+        let mut close = None;
+        while let Some(item) = next {
+            match item {
+                Outbound::Message(mut message) => {
+                    if let Some(sender_id) = &sender_id
+                        && is_application(&message)
+                    {
+                        message.sender_id.clone_from(sender_id);
+                    }
+                    batch.push_message(&message, signer);
+                }
+                Outbound::Frame(frame) => batch.push_frame(&frame, signer),
+                Outbound::Close(reason, details) => {
+                    let disconnect = control(Payload::Disconnect(DisconnectMessage {
+                        reason: reason.to_proto() as i32,
+                        details: details.clone(),
+                    }));
+                    batch.push_message(&disconnect, signer);
+                    close = Some((reason, details));
+                    break;
+                }
+            }
+            next = if batch.len() < WRITE_COALESCE_BYTES {
+                queue.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        batch.seal(signer);
+        if batch.buffer.is_empty() && close.is_none() {
+            break 'outer; // the queue closed or the connection was cancelled
+        }
+        if !batch.buffer.is_empty() {
+            let limit = if close.is_some() {
+                config.disconnect_timeout
+            } else {
+                config.write_timeout
+            };
+            match tokio::time::timeout(limit, writer.write_frames(&batch.buffer)).await {
+                Ok(Ok(())) => {
+                    let counters = &connection.counters;
+                    counters
+                        .bytes_out
+                        .fetch_add(batch.buffer.len() as u64, Ordering::Relaxed);
+                    counters
+                        .messages_out
+                        .fetch_add(batch.messages, Ordering::Relaxed);
+                }
+                Ok(Err(err)) => {
+                    connection.abort(
+                        DisconnectReason::NetworkError,
+                        format!("write failed: {err}"),
+                    );
+                    break 'outer;
+                }
+                Err(_) => {
+                    connection.abort(
+                        DisconnectReason::WriteTimeout,
+                        format!("write blocked for {limit:?}"),
+                    );
+                    break 'outer;
+                }
+            }
+            batch.buffer.clear();
+            batch.messages = 0;
+            if batch.buffer.capacity() > 4 * WRITE_COALESCE_BYTES {
+                // A huge message grew the buffer; do not keep it while idle.
+                batch.buffer = BytesMut::with_capacity(8 * 1024);
+            }
+        }
+        if let Some((reason, details)) = close {
+            connection.abort(reason, details);
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown()).await;
+    // Whatever is still queued will never be written: say so.
+    queue.close();
+    let mut undelivered = 0usize;
+    while let Ok(item) = queue.try_recv() {
+        undelivered += usize::from(!matches!(item, Outbound::Close(..)));
+    }
+    if undelivered > 0 {
+        warn!(undelivered, "connection closed with queued messages unsent");
+    }
+}
+
+fn is_application(message: &Message) -> bool {
+    !matches!(
+        message.payload,
+        Some(Payload::Ping(_) | Payload::Pong(_) | Payload::Disconnect(_))
+    )
+}

@@ -1,0 +1,7 @@
+//! Integration tests, one binary to save link time.
+
+mod codec_props;
+mod crypto;
+mod handshake;
+mod signed;
+mod smoke;
