@@ -88,10 +88,13 @@ fn codec(c: &mut Criterion) {
 fn signed(c: &mut Criterion) {
     let sender = SecretKey::generate();
     let receiver = SecretKey::generate();
+    let session_tag = [7u8; 32];
     let audience = Audience::Unicast {
         recipient: receiver.public_key().clone(),
+        session: session_tag,
     };
     let session = SignedFrameSession {
+        session_tag,
         peer_key: sender.public_key().clone(),
         peer_floors: SequenceFloors {
             unicast: FIRST_SEQUENCE,

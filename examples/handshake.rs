@@ -102,6 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let audience = Audience::Unicast {
         recipient: server_key.public_key().clone(),
+        session: server_session.session_tag,
     };
     let frame = seal(
         &client_key,

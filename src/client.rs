@@ -380,6 +380,7 @@ async fn try_establish<B: Backend>(
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    config.validate()?;
     let Pipe {
         mut reader,
         mut writer,

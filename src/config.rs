@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backend::tcp::TcpOptions,
-    codec::DEFAULT_MAX_FRAME_SIZE,
+    codec::{DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE},
     crypto::{CryptoBackend, PublicKey, SecretKey, TrustStore},
+    error::TransportError,
     handshake::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CLOCK_SKEW, SignedFramesPolicy},
     session::SessionConfig,
 };
@@ -117,6 +118,34 @@ impl ServerConfig {
         self
     }
 
+    /// Checks the values; the error names the offending field.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        common_checks(
+            self.max_message_size,
+            self.send_queue_capacity,
+            [
+                ("read_timeout", self.read_timeout),
+                ("write_timeout", self.write_timeout),
+                ("handshake_timeout", self.handshake_timeout),
+            ],
+        )?;
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if self.max_pending_handshakes == 0 {
+            return invalid("max_pending_handshakes", "must be at least 1");
+        }
+        if let Some(limit) = self.rate_limit
+            && (limit.burst == 0 || !limit.per_second.is_finite() || limit.per_second < 0.0)
+        {
+            return invalid(
+                "rate_limit",
+                "burst must be ≥ 1 and per_second a finite number ≥ 0",
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn session(&self) -> SessionConfig {
         SessionConfig {
             read_timeout: self.read_timeout,
@@ -127,6 +156,35 @@ impl ServerConfig {
             disconnect_timeout: self.disconnect_timeout,
         }
     }
+}
+
+fn invalid(field: &str, problem: &str) -> Result<(), TransportError> {
+    Err(TransportError::Config(format!("{field}: {problem}")))
+}
+
+fn common_checks<const N: usize>(
+    max_message_size: usize,
+    send_queue_capacity: usize,
+    timeouts: [(&str, Duration); N],
+) -> Result<(), TransportError> {
+    if max_message_size < HANDSHAKE_MAX_FRAME_SIZE || max_message_size > u32::MAX as usize {
+        return invalid(
+            "max_message_size",
+            &format!(
+                "must be between {HANDSHAKE_MAX_FRAME_SIZE} and {} bytes",
+                u32::MAX
+            ),
+        );
+    }
+    if send_queue_capacity == 0 {
+        return invalid("send_queue_capacity", "must be at least 1");
+    }
+    for (field, timeout) in timeouts {
+        if timeout.is_zero() {
+            return invalid(field, "must be longer than zero");
+        }
+    }
+    Ok(())
 }
 
 /// Client settings.
@@ -214,6 +272,24 @@ impl ClientConfig {
         self
     }
 
+    /// Checks the values; the error names the offending field.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        common_checks(
+            self.max_message_size,
+            self.send_queue_capacity,
+            [
+                ("connect_timeout", self.connect_timeout),
+                ("read_timeout", self.read_timeout),
+                ("write_timeout", self.write_timeout),
+                ("handshake_timeout", self.handshake_timeout),
+            ],
+        )?;
+        if self.client_id.is_empty() {
+            return invalid("client_id", "must not be empty");
+        }
+        Ok(())
+    }
+
     pub(crate) fn session(&self) -> SessionConfig {
         SessionConfig {
             read_timeout: self.read_timeout,
@@ -244,6 +320,17 @@ pub struct ServerAuth {
 }
 
 impl ServerAuth {
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        if self.signed_frames == SignedFramesPolicy::Require && self.key.is_none() {
+            return invalid(
+                "auth.signed_frames",
+                "`require` needs a server key (signed frames need mutual authentication)",
+            );
+        }
+        Ok(())
+    }
+
     /// Authentication with `key`, trusting `trust`, offering signed frames.
     pub fn new(key: Arc<SecretKey>, trust: Arc<TrustStore>) -> Self {
         Self {

@@ -375,6 +375,12 @@ pub enum TransportError {
         /// The identity asked for.
         peer: String,
     },
+    /// No client is registered for this chain id (or no default is set).
+    #[error("no publisher connection for chain {chain_id:?}")]
+    UnknownChain {
+        /// The chain id asked for ("" for the default).
+        chain_id: String,
+    },
     /// The peer's send queue stayed full for the write timeout.
     #[error("send to {peer} timed out after {after:?}; peer disconnected")]
     SendTimeout {

@@ -155,6 +155,9 @@ pub struct SequenceFloors {
 /// Signed-frame parameters both sides agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedFrameSession {
+    /// Keccak-256 of the request body as sent: unique per session, known to
+    /// both sides, and bound into unicast frames so they cannot cross sessions.
+    pub session_tag: [u8; 32],
     /// The peer's key, authenticated by the handshake; frames must verify against it.
     pub peer_key: PublicKey,
     /// The peer's floors; lower sequence numbers are refused.
@@ -297,13 +300,6 @@ impl ServerHandshake {
         let malformed = |what| move |source| HandshakeError::Malformed { what, source };
         let request = HandshakeRequest::decode(body).map_err(malformed("HandshakeRequest"))?;
         let ext = HandshakeRequestExt::decode(body).map_err(malformed("HandshakeRequestExt"))?;
-        if request.nonce.is_empty() || request.nonce.len() > MAX_NONCE_LEN {
-            return Err(HandshakeError::BadSignature(
-                crate::error::KeyError::InvalidSignature {
-                    reason: "nonce must be 1 to 64 bytes",
-                },
-            ));
-        }
 
         // Go's checks, in Go's order: clock, signature, trust.
         let now_nanos = unix_nanos(now);
@@ -314,6 +310,13 @@ impl ServerHandshake {
         }
         if skew < -max_skew {
             return Err(HandshakeError::TimestampTooOld { skew_nanos: skew });
+        }
+        if request.nonce.is_empty() || request.nonce.len() > MAX_NONCE_LEN {
+            return Err(HandshakeError::BadSignature(
+                crate::error::KeyError::InvalidSignature {
+                    reason: "nonce must be 1 to 64 bytes",
+                },
+            ));
         }
         let claimed =
             PublicKey::from_slice(&request.public_key).map_err(HandshakeError::BadSignature)?;
@@ -338,7 +341,7 @@ impl ServerHandshake {
             let ext_signature =
                 Signature::from_slice(&ext.ext_signature).map_err(HandshakeError::BadSignature)?;
             claimed
-                .verify_digest_with(
+                .verify_recoverable_with(
                     self.config.backend,
                     &client_transcript_digest(&request, &ext),
                     &ext_signature,
@@ -405,6 +408,7 @@ impl ServerHandshake {
         if signed {
             features |= Feature::SignedFrames as u32;
             accepted.signed_frames = Some(SignedFrameSession {
+                session_tag: crate::crypto::keccak256(body),
                 peer_key: claimed,
                 peer_floors: SequenceFloors {
                     unicast: ext.sequence_floor,
@@ -419,8 +423,9 @@ impl ServerHandshake {
             server_public_key: Bytes::copy_from_slice(server_key.public_key().as_compressed()),
             identity,
             unicast_floor: if signed { local_floors.unicast } else { 0 },
+            // A server that never broadcasts announces an unreachable floor.
             broadcast_floor: if signed {
-                local_floors.broadcast.unwrap_or(0)
+                local_floors.broadcast.unwrap_or(u64::MAX)
             } else {
                 0
             },
@@ -637,7 +642,7 @@ impl ClientHandshake {
         let proof = Signature::from_slice(&ext.server_signature)
             .map_err(HandshakeError::BadServerSignature)?;
         server_key
-            .verify_digest_with(
+            .verify_recoverable_with(
                 self.config.backend,
                 &server_transcript_digest(&self.request_body, &response, &ext),
                 &proof,
@@ -651,6 +656,7 @@ impl ClientHandshake {
             });
         }
         let signed_frames = signed.then(|| SignedFrameSession {
+            session_tag: crate::crypto::keccak256(&self.request_body),
             peer_key: server_key.clone(),
             peer_floors: SequenceFloors {
                 unicast: ext.unicast_floor,

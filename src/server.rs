@@ -119,6 +119,10 @@ impl<B: Backend> TransportServer<B> {
         if self.local_addr().is_some() {
             return Err(TransportError::AlreadyRunning);
         }
+        self.inner.config.validate()?;
+        if let Some(auth) = &self.inner.auth {
+            auth.validate()?;
+        }
         let listener = self.inner.backend.bind(addr).await?;
         let local_addr = listener.local_addr().map_err(|source| TransportError::Io {
             op: "bind",

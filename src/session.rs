@@ -280,6 +280,7 @@ pub(crate) struct FrameSigner {
     pub(crate) backend: CryptoBackend,
     pub(crate) unicast: SequenceCounter,
     pub(crate) recipient: PublicKey,
+    pub(crate) session_tag: [u8; 32],
 }
 
 /// Everything the handshake settled for a session.
@@ -627,6 +628,7 @@ pub(crate) fn signing_state(
         backend,
         unicast,
         recipient: session.peer_key.clone(),
+        session_tag: session.session_tag,
     };
     (Some(signer), Some(opener))
 }
@@ -926,6 +928,7 @@ impl WriteBatch {
             signer.unicast.next(),
             &Audience::Unicast {
                 recipient: signer.recipient.clone(),
+                session: signer.session_tag,
             },
             std::mem::take(&mut self.pending),
         );

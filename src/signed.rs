@@ -16,7 +16,7 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use crate::{
-    crypto::{CryptoBackend, Keccak, PublicKey, SecretKey, Signature},
+    crypto::{CryptoBackend, Keccak, PublicKey, SecretKey},
     error::SignedFrameError,
     handshake::{SignedFrameSession, unix_nanos},
     proto::{
@@ -44,10 +44,13 @@ pub enum Audience {
         /// Identity left out.
         exclude: String,
     },
-    /// Only the peer holding this key.
+    /// Only the peer holding this key, in this session only.
     Unicast {
         /// The recipient's key.
         recipient: PublicKey,
+        /// The session's tag ([`SignedFrameSession::session_tag`]); signed
+        /// over but not sent, so a frame opens only in its own session.
+        session: [u8; 32],
     },
 }
 
@@ -57,18 +60,20 @@ impl Audience {
             Self::Broadcast { exclude } => {
                 signed_frame::Audience::BroadcastExclude(exclude.clone())
             }
-            Self::Unicast { recipient } => signed_frame::Audience::RecipientKey(
+            Self::Unicast { recipient, .. } => signed_frame::Audience::RecipientKey(
                 Bytes::copy_from_slice(recipient.as_compressed()),
             ),
         }
     }
 }
 
-/// The digest a signed frame's signature covers.
+/// The digest a signed frame's signature covers. `session` is the session
+/// tag, covered for unicast frames only (a broadcast serves many sessions).
 pub fn frame_digest(
     sender: &PublicKey,
     sequence: u64,
     audience: &signed_frame::Audience,
+    session: &[u8; 32],
     messages: &[Bytes],
 ) -> [u8; 32] {
     let mut hasher = Keccak::new();
@@ -80,9 +85,10 @@ pub fn frame_digest(
         signed_frame::Audience::BroadcastExclude(exclude) => hasher
             .update(&[AUDIENCE_BROADCAST])
             .update_prefixed(exclude.as_bytes()),
-        signed_frame::Audience::RecipientKey(key) => {
-            hasher.update(&[AUDIENCE_UNICAST]).update_prefixed(key)
-        }
+        signed_frame::Audience::RecipientKey(key) => hasher
+            .update(&[AUDIENCE_UNICAST])
+            .update_prefixed(key)
+            .update(session),
     };
     hasher.update(&(messages.len() as u32).to_be_bytes());
     for message in messages {
@@ -91,7 +97,9 @@ pub fn frame_digest(
     hasher.finalize()
 }
 
-/// Seals encoded `rollup.v1.Message`s into one signed frame body.
+/// Seals encoded `rollup.v1.Message`s (at least one) into one signed frame.
+/// The signature is the 64-byte `r || s`: the receiver knows our key, so a
+/// recovery id would only give the same signature a second encoding.
 pub fn seal(
     key: &SecretKey,
     backend: CryptoBackend,
@@ -99,14 +107,22 @@ pub fn seal(
     audience: &Audience,
     messages: Vec<Bytes>,
 ) -> SignedFrame {
+    debug_assert!(
+        !messages.is_empty(),
+        "a signed frame carries at least one message"
+    );
+    let session = match audience {
+        Audience::Unicast { session, .. } => *session,
+        Audience::Broadcast { .. } => [0; 32],
+    };
     let audience = audience.to_proto();
-    let digest = frame_digest(key.public_key(), sequence, &audience, &messages);
+    let digest = frame_digest(key.public_key(), sequence, &audience, &session, &messages);
     let signature = key.sign_digest_with(backend, &digest);
     SignedFrame {
         sequence,
         audience: Some(audience),
         messages,
-        signature: Bytes::copy_from_slice(signature.as_bytes()),
+        signature: Bytes::copy_from_slice(&signature.to_compact()),
     }
 }
 
@@ -223,6 +239,7 @@ pub struct FrameOpener {
     peer_key: PublicKey,
     local_key: PublicKey,
     local_identity: Option<String>,
+    session_tag: [u8; 32],
     backend: CryptoBackend,
     unicast: ReplayWindow,
     broadcast: Option<ReplayWindow>,
@@ -240,6 +257,7 @@ impl FrameOpener {
     ) -> Self {
         Self {
             peer_key: session.peer_key.clone(),
+            session_tag: session.session_tag,
             local_key,
             local_identity,
             backend,
@@ -282,11 +300,19 @@ impl FrameOpener {
             }
         };
         window.check(frame.sequence)?;
-        let signature =
-            Signature::from_slice(&frame.signature).map_err(|_| SignedFrameError::BadSignature)?;
-        let digest = frame_digest(&self.peer_key, frame.sequence, audience, &frame.messages);
+        let session = match audience {
+            signed_frame::Audience::RecipientKey(_) => self.session_tag,
+            signed_frame::Audience::BroadcastExclude(_) => [0; 32],
+        };
+        let digest = frame_digest(
+            &self.peer_key,
+            frame.sequence,
+            audience,
+            &session,
+            &frame.messages,
+        );
         self.peer_key
-            .verify_digest_with(self.backend, &digest, &signature)
+            .verify_compact_with(self.backend, &digest, &frame.signature)
             .map_err(|_| SignedFrameError::BadSignature)?;
         // Recorded only once authentic, so forgeries cannot advance the window.
         window.record(frame.sequence);

@@ -339,6 +339,53 @@ impl PublicKey {
     }
 }
 
+impl PublicKey {
+    /// Verifies a 64-byte `r || s` signature (low s) over `digest`. With the
+    /// signer's key known, the recovery id is redundant: leaving it out gives
+    /// each signature exactly one encoding.
+    pub fn verify_compact_with(
+        &self,
+        backend: CryptoBackend,
+        digest: &[u8; 32],
+        compact: &[u8],
+    ) -> Result<(), KeyError> {
+        if compact.len() != 64 {
+            return Err(KeyError::InvalidSignature {
+                reason: "expected 64 bytes",
+            });
+        }
+        let parsed = k256::ecdsa::Signature::from_slice(compact).map_err(|_| {
+            KeyError::InvalidSignature {
+                reason: "r or s out of range",
+            }
+        })?;
+        if parsed.normalize_s().is_some() {
+            return Err(KeyError::InvalidSignature {
+                reason: "s is not low (malleable signature)",
+            });
+        }
+        let mut full = [0u8; SIGNATURE_LEN];
+        full[..64].copy_from_slice(compact);
+        self.verify_digest_with(backend, digest, &Signature(full))
+    }
+
+    /// Checks that `signature` over `digest` recovers to this key: unlike
+    /// [`verify_digest_with`](Self::verify_digest_with) this also authenticates
+    /// the recovery id, so a 65-byte signature has one valid encoding.
+    pub fn verify_recoverable_with(
+        &self,
+        backend: CryptoBackend,
+        digest: &[u8; 32],
+        signature: &Signature,
+    ) -> Result<(), KeyError> {
+        if recover(backend, digest, signature)? == *self {
+            Ok(())
+        } else {
+            Err(KeyError::VerificationFailed)
+        }
+    }
+}
+
 /// Recovers the signer's public key from a signature over `digest`.
 pub fn recover(
     backend: CryptoBackend,
@@ -407,6 +454,13 @@ impl Signature {
     /// The recovery id.
     pub fn v(&self) -> u8 {
         self.0[64]
+    }
+
+    /// `r || s` without the recovery id.
+    pub fn to_compact(&self) -> [u8; 64] {
+        let mut compact = [0u8; 64];
+        compact.copy_from_slice(&self.0[..64]);
+        compact
     }
 }
 

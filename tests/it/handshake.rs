@@ -183,10 +183,10 @@ pub(crate) struct Negotiated {
     pub identity: String,
 }
 
-pub(crate) fn negotiate(backend: CryptoBackend) -> Negotiated {
+pub(crate) fn negotiate_with_nonce(backend: CryptoBackend, nonce: u8) -> Negotiated {
     let mut config = client_config(backend);
     config.expected_server_key = Some(server_key().public_key().clone());
-    let (accepted, session) = handshake(&ext_server(backend), config, t0(), 1);
+    let (accepted, session) = handshake(&ext_server(backend), config, t0(), nonce);
     Negotiated {
         client_view: session
             .signed_frames
@@ -580,6 +580,8 @@ fn mutual_authentication_succeeds_with_the_expected_key() {
         assert_eq!(
             session.signed_frames,
             Some(SignedFrameSession {
+                // Both sides derive the same tag from the request they share.
+                session_tag: accepted.signed_frames.as_ref().unwrap().session_tag,
                 peer_key: server_key().public_key().clone(),
                 peer_floors: SERVER_FLOORS,
                 local_floors: SequenceFloors {
@@ -595,6 +597,7 @@ fn mutual_authentication_succeeds_with_the_expected_key() {
         assert_eq!(
             accepted.signed_frames,
             Some(SignedFrameSession {
+                session_tag: session.signed_frames.as_ref().unwrap().session_tag,
                 peer_key: client_key().public_key().clone(),
                 peer_floors: SequenceFloors {
                     unicast: CLIENT_FLOOR,

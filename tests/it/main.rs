@@ -3,5 +3,6 @@
 mod codec_props;
 mod crypto;
 mod handshake;
+mod multi;
 mod signed;
 mod smoke;

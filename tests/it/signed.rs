@@ -1,5 +1,5 @@
 //! Signed frames (docs/PROTOCOL.md §4) sealed and opened with the sessions a
-//! real handshake negotiated (see `handshake::negotiate`).
+//! real handshake negotiated (see `handshake::negotiate_with_nonce`).
 
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use publisher_transport::{
 };
 
 use crate::handshake::{
-    CLIENT_FLOOR, IDENTITY, Negotiated, SERVER_FLOORS, client_key, negotiate, other_key,
+    CLIENT_FLOOR, IDENTITY, Negotiated, SERVER_FLOORS, client_key, negotiate_with_nonce, other_key,
     server_key, t0,
 };
 
@@ -64,7 +64,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(backend: CryptoBackend) -> Self {
-        let negotiated = negotiate(backend);
+        Self::new_with_nonce(backend, 1)
+    }
+
+    fn new_with_nonce(backend: CryptoBackend, nonce: u8) -> Self {
+        let negotiated = negotiate_with_nonce(backend, nonce);
         let at_client = FrameOpener::new(
             &negotiated.client_view,
             client_key().public_key().clone(),
@@ -89,6 +93,7 @@ impl Fixture {
     fn to_client(&self, sequence: u64, batch: Vec<Bytes>) -> Vec<u8> {
         let audience = Audience::Unicast {
             recipient: client_key().public_key().clone(),
+            session: self.negotiated.client_view.session_tag,
         };
         seal(&server_key(), self.backend, sequence, &audience, batch).encode_to_vec()
     }
@@ -112,6 +117,7 @@ impl Fixture {
     fn to_server(&self, sequence: u64, batch: Vec<Bytes>) -> Vec<u8> {
         let audience = Audience::Unicast {
             recipient: server_key().public_key().clone(),
+            session: self.negotiated.server_view.session_tag,
         };
         seal(&client_key(), self.backend, sequence, &audience, batch).encode_to_vec()
     }
@@ -155,7 +161,9 @@ fn batches_open_to_the_sealed_bytes_in_both_directions() {
 fn frames_from_a_hand_built_session_open_the_same() {
     // The opener depends on the session values only, not on how they were made.
     for &backend in CryptoBackend::available() {
+        let f = Fixture::new(backend);
         let session = SignedFrameSession {
+            session_tag: f.negotiated.client_view.session_tag,
             peer_key: server_key().public_key().clone(),
             peer_floors: SERVER_FLOORS,
             local_floors: SequenceFloors {
@@ -163,7 +171,6 @@ fn frames_from_a_hand_built_session_open_the_same() {
                 broadcast: None,
             },
         };
-        let f = Fixture::new(backend);
         assert_eq!(f.negotiated.client_view, session);
         let mut opener = FrameOpener::new(
             &session,
@@ -185,6 +192,7 @@ fn frames_signed_by_another_key_are_refused() {
         let mut f = Fixture::new(backend);
         let audience = Audience::Unicast {
             recipient: client_key().public_key().clone(),
+            session: f.negotiated.client_view.session_tag,
         };
         // Also the client's own key: a reflected frame is not the server's.
         for forger in [other_key(), client_key()] {
@@ -344,6 +352,7 @@ fn unicast_to_another_key_is_misaddressed() {
         let mut f = Fixture::new(backend);
         let audience = Audience::Unicast {
             recipient: other_key().public_key().clone(),
+            session: f.negotiated.client_view.session_tag,
         };
         let frame = seal(&server_key(), backend, UNICAST, &audience, messages(1)).encode_to_vec();
         assert!(matches!(
@@ -424,6 +433,7 @@ fn forged_frames_do_not_move_the_window() {
         let mut f = Fixture::new(backend);
         let audience = Audience::Unicast {
             recipient: client_key().public_key().clone(),
+            session: f.negotiated.client_view.session_tag,
         };
         let forge = |sequence| {
             seal(&other_key(), backend, sequence, &audience, messages(1)).encode_to_vec()
@@ -477,36 +487,22 @@ fn sealed(backend: CryptoBackend, n: usize) -> (Vec<u8>, FrameOpener, Vec<Bytes>
     let frame = f.to_client(UNICAST + 42, batch.clone());
     let mut check = f.at_client.clone();
     assert_eq!(check.open(&frame).unwrap(), batch, "unflipped frame opens");
-    // The signature is the last field, so its recovery id `v` is the last byte.
+    // The signature is the compact 64-byte r || s: no recovery-id twin.
     let signature = SignedFrame::decode(&frame[..]).unwrap().signature;
-    assert!(frame.ends_with(&signature));
+    assert_eq!(signature.len(), 64);
     (frame, f.at_client, batch)
 }
 
 fn assert_flip_refused(frame: &[u8], opener: &FrameOpener, batch: &[Bytes], bit: usize) {
     let mut flipped = frame.to_vec();
     flipped[bit / 8] ^= 1 << (bit % 8);
-    match opener.clone().open(&flipped) {
-        Err(_) => {}
-        // KNOWN LIMITATION (reported): `open` verifies r || s against the
-        // handshake key without recovering, so `v` is not authenticated and
-        // toggling it 0 <-> 1 makes a twin of the frame. The twin carries the
-        // very same authenticated sequence and messages...
-        Ok(opened) if bit == (frame.len() - 1) * 8 => {
-            assert_eq!(opened, batch);
-            // ... and the replay window still delivers them once only.
-            let mut once = opener.clone();
-            once.open(frame).unwrap();
-            assert!(matches!(
-                once.open(&flipped),
-                Err(SignedFrameError::Replayed { .. })
-            ));
-        }
-        Ok(opened) => panic!(
+    // The signature is 64 bytes without a recovery id, so every bit counts.
+    if let Ok(opened) = opener.clone().open(&flipped) {
+        panic!(
             "bit {bit} (byte {}) flipped, frame still opens (same messages: {})",
             bit / 8,
             opened == batch
-        ),
+        );
     }
 }
 
@@ -553,5 +549,25 @@ proptest! {
                 assert_flip_refused(frame, opener, batch, bit.index(frame.len() * 8));
             }
         });
+    }
+}
+
+// PROTOCOL.md §4.2
+#[test]
+fn unicast_frames_do_not_cross_sessions() {
+    // Two sessions between the same keys: a frame sealed for one must not
+    // open in the other, even with a fresh sequence number.
+    for &backend in CryptoBackend::available() {
+        let first = Fixture::new(backend);
+        let mut second = Fixture::new_with_nonce(backend, 99);
+        assert_ne!(
+            first.negotiated.client_view.session_tag,
+            second.negotiated.client_view.session_tag
+        );
+        let frame = first.to_client(UNICAST + 7, messages(1));
+        assert!(matches!(
+            second.at_client.open(&frame),
+            Err(SignedFrameError::BadSignature)
+        ));
     }
 }

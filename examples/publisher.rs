@@ -1,0 +1,117 @@
+//! A miniature publisher: accepts sequencers and coordinates cross-chain
+//! transactions (XTRequest → StartSC → votes → Decided) and relays CIRC
+//! messages between them.
+//!
+//! ```text
+//! cargo run --example publisher -- --listen 127.0.0.1:8080 --key-file publisher.key \
+//!     --trust seq-a=02ab… --trust seq-b=03cd…
+//! ```
+//!
+//! Prints `listening on IP:PORT` and `public key <hex>` on stdout, logs on
+//! stderr (`RUST_LOG`, default `info`). Stops gracefully on Ctrl-C or SIGTERM.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use publisher_transport::{
+    PublicKey, SecretKey, ServerAuth, ServerConfig, TcpServer, TrustStore, channel_handler,
+};
+use tracing::{info, warn};
+
+/// Inbound messages buffered for the coordinator before readers wait.
+const INBOUND_CAPACITY: usize = 4096;
+
+#[derive(Debug, Parser)]
+#[command(about = "Publisher: coordinates cross-chain transactions between sequencers")]
+struct Args {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Private key file (64 hex chars); created with mode 0600 if missing.
+    /// Without it the key is ephemeral.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Trust a sequencer's key under an identity (repeatable). The key is a
+    /// 33-byte compressed or 65-byte uncompressed secp256k1 key in hex.
+    #[arg(long = "trust", value_name = "ID=PUBKEY", value_parser = parse_trust)]
+    trust: Vec<(String, PublicKey)>,
+    /// Go's auth-disabled mode: no handshake, no signatures.
+    #[arg(long)]
+    no_auth: bool,
+    /// Address to serve Prometheus metrics on.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+fn parse_trust(text: &str) -> Result<(String, PublicKey), String> {
+    let (id, key) = text
+        .split_once('=')
+        .ok_or_else(|| "expected ID=PUBKEY".to_owned())?;
+    if id.is_empty() {
+        return Err("empty identity in ID=PUBKEY".to_owned());
+    }
+    let key = PublicKey::from_hex(key).map_err(|err| err.to_string())?;
+    Ok((id.to_owned(), key))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    common::init_tracing("info");
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let key = Arc::new(match &args.key_file {
+        Some(path) => SecretKey::load_or_generate(path)?,
+        None => SecretKey::generate(),
+    });
+    let auth = if args.no_auth {
+        if !args.trust.is_empty() {
+            warn!("--no-auth: the --trust keys are not used");
+        }
+        None
+    } else {
+        let trust = Arc::new(TrustStore::new());
+        for (id, public) in &args.trust {
+            trust
+                .add(id.clone(), public.clone())
+                .map_err(|err| format!("--trust {id}=…: {err}"))?;
+        }
+        if trust.is_empty() {
+            warn!("no --trust keys: every sequencer will be refused");
+        }
+        Some(ServerAuth::new(key.clone(), trust))
+    };
+
+    let server = TcpServer::tcp(ServerConfig::default().with_listen_addr(&args.listen), auth);
+    // Handler and coordinator first, so no early message finds nobody listening.
+    let (handler, inbound) = channel_handler(INBOUND_CAPACITY);
+    server.set_handler(handler);
+    let coordinator = tokio::spawn(common::Coordinator::new(server.clone()).run(inbound));
+
+    let addr = server.listen(&args.listen).await?;
+    common::say(format!("listening on {addr}"));
+    common::say(format!("public key {}", key.public_key()));
+
+    // METRICS: serve Prometheus metrics on `args.metrics_listen` here once the
+    // library exposes them; the flag is accepted now so scripts can pass it.
+    if let Some(metrics_addr) = &args.metrics_listen {
+        info!(%metrics_addr, "metrics serving is not implemented yet");
+    }
+
+    common::shutdown_signal().await;
+    info!("shutting down");
+    coordinator.abort();
+    server.stop().await?;
+    Ok(())
+}

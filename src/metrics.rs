@@ -1,0 +1,324 @@
+//! Prometheus metrics with the Go package's names and labels, plus this
+//! crate's additions, and a `/metrics` endpoint.
+//!
+//! Every server and client owns its own [`Registry`]: no global state, so two
+//! instances in one process (or one test binary) never mix their figures.
+//! Names are `publisher_transport_<component>_<metric>`, the Go namespace and
+//! subsystem. Per-message series are resolved once into handles, so the hot
+//! path does no label hashing.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::error::TransportError;
+
+/// Payload kinds, in the order of [`kind_index`].
+pub(crate) const MESSAGE_KINDS: [&str; 17] = [
+    "empty",
+    "xt_request",
+    "vote",
+    "decided",
+    "block",
+    "circ_message",
+    "start_slot",
+    "request_seal",
+    "roll_back_and_start_slot",
+    "l2_block",
+    "start_sc",
+    "handshake_request",
+    "handshake_response",
+    "ping",
+    "pong",
+    "disconnect",
+    "signed_frame",
+];
+
+/// Index of a payload kind in [`MESSAGE_KINDS`].
+pub(crate) fn kind_index(message: &crate::Message) -> usize {
+    let kind = crate::proto::payload_kind(message);
+    MESSAGE_KINDS.iter().position(|k| *k == kind).unwrap_or(0)
+}
+
+/// Index of the `signed_frame` kind, for frames counted before opening.
+pub(crate) const SIGNED_FRAME_KIND: usize = 16;
+
+/// Direction label values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Direction {
+    In = 0,
+    Out = 1,
+}
+
+/// Pre-resolved per-kind, per-direction series.
+struct PerKind {
+    messages: [[IntCounter; 17]; 2],
+    sizes: [[Histogram; 17]; 2],
+    processing: [Histogram; 17],
+}
+
+/// The metrics of one server or client.
+pub struct Metrics {
+    registry: Registry,
+    /// `connections_total{state}`: opened, closed, refused_<reason>, handshake_failed.
+    pub connections_total: IntCounterVec,
+    /// `connections_active`.
+    pub connections_active: IntGauge,
+    /// `connection_duration_seconds`.
+    pub connection_duration: Histogram,
+    /// `messages_total{type,direction}`.
+    pub messages_total: IntCounterVec,
+    /// `message_size_bytes{type,direction}`.
+    pub message_size: HistogramVec,
+    /// `message_processing_duration_seconds{type}`: time in the handler.
+    pub processing_duration: HistogramVec,
+    /// `broadcasts_total`.
+    pub broadcasts_total: IntCounter,
+    /// `broadcast_recipients_total`: recipients per broadcast (a histogram, as in Go).
+    pub broadcast_recipients: Histogram,
+    /// `broadcast_duration_seconds`.
+    pub broadcast_duration: Histogram,
+    /// `buffer_utilization_ratio{type}`: share of pooled buffers in use.
+    pub buffer_utilization: prometheus::GaugeVec,
+    /// `send_queue_depth`: frames queued in writers (replaces Go's `worker_pool_queue_size`).
+    pub send_queue_depth: IntGauge,
+    /// `errors_total{type,operation}`.
+    pub errors_total: IntCounterVec,
+    /// `handshakes_total{result,reason}`.
+    pub handshakes_total: IntCounterVec,
+    /// `signature_failures_total{kind}`: signed frames refused, by error kind.
+    pub signature_failures_total: IntCounterVec,
+    /// `replay_refusals_total`: signed frames or handshakes refused as replays.
+    pub replay_refusals_total: IntCounter,
+    /// `bytes_total{direction}`: bytes on the wire, length prefixes included.
+    pub bytes_total: IntCounterVec,
+    /// `reconnects_total`: sessions re-established automatically.
+    pub reconnects_total: IntCounter,
+    /// `retry_attempts_total`: connection attempts after a failure.
+    pub retry_attempts_total: IntCounter,
+    bytes: [IntCounter; 2],
+    per_kind: PerKind,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn buckets_seconds() -> Vec<f64> {
+    vec![
+        0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+    ]
+}
+
+impl Metrics {
+    /// Metrics of `component` ("server", "client", …) in a fresh registry.
+    pub fn new(component: &str) -> Arc<Self> {
+        let subsystem = format!("transport_{component}");
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("publisher").subsystem(subsystem.clone());
+        let hopts = |name: &str, help: &str, buckets: Vec<f64>| {
+            HistogramOpts::new(name, help)
+                .namespace("publisher")
+                .subsystem(subsystem.clone())
+                .buckets(buckets)
+        };
+        let registry = Registry::new();
+        let counter_vec = |name, help, labels: &[&str]| {
+            let metric = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let counter = |name, help| {
+            let metric = IntCounter::with_opts(opts(name, help)).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let histogram = |name, help, buckets| {
+            let metric = Histogram::with_opts(hopts(name, help, buckets)).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let histogram_vec = |name, help, labels: &[&str], buckets| {
+            let metric = HistogramVec::new(hopts(name, help, buckets), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let gauge = |name, help| {
+            let metric = IntGauge::with_opts(opts(name, help)).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+
+        let connections_total = counter_vec("connections_total", "Connection events by state.", &["state"]);
+        let connections_active = gauge("connections_active", "Connections currently established.");
+        let connection_duration = histogram(
+            "connection_duration_seconds",
+            "Lifetime of closed connections.",
+            vec![1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0],
+        );
+        let messages_total = counter_vec(
+            "messages_total",
+            "Messages by payload type and direction.",
+            &["type", "direction"],
+        );
+        let message_size = histogram_vec(
+            "message_size_bytes",
+            "Encoded message sizes by payload type and direction.",
+            &["type", "direction"],
+            prometheus::exponential_buckets(64.0, 4.0, 10).expect("valid buckets"),
+        );
+        let processing_duration = histogram_vec(
+            "message_processing_duration_seconds",
+            "Time the handler took per message, by payload type.",
+            &["type"],
+            buckets_seconds(),
+        );
+        let broadcasts_total = counter("broadcasts_total", "Broadcasts sent.");
+        let broadcast_recipients = histogram(
+            "broadcast_recipients_total",
+            "Recipients per broadcast.",
+            prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid buckets"),
+        );
+        let broadcast_duration = histogram(
+            "broadcast_duration_seconds",
+            "Time to encode, sign and queue a broadcast.",
+            buckets_seconds(),
+        );
+        let buffer_utilization = prometheus::GaugeVec::new(
+            opts("buffer_utilization_ratio", "Share of pooled buffers in use, by type."),
+            &["type"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(buffer_utilization.clone()))
+            .expect("unique metric");
+        let send_queue_depth = gauge("send_queue_depth", "Frames waiting in connection writers.");
+        let errors_total = counter_vec("errors_total", "Errors by type and operation.", &["type", "operation"]);
+        let handshakes_total = counter_vec(
+            "handshakes_total",
+            "Handshake outcomes by result and reason.",
+            &["result", "reason"],
+        );
+        let signature_failures_total = counter_vec(
+            "signature_failures_total",
+            "Signed frames refused, by reason.",
+            &["kind"],
+        );
+        let replay_refusals_total = counter("replay_refusals_total", "Frames or handshakes refused as replays.");
+        let bytes_total = counter_vec("bytes_total", "Bytes on the wire by direction.", &["direction"]);
+        let reconnects_total = counter("reconnects_total", "Sessions re-established automatically.");
+        let retry_attempts_total = counter("retry_attempts_total", "Connection attempts after a failure.");
+
+        let directions = ["in", "out"];
+        let per_kind = PerKind {
+            messages: directions
+                .map(|d| MESSAGE_KINDS.map(|k| messages_total.with_label_values(&[k, d]))),
+            sizes: directions.map(|d| MESSAGE_KINDS.map(|k| message_size.with_label_values(&[k, d]))),
+            processing: MESSAGE_KINDS.map(|k| processing_duration.with_label_values(&[k])),
+        };
+        let bytes = directions.map(|d| bytes_total.with_label_values(&[d]));
+        for kind in ["read", "write"] {
+            buffer_utilization.with_label_values(&[kind]).set(0.0);
+        }
+
+        Arc::new(Self {
+            registry,
+            connections_total,
+            connections_active,
+            connection_duration,
+            messages_total,
+            message_size,
+            processing_duration,
+            broadcasts_total,
+            broadcast_recipients,
+            broadcast_duration,
+            buffer_utilization,
+            send_queue_depth,
+            errors_total,
+            handshakes_total,
+            signature_failures_total,
+            replay_refusals_total,
+            bytes_total,
+            reconnects_total,
+            retry_attempts_total,
+            bytes,
+            per_kind,
+        })
+    }
+
+    /// The registry, to add application metrics or serve it elsewhere.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    pub(crate) fn message(&self, direction: Direction, kind: usize, size: usize) {
+        self.per_kind.messages[direction as usize][kind].inc();
+        self.per_kind.sizes[direction as usize][kind].observe(size as f64);
+    }
+
+    pub(crate) fn processing(&self, kind: usize, took: Duration) {
+        self.per_kind.processing[kind].observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn bytes(&self, direction: Direction, count: usize) {
+        self.bytes[direction as usize].inc_by(count as u64);
+    }
+
+    pub(crate) fn error(&self, kind: &str, operation: &str) {
+        self.errors_total.with_label_values(&[kind, operation]).inc();
+    }
+
+    pub(crate) fn connection(&self, state: &str) {
+        self.connections_total.with_label_values(&[state]).inc();
+    }
+
+    pub(crate) fn handshake(&self, result: &str, reason: &str) {
+        self.handshakes_total.with_label_values(&[result, reason]).inc();
+    }
+}
+
+/// Serves `GET /metrics` for `metrics` on `addr` until `shutdown` resolves.
+/// Returns the bound address (the real port for port 0).
+pub async fn serve(
+    metrics: Vec<Arc<Metrics>>,
+    addr: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<SocketAddr, TransportError> {
+    use axum::{Router, http::header, routing::get};
+    let io_err = |source| TransportError::Io {
+        op: "bind",
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(io_err)?;
+    let local_addr = listener.local_addr().map_err(io_err)?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                let body: String = metrics.iter().map(|m| m.render()).collect();
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::warn!(error = %err, "metrics endpoint failed");
+        }
+    });
+    Ok(local_addr)
+}
