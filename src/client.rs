@@ -19,6 +19,8 @@ use crate::{
     config::{ClientAuth, ClientConfig},
     error::{DisconnectReason, TransportError},
     handshake::{ClientHandshake, ClientHandshakeConfig, NONCE_LEN},
+    metrics::Metrics,
+    pool::BufferPool,
     proto::Message,
     retry::RetryPolicy,
     session::{
@@ -104,6 +106,8 @@ struct Inner<B: Backend> {
     supervisor: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
     events: broadcast::Sender<ConnectionEvent>,
     next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+    write_buffers: Arc<BufferPool>,
     connect_attempts: AtomicU64,
     connect_failures: AtomicU64,
     reconnects: AtomicU64,
@@ -113,22 +117,42 @@ impl<B: Backend> TransportClient<B> {
     /// A client; `auth: None` connects without a handshake (a server with auth disabled).
     pub fn new(backend: B, config: ClientConfig, auth: Option<ClientAuth>) -> Self {
         let (events, _) = broadcast::channel(64);
-        Self {
-            inner: Arc::new(Inner {
-                backend,
-                config: RwLock::new(config),
-                auth,
-                handler: Arc::new(HandlerSlot::default()),
-                current: Mutex::new(None),
-                server_addr: Mutex::new(None),
-                supervisor: Mutex::new(None),
-                events,
-                next_id: AtomicU64::new(1),
-                connect_attempts: AtomicU64::new(0),
-                connect_failures: AtomicU64::new(0),
-                reconnects: AtomicU64::new(0),
-            }),
-        }
+        let metrics = Metrics::new("client");
+        let write_buffers = session::write_buffer_pool(&metrics);
+        let inner = Arc::new(Inner {
+            backend,
+            config: RwLock::new(config),
+            auth,
+            handler: Arc::new(HandlerSlot::default()),
+            current: Mutex::new(None),
+            server_addr: Mutex::new(None),
+            supervisor: Mutex::new(None),
+            events,
+            next_id: AtomicU64::new(1),
+            metrics,
+            write_buffers,
+            connect_attempts: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&inner);
+        inner.metrics.add_probe(move || {
+            if let Some(inner) = weak.upgrade() {
+                let current = inner
+                    .current
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                let depth = current.map_or(0, |c| c.queued());
+                inner.metrics.send_queue_depth.set(depth as i64);
+            }
+        });
+        Self { inner }
+    }
+
+    /// This client's metrics (its own registry).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The client id.
@@ -264,6 +288,9 @@ impl<B: Backend> TransportClient<B> {
                 "connect",
                 || {
                     attempts += 1;
+                    if attempts > 1 {
+                        self.inner.metrics.retry_attempts_total.inc();
+                    }
                     self.connect(addr)
                 },
                 TransportError::is_transient,
@@ -365,8 +392,9 @@ async fn establish<B: Backend>(
 ) -> Result<(Arc<Connection>, tokio::task::JoinHandle<SessionEnd>), TransportError> {
     inner.connect_attempts.fetch_add(1, Ordering::Relaxed);
     let result = try_establish(inner, addr).await;
-    if result.is_err() {
+    if let Err(err) = &result {
         inner.connect_failures.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.error(error_kind(err), "connect");
     }
     result
 }
@@ -446,10 +474,12 @@ async fn try_establish<B: Backend>(
         setup.signer = signer;
         setup.opener = opener;
     }
-    let context = Arc::new(SessionContext {
-        config: config.session(),
-        handler: inner.handler.clone(),
-    });
+    let context = SessionContext::new(
+        config.session(),
+        inner.handler.clone(),
+        inner.metrics.clone(),
+        inner.write_buffers.clone(),
+    );
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let (connection, task) = session::start_session(id, reader, writer, setup, context);
     *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
@@ -498,6 +528,9 @@ async fn supervise<B: Backend>(
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            if attempt > 1 {
+                inner.metrics.retry_attempts_total.inc();
+            }
             let wait = policy.delay(attempt);
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -510,6 +543,7 @@ async fn supervise<B: Backend>(
             match established {
                 Ok((new_connection, new_task)) => {
                     inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                    inner.metrics.reconnects_total.inc();
                     info!(%addr, attempt, "reconnected");
                     let _ = inner.events.send(ConnectionEvent::Connected {
                         addr: addr.clone(),
@@ -555,4 +589,16 @@ fn emit_disconnected<B: Backend>(
         details: end.details,
         by_peer: end.by_peer,
     });
+}
+
+/// A short label for an error in metrics.
+fn error_kind(err: &TransportError) -> &'static str {
+    match err {
+        TransportError::Io { .. } => "io",
+        TransportError::ConnectTimeout { .. } => "connect_timeout",
+        TransportError::Handshake(err) => err.kind(),
+        TransportError::Codec(_) => "codec",
+        TransportError::Refused { .. } => "refused",
+        _ => "other",
+    }
 }

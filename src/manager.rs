@@ -103,6 +103,7 @@ impl ConnectionManager {
         recipients: &[Arc<Connection>],
         plain: Option<&Bytes>,
         signed: Option<&Bytes>,
+        kind: usize,
     ) -> BroadcastReport {
         let mut report = BroadcastReport::default();
         for connection in recipients {
@@ -112,7 +113,7 @@ impl ConnectionManager {
                 plain
             };
             let result = match frame {
-                Some(frame) => connection.try_send_frame(frame.clone()),
+                Some(frame) => connection.try_send_frame(frame.clone(), kind),
                 None => Err(TransportError::Config(
                     "no frame for this connection kind".into(),
                 )),

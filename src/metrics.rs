@@ -10,7 +10,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
 
@@ -101,6 +101,8 @@ pub struct Metrics {
     pub retry_attempts_total: IntCounter,
     bytes: [IntCounter; 2],
     per_kind: PerKind,
+    /// Refresh sampled gauges (queue depth, pool use) just before a scrape.
+    probes: std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,7 +121,11 @@ impl Metrics {
     /// Metrics of `component` ("server", "client", …) in a fresh registry.
     pub fn new(component: &str) -> Arc<Self> {
         let subsystem = format!("transport_{component}");
-        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("publisher").subsystem(subsystem.clone());
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help)
+                .namespace("publisher")
+                .subsystem(subsystem.clone())
+        };
         let hopts = |name: &str, help: &str, buckets: Vec<f64>| {
             HistogramOpts::new(name, help)
                 .namespace("publisher")
@@ -129,31 +135,46 @@ impl Metrics {
         let registry = Registry::new();
         let counter_vec = |name, help, labels: &[&str]| {
             let metric = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
             metric
         };
         let counter = |name, help| {
             let metric = IntCounter::with_opts(opts(name, help)).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
             metric
         };
         let histogram = |name, help, buckets| {
             let metric = Histogram::with_opts(hopts(name, help, buckets)).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
             metric
         };
         let histogram_vec = |name, help, labels: &[&str], buckets| {
-            let metric = HistogramVec::new(hopts(name, help, buckets), labels).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            let metric =
+                HistogramVec::new(hopts(name, help, buckets), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
             metric
         };
         let gauge = |name, help| {
             let metric = IntGauge::with_opts(opts(name, help)).expect("valid metric");
-            registry.register(Box::new(metric.clone())).expect("unique metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
             metric
         };
 
-        let connections_total = counter_vec("connections_total", "Connection events by state.", &["state"]);
+        let connections_total = counter_vec(
+            "connections_total",
+            "Connection events by state.",
+            &["state"],
+        );
         let connections_active = gauge("connections_active", "Connections currently established.");
         let connection_duration = histogram(
             "connection_duration_seconds",
@@ -189,7 +210,10 @@ impl Metrics {
             buckets_seconds(),
         );
         let buffer_utilization = prometheus::GaugeVec::new(
-            opts("buffer_utilization_ratio", "Share of pooled buffers in use, by type."),
+            opts(
+                "buffer_utilization_ratio",
+                "Share of pooled buffers in use, by type.",
+            ),
             &["type"],
         )
         .expect("valid metric");
@@ -197,7 +221,11 @@ impl Metrics {
             .register(Box::new(buffer_utilization.clone()))
             .expect("unique metric");
         let send_queue_depth = gauge("send_queue_depth", "Frames waiting in connection writers.");
-        let errors_total = counter_vec("errors_total", "Errors by type and operation.", &["type", "operation"]);
+        let errors_total = counter_vec(
+            "errors_total",
+            "Errors by type and operation.",
+            &["type", "operation"],
+        );
         let handshakes_total = counter_vec(
             "handshakes_total",
             "Handshake outcomes by result and reason.",
@@ -208,16 +236,28 @@ impl Metrics {
             "Signed frames refused, by reason.",
             &["kind"],
         );
-        let replay_refusals_total = counter("replay_refusals_total", "Frames or handshakes refused as replays.");
-        let bytes_total = counter_vec("bytes_total", "Bytes on the wire by direction.", &["direction"]);
-        let reconnects_total = counter("reconnects_total", "Sessions re-established automatically.");
-        let retry_attempts_total = counter("retry_attempts_total", "Connection attempts after a failure.");
+        let replay_refusals_total = counter(
+            "replay_refusals_total",
+            "Frames or handshakes refused as replays.",
+        );
+        let bytes_total = counter_vec(
+            "bytes_total",
+            "Bytes on the wire by direction.",
+            &["direction"],
+        );
+        let reconnects_total =
+            counter("reconnects_total", "Sessions re-established automatically.");
+        let retry_attempts_total = counter(
+            "retry_attempts_total",
+            "Connection attempts after a failure.",
+        );
 
         let directions = ["in", "out"];
         let per_kind = PerKind {
             messages: directions
                 .map(|d| MESSAGE_KINDS.map(|k| messages_total.with_label_values(&[k, d]))),
-            sizes: directions.map(|d| MESSAGE_KINDS.map(|k| message_size.with_label_values(&[k, d]))),
+            sizes: directions
+                .map(|d| MESSAGE_KINDS.map(|k| message_size.with_label_values(&[k, d]))),
             processing: MESSAGE_KINDS.map(|k| processing_duration.with_label_values(&[k])),
         };
         let bytes = directions.map(|d| bytes_total.with_label_values(&[d]));
@@ -247,6 +287,7 @@ impl Metrics {
             retry_attempts_total,
             bytes,
             per_kind,
+            probes: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -255,8 +296,25 @@ impl Metrics {
         &self.registry
     }
 
+    /// Adds a function run before each scrape, to sample a gauge that is
+    /// too hot to update on every message.
+    pub fn add_probe(&self, probe: impl Fn() + Send + Sync + 'static) {
+        self.probes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(probe));
+    }
+
     /// The registry in the Prometheus text format.
     pub fn render(&self) -> String {
+        for probe in self
+            .probes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            probe();
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -278,7 +336,9 @@ impl Metrics {
     }
 
     pub(crate) fn error(&self, kind: &str, operation: &str) {
-        self.errors_total.with_label_values(&[kind, operation]).inc();
+        self.errors_total
+            .with_label_values(&[kind, operation])
+            .inc();
     }
 
     pub(crate) fn connection(&self, state: &str) {
@@ -286,7 +346,9 @@ impl Metrics {
     }
 
     pub(crate) fn handshake(&self, result: &str, reason: &str) {
-        self.handshakes_total.with_label_values(&[result, reason]).inc();
+        self.handshakes_total
+            .with_label_values(&[result, reason])
+            .inc();
     }
 }
 
@@ -316,7 +378,10 @@ pub async fn serve(
         }),
     );
     tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::warn!(error = %err, "metrics endpoint failed");
         }
     });

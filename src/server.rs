@@ -20,9 +20,10 @@ use crate::{
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
-    error::{DisconnectReason, TransportError},
+    error::{CodecError, DisconnectReason, TransportError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
     manager::{BroadcastReport, ConnectionManager, RateLimiter},
+    metrics::{Metrics, kind_index},
     proto::Message,
     session::{
         self, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionSetup, send_disconnect,
@@ -77,25 +78,45 @@ impl<B: Backend> TransportServer<B> {
             hs.max_clock_skew = auth.max_clock_skew;
             ServerHandshake::new(hs)
         });
-        let context = Arc::new(SessionContext {
-            config: config.session(),
-            handler: Arc::new(HandlerSlot::default()),
+        let metrics = Metrics::new("server");
+        let context = SessionContext::new(
+            config.session(),
+            Arc::new(HandlerSlot::default()),
+            metrics.clone(),
+            session::write_buffer_pool(&metrics),
+        );
+        let inner = Arc::new(Inner {
+            backend,
+            rate_limiter: config.rate_limit.map(RateLimiter::new),
+            handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes.max(1))),
+            config,
+            auth,
+            handshake,
+            manager: ConnectionManager::new(),
+            context,
+            broadcasts: SequenceCounter::from_clock(SystemTime::now()),
+            next_id: AtomicU64::new(1),
+            running: Mutex::new(None),
         });
-        Self {
-            inner: Arc::new(Inner {
-                backend,
-                rate_limiter: config.rate_limit.map(RateLimiter::new),
-                handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes.max(1))),
-                config,
-                auth,
-                handshake,
-                manager: ConnectionManager::new(),
-                context,
-                broadcasts: SequenceCounter::from_clock(SystemTime::now()),
-                next_id: AtomicU64::new(1),
-                running: Mutex::new(None),
-            }),
-        }
+        // Queue depth is sampled at scrape time: free on the send path.
+        let weak = Arc::downgrade(&inner);
+        inner.context.metrics.add_probe(move || {
+            if let Some(inner) = weak.upgrade() {
+                let depth: usize = inner
+                    .manager
+                    .snapshot(None)
+                    .iter()
+                    .map(|c| c.queued())
+                    .sum();
+                inner.context.metrics.send_queue_depth.set(depth as i64);
+            }
+        });
+        Self { inner }
+    }
+
+    /// This server's metrics (its own registry).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.context.metrics
     }
 
     /// The settings.
@@ -246,7 +267,20 @@ impl<B: Backend> TransportServer<B> {
             }
             _ => None,
         };
-        let report = ConnectionManager::fan_out(&recipients, plain.as_ref(), sealed.as_ref());
+        let report = ConnectionManager::fan_out(
+            &recipients,
+            plain.as_ref(),
+            sealed.as_ref(),
+            kind_index(&message),
+        );
+        let metrics = &self.inner.context.metrics;
+        metrics.broadcasts_total.inc();
+        metrics
+            .broadcast_recipients
+            .observe(recipients.len() as f64);
+        metrics
+            .broadcast_duration
+            .observe(started.elapsed().as_secs_f64());
         debug!(
             recipients = recipients.len(),
             dropped = report.dropped.len(),
@@ -324,8 +358,11 @@ async fn serve<B: Backend>(inner: Arc<Inner<B>>, id: u64, pipe: Pipe<B::Reader, 
         remote_addr,
     } = pipe;
     let config = &inner.config;
+    let metrics = &inner.context.metrics;
+    metrics.connection("accepted");
     let refuse = async |writer: &mut B::Writer, reason: DisconnectReason, details: &str| {
         info!(%reason, details, "connection refused");
+        metrics.connection(&format!("refused_{reason}"));
         send_disconnect(writer, reason, details, config.disconnect_timeout).await;
     };
     if let (Some(limiter), Some(addr)) = (&inner.rate_limiter, remote_addr)
@@ -383,10 +420,22 @@ async fn serve<B: Backend>(inner: Arc<Inner<B>>, id: u64, pipe: Pipe<B::Reader, 
             {
                 Ok(client) => client,
                 Err(err) => {
-                    warn!(error = %err, "handshake failed");
+                    let reason = match &err {
+                        TransportError::Handshake(err) => err.kind(),
+                        TransportError::Codec(CodecError::Io(_)) => "io",
+                        TransportError::Codec(_) => "malformed",
+                        _ => "other",
+                    };
+                    warn!(error = %err, reason, "handshake failed");
+                    metrics.handshake("rejected", reason);
+                    metrics.connection("handshake_failed");
+                    if reason == "replayed" {
+                        metrics.replay_refusals_total.inc();
+                    }
                     return;
                 }
             };
+            metrics.handshake("accepted", if client.extended { "extended" } else { "go" });
             info!(
                 identity = %client.identity,
                 client_id = %client.client_id,

@@ -25,16 +25,18 @@ use tokio::{
     sync::mpsc::{self, error::TrySendError},
 };
 use tokio_util::{codec::FramedRead, sync::CancellationToken};
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::{
     codec::{self, FrameCodec, HANDSHAKE_MAX_FRAME_SIZE},
     crypto::{CryptoBackend, PublicKey, SecretKey},
-    error::{CodecError, DisconnectReason, HandshakeError, TransportError},
+    error::{CodecError, DisconnectReason, HandshakeError, SignedFrameError, TransportError},
     handshake::{
         AcceptedClient, ClientHandshake, SequenceFloors, ServerHandshake, ServerSession,
         ServerVerdict, SignedFrameSession, disconnect_body, unix_nanos,
     },
+    metrics::{Direction, MESSAGE_KINDS, Metrics, SIGNED_FRAME_KIND, kind_index},
+    pool::BufferPool,
     proto::{
         Message, Payload,
         rollup::v1::{DisconnectMessage, Ping, Pong},
@@ -247,8 +249,9 @@ pub struct ConnectionInfo {
 pub(crate) enum Outbound {
     /// A message the writer encodes (and, in signed mode, seals with others).
     Message(Message),
-    /// A complete frame encoded (and sealed) once for many recipients.
-    Frame(Bytes),
+    /// A complete frame encoded (and sealed) once for many recipients,
+    /// with the payload kind of its message for the metrics.
+    Frame(Bytes, usize),
     /// Write a `Disconnect` and close.
     Close(DisconnectReason, String),
 }
@@ -369,6 +372,11 @@ impl Connection {
         }
     }
 
+    /// Frames waiting in the send queue.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
     /// How the session ended, once it has.
     pub fn end(&self) -> Option<&SessionEnd> {
         self.end.get()
@@ -426,8 +434,8 @@ impl Connection {
 
     /// Queues a pre-encoded frame without waiting. On a full queue the peer is
     /// too slow: it is disconnected with `WRITE_TIMEOUT` and the error says so.
-    pub(crate) fn try_send_frame(&self, frame: Bytes) -> Result<(), TransportError> {
-        match self.queue.try_send(Outbound::Frame(frame)) {
+    pub(crate) fn try_send_frame(&self, frame: Bytes, kind: usize) -> Result<(), TransportError> {
+        match self.queue.try_send(Outbound::Frame(frame, kind)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(self.closed_error()),
             Err(TrySendError::Full(_)) => {
@@ -633,11 +641,47 @@ pub(crate) fn signing_state(
     (Some(signer), Some(opener))
 }
 
-/// Shared context a session's reader needs from its owner.
+/// What a server or client shares with each of its sessions.
 pub(crate) struct SessionContext {
     pub(crate) config: SessionConfig,
     pub(crate) handler: Arc<HandlerSlot>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) write_buffers: Arc<BufferPool>,
 }
+
+impl SessionContext {
+    pub(crate) fn new(
+        config: SessionConfig,
+        handler: Arc<HandlerSlot>,
+        metrics: Arc<Metrics>,
+        write_buffers: Arc<BufferPool>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            handler,
+            metrics,
+            write_buffers,
+        })
+    }
+}
+
+/// A write-buffer pool whose utilisation `metrics` reports.
+pub(crate) fn write_buffer_pool(metrics: &Metrics) -> Arc<BufferPool> {
+    let pool = Arc::new(BufferPool::new(WRITE_BUFFER_CAPACITY, WRITE_BUFFERS_KEPT));
+    let weak = Arc::downgrade(&pool);
+    let gauge = metrics.buffer_utilization.with_label_values(&["write"]);
+    metrics.add_probe(move || {
+        if let Some(pool) = weak.upgrade() {
+            gauge.set(pool.utilization());
+        }
+    });
+    pool
+}
+
+/// Initial size of a pooled write buffer.
+const WRITE_BUFFER_CAPACITY: usize = 16 * 1024;
+/// Idle write buffers kept for reuse.
+const WRITE_BUFFERS_KEPT: usize = 64;
 
 /// Starts the reader and writer of an authenticated session. Returns the
 /// shared connection and a future that completes, with how it ended, when
@@ -685,11 +729,14 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             connection.clone(),
             setup.signer,
             setup.sender_id,
-            config.clone(),
+            context.clone(),
         )
         .instrument(span.clone()),
     );
     let reader_connection = connection.clone();
+    context.metrics.connection("opened");
+    context.metrics.connections_active.inc();
+    let started = Instant::now();
     let task = tokio::spawn(
         async move {
             read_loop(reader, &reader_connection, setup.opener, &context).await;
@@ -700,6 +747,10 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
                 details: "closed".into(),
                 by_peer: false,
             });
+            let metrics = &context.metrics;
+            metrics.connection("closed");
+            metrics.connections_active.dec();
+            metrics.connection_duration.observe(started.elapsed().as_secs_f64());
             info!(reason = %end.reason, details = %end.details, by_peer = end.by_peer, "disconnected");
             end
         }
@@ -763,6 +814,7 @@ async fn read_loop<R: FrameReader>(
             Some(Err(err)) => {
                 let reason = err.disconnect_reason();
                 warn!(error = %err, "read failed");
+                context.metrics.error(reason.as_str(), "read");
                 if matches!(err, CodecError::Io(_)) {
                     connection.abort(reason, err.to_string());
                 } else {
@@ -775,20 +827,33 @@ async fn read_loop<R: FrameReader>(
         last_received = Instant::now();
         last_ping = None;
         connection.touch(body.len() + codec::LENGTH_PREFIX_LEN);
+        context
+            .metrics
+            .bytes(Direction::In, body.len() + codec::LENGTH_PREFIX_LEN);
 
         let flow = match opener.as_mut() {
-            None => match Message::decode(body) {
-                Ok(message) => deliver(connection, message, context).await,
+            None => match Message::decode(body.clone()) {
+                Ok(message) => deliver(connection, message, body.len(), context).await,
                 Err(err) => Flow::Close(
                     DisconnectReason::ProtocolError,
                     format!("malformed Message: {err}"),
                 ),
             },
-            Some(opener) => match opener.open_messages(&body) {
-                Ok(messages) => {
+            Some(opener) => match opener.open(&body) {
+                Ok(encoded) => {
+                    context
+                        .metrics
+                        .message(Direction::In, SIGNED_FRAME_KIND, body.len());
                     let mut flow = Flow::Continue;
-                    for message in messages {
-                        flow = deliver(connection, message, context).await;
+                    for bytes in encoded {
+                        let size = bytes.len();
+                        flow = match Message::decode(bytes) {
+                            Ok(message) => deliver(connection, message, size, context).await,
+                            Err(err) => Flow::Close(
+                                DisconnectReason::ProtocolError,
+                                format!("malformed Message in a signed frame: {err}"),
+                            ),
+                        };
                         if !matches!(flow, Flow::Continue) {
                             break;
                         }
@@ -797,6 +862,17 @@ async fn read_loop<R: FrameReader>(
                 }
                 Err(err) => {
                     warn!(error = %err, kind = err.kind(), "signed frame refused");
+                    let metrics = &context.metrics;
+                    metrics
+                        .signature_failures_total
+                        .with_label_values(&[err.kind()])
+                        .inc();
+                    if matches!(
+                        err,
+                        SignedFrameError::Replayed { .. } | SignedFrameError::TooOld { .. }
+                    ) {
+                        metrics.replay_refusals_total.inc();
+                    }
                     Flow::Close(err.disconnect_reason(), err.to_string())
                 }
             },
@@ -806,6 +882,7 @@ async fn read_loop<R: FrameReader>(
             Flow::PeerLeft => return,
             Flow::Close(reason, details) => {
                 warn!(%reason, %details, "closing connection");
+                context.metrics.error(reason.as_str(), "read");
                 connection.close(reason, details);
                 return;
             }
@@ -830,7 +907,14 @@ fn control(payload: Payload) -> Message {
 }
 
 /// Handles control messages; hands the rest to the application handler.
-async fn deliver(connection: &Connection, message: Message, context: &SessionContext) -> Flow {
+async fn deliver(
+    connection: &Connection,
+    message: Message,
+    size: usize,
+    context: &SessionContext,
+) -> Flow {
+    let kind = kind_index(&message);
+    context.metrics.message(Direction::In, kind, size);
     match &message.payload {
         Some(Payload::Ping(ping)) => {
             let pong = control(Payload::Pong(Pong {
@@ -861,7 +945,11 @@ async fn deliver(connection: &Connection, message: Message, context: &SessionCon
                 .messages_in
                 .fetch_add(1, Ordering::Relaxed);
             let Some(handler) = context.handler.get() else {
-                debug!("no handler set; message counted and dropped");
+                context.metrics.error("no_handler", "handle");
+                warn!(
+                    kind = MESSAGE_KINDS[kind],
+                    "no handler set; message dropped"
+                );
                 return Flow::Continue;
             };
             let inbound = Inbound {
@@ -869,7 +957,11 @@ async fn deliver(connection: &Connection, message: Message, context: &SessionCon
                 connection_id: connection.id,
                 message,
             };
-            if let Err(err) = handler.handle(inbound).await {
+            let started = Instant::now();
+            let result = handler.handle(inbound).await;
+            context.metrics.processing(kind, started.elapsed());
+            if let Err(err) = result {
+                context.metrics.error("handler", "handle");
                 warn!(error = %err, "handler failed");
             }
             Flow::Continue
@@ -885,6 +977,7 @@ struct WriteBatch {
     pending_bytes: usize,
     messages: u64,
     max_frame_size: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl WriteBatch {
@@ -894,15 +987,24 @@ impl WriteBatch {
 
     fn push_message(&mut self, message: &Message, signer: Option<&FrameSigner>) {
         self.messages += u64::from(is_application(message));
+        let kind = kind_index(message);
         let Some(signer) = signer else {
+            let before = self.buffer.len();
             // Sizes were checked when the message was queued.
-            if let Err(err) = codec::encode_message(message, self.max_frame_size, &mut self.buffer)
-            {
-                warn!(error = %err, "message refused by the encoder");
+            match codec::encode_message(message, self.max_frame_size, &mut self.buffer) {
+                Ok(()) => {
+                    let size = self.buffer.len() - before - codec::LENGTH_PREFIX_LEN;
+                    self.metrics.message(Direction::Out, kind, size);
+                }
+                Err(err) => {
+                    self.metrics.error("encode", "write");
+                    warn!(error = %err, "message refused by the encoder");
+                }
             }
             return;
         };
         let encoded: Bytes = message.encode_to_vec().into();
+        self.metrics.message(Direction::Out, kind, encoded.len());
         if self.pending_bytes + encoded.len() + SIGNED_FRAME_OVERHEAD > self.max_frame_size {
             self.seal(Some(signer));
         }
@@ -910,10 +1012,12 @@ impl WriteBatch {
         self.pending.push(encoded);
     }
 
-    fn push_frame(&mut self, frame: &[u8], signer: Option<&FrameSigner>) {
+    fn push_frame(&mut self, frame: &[u8], kind: usize, signer: Option<&FrameSigner>) {
         // Keep order: what was queued before this frame goes out before it.
         self.seal(signer);
         self.messages += 1;
+        self.metrics
+            .message(Direction::Out, kind, frame.len() - codec::LENGTH_PREFIX_LEN);
         self.buffer.extend_from_slice(frame);
     }
 
@@ -933,8 +1037,17 @@ impl WriteBatch {
             std::mem::take(&mut self.pending),
         );
         self.pending_bytes = 0;
-        if let Err(err) = codec::encode_message(&frame, self.max_frame_size, &mut self.buffer) {
-            warn!(error = %err, "signed batch refused by the encoder");
+        let before = self.buffer.len();
+        match codec::encode_message(&frame, self.max_frame_size, &mut self.buffer) {
+            Ok(()) => {
+                let size = self.buffer.len() - before - codec::LENGTH_PREFIX_LEN;
+                self.metrics
+                    .message(Direction::Out, SIGNED_FRAME_KIND, size);
+            }
+            Err(err) => {
+                self.metrics.error("encode", "write");
+                warn!(error = %err, "signed batch refused by the encoder");
+            }
         }
     }
 }
@@ -952,23 +1065,29 @@ async fn write_loop<W: FrameWriter>(
     connection: Arc<Connection>,
     signer: Option<FrameSigner>,
     sender_id: Option<String>,
-    config: SessionConfig,
+    context: Arc<SessionContext>,
 ) {
+    let config = &context.config;
+    let pool = &context.write_buffers;
     let signer = signer.as_ref();
     let mut batch = WriteBatch {
-        buffer: BytesMut::with_capacity(8 * 1024),
+        buffer: BytesMut::new(),
         pending: Vec::new(),
         pending_bytes: 0,
         messages: 0,
         max_frame_size: config.max_frame_size,
+        metrics: context.metrics.clone(),
     };
-    'outer: loop {
+    loop {
         let first = tokio::select! {
             biased;
             item = queue.recv() => item,
             _ = connection.closed.cancelled() => None,
         };
-        let mut next = first;
+        let Some(first) = first else { break };
+        // Borrow a buffer only while there is something to write.
+        batch.buffer = pool.take();
+        let mut next = Some(first);
         let mut close = None;
         while let Some(item) = next {
             match item {
@@ -980,7 +1099,7 @@ async fn write_loop<W: FrameWriter>(
                     }
                     batch.push_message(&message, signer);
                 }
-                Outbound::Frame(frame) => batch.push_frame(&frame, signer),
+                Outbound::Frame(frame, kind) => batch.push_frame(&frame, kind, signer),
                 Outbound::Close(reason, details) => {
                     let disconnect = control(Payload::Disconnect(DisconnectMessage {
                         reason: reason.to_proto() as i32,
@@ -998,45 +1117,45 @@ async fn write_loop<W: FrameWriter>(
             };
         }
         batch.seal(signer);
-        if batch.buffer.is_empty() && close.is_none() {
-            break 'outer; // the queue closed or the connection was cancelled
-        }
-        if !batch.buffer.is_empty() {
-            let limit = if close.is_some() {
-                config.disconnect_timeout
-            } else {
-                config.write_timeout
-            };
-            match tokio::time::timeout(limit, writer.write_frames(&batch.buffer)).await {
-                Ok(Ok(())) => {
-                    let counters = &connection.counters;
-                    counters
-                        .bytes_out
-                        .fetch_add(batch.buffer.len() as u64, Ordering::Relaxed);
-                    counters
-                        .messages_out
-                        .fetch_add(batch.messages, Ordering::Relaxed);
-                }
-                Ok(Err(err)) => {
-                    connection.abort(
-                        DisconnectReason::NetworkError,
-                        format!("write failed: {err}"),
-                    );
-                    break 'outer;
-                }
-                Err(_) => {
-                    connection.abort(
-                        DisconnectReason::WriteTimeout,
-                        format!("write blocked for {limit:?}"),
-                    );
-                    break 'outer;
-                }
+        let limit = if close.is_some() {
+            config.disconnect_timeout
+        } else {
+            config.write_timeout
+        };
+        let written = batch.buffer.len();
+        let result = if written == 0 {
+            Ok(Ok(()))
+        } else {
+            tokio::time::timeout(limit, writer.write_frames(&batch.buffer)).await
+        };
+        pool.give(std::mem::take(&mut batch.buffer));
+        match result {
+            Ok(Ok(())) => {
+                let counters = &connection.counters;
+                counters
+                    .bytes_out
+                    .fetch_add(written as u64, Ordering::Relaxed);
+                counters
+                    .messages_out
+                    .fetch_add(batch.messages, Ordering::Relaxed);
+                context.metrics.bytes(Direction::Out, written);
+                batch.messages = 0;
             }
-            batch.buffer.clear();
-            batch.messages = 0;
-            if batch.buffer.capacity() > 4 * WRITE_COALESCE_BYTES {
-                // A huge message grew the buffer; do not keep it while idle.
-                batch.buffer = BytesMut::with_capacity(8 * 1024);
+            Ok(Err(err)) => {
+                context.metrics.error("io", "write");
+                connection.abort(
+                    DisconnectReason::NetworkError,
+                    format!("write failed: {err}"),
+                );
+                break;
+            }
+            Err(_) => {
+                context.metrics.error("write_timeout", "write");
+                connection.abort(
+                    DisconnectReason::WriteTimeout,
+                    format!("write blocked for {limit:?}"),
+                );
+                break;
             }
         }
         if let Some((reason, details)) = close {
@@ -1052,6 +1171,7 @@ async fn write_loop<W: FrameWriter>(
         undelivered += usize::from(!matches!(item, Outbound::Close(..)));
     }
     if undelivered > 0 {
+        context.metrics.error("undelivered", "write");
         warn!(undelivered, "connection closed with queued messages unsent");
     }
 }

@@ -2,7 +2,9 @@
 
 mod codec_props;
 mod crypto;
+mod e2e;
 mod handshake;
+mod metrics;
 mod multi;
 mod signed;
 mod smoke;
