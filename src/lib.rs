@@ -46,7 +46,9 @@ pub use manager::BroadcastReport;
 pub use proto::Message;
 pub use retry::RetryPolicy;
 pub use server::TransportServer;
-pub use session::{ConnectionInfo, Handler, HandlerError, Inbound, channel_handler};
+pub use session::{
+    ConnectionInfo, Handled, Handler, HandlerError, Inbound, SyncHandler, channel_handler,
+};
 
 /// A TCP server.
 pub type TcpServer = TransportServer<TcpBackend>;

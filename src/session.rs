@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::{
@@ -164,11 +164,24 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 /// Future returned by a [`Handler`].
 pub type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
 
+/// What a [`Handler`] did with a message.
+#[non_exhaustive]
+pub enum Handled {
+    /// Finished on the spot: nothing allocated, nothing awaited.
+    Done(Result<(), HandlerError>),
+    /// Finishes when this completes; the connection reads nothing meanwhile.
+    Pending(HandlerFuture),
+}
+
 /// Receives verified application messages, on the connection's reader task
 /// and in order: a slow handler slows only that connection's reading.
+///
+/// Any `Fn(Inbound) -> impl Future<Output = Result<(), HandlerError>>` is a
+/// handler. [`SyncHandler`] and [`channel_handler`] finish most messages
+/// without boxing a future.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message.
-    fn handle(&self, inbound: Inbound) -> HandlerFuture;
+    fn handle(&self, inbound: Inbound) -> Handled;
 }
 
 impl<F, Fut> Handler for F
@@ -176,24 +189,49 @@ where
     F: Fn(Inbound) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    fn handle(&self, inbound: Inbound) -> HandlerFuture {
-        Box::pin(self(inbound))
+    fn handle(&self, inbound: Inbound) -> Handled {
+        Handled::Pending(Box::pin(self(inbound)))
     }
 }
 
-/// A handler that forwards every message into a bounded channel, waiting
-/// for room (backpressure) rather than dropping.
+/// A handler that never waits: `SyncHandler(|inbound| { …; Ok(()) })`.
+pub struct SyncHandler<F>(pub F);
+
+impl<F> Handler for SyncHandler<F>
+where
+    F: Fn(Inbound) -> Result<(), HandlerError> + Send + Sync + 'static,
+{
+    fn handle(&self, inbound: Inbound) -> Handled {
+        Handled::Done((self.0)(inbound))
+    }
+}
+
+/// Forwards messages into a bounded channel; see [`channel_handler`].
+struct ChannelHandler(mpsc::Sender<Inbound>);
+
+impl Handler for ChannelHandler {
+    fn handle(&self, inbound: Inbound) -> Handled {
+        match self.0.try_send(inbound) {
+            Ok(()) => Handled::Done(Ok(())),
+            Err(TrySendError::Full(inbound)) => {
+                let tx = self.0.clone();
+                Handled::Pending(Box::pin(async move {
+                    tx.send(inbound)
+                        .await
+                        .map_err(|_| HandlerError::from("inbound receiver dropped"))
+                }))
+            }
+            Err(TrySendError::Closed(_)) => Handled::Done(Err("inbound receiver dropped".into())),
+        }
+    }
+}
+
+/// A handler that forwards every message into a bounded channel. When the
+/// channel is full the connection waits for room (backpressure): nothing is
+/// dropped.
 pub fn channel_handler(capacity: usize) -> (Arc<dyn Handler>, mpsc::Receiver<Inbound>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let handler = move |inbound: Inbound| {
-        let tx = tx.clone();
-        async move {
-            tx.send(inbound)
-                .await
-                .map_err(|_| HandlerError::from("inbound receiver dropped"))
-        }
-    };
-    (Arc::new(handler), rx)
+    (Arc::new(ChannelHandler(tx)), rx)
 }
 
 /// The slot a server or client keeps its handler in, changeable at any time.
@@ -377,7 +415,7 @@ impl Connection {
         self.queue.max_capacity() - self.queue.capacity()
     }
 
-    /// How the session ended, once it has.
+    /// How the session ended, once it has (from `close` on: why it is closing).
     pub fn end(&self) -> Option<&SessionEnd> {
         self.end.get()
     }
@@ -455,7 +493,17 @@ impl Connection {
             .queue
             .try_send(Outbound::Close(reason, details.clone()))
         {
-            Ok(()) => {}
+            // Record our reason now, not once the Disconnect is written: the
+            // peer may close on reading it before the writer gets to `abort`,
+            // and its EOF would otherwise be reported as the end
+            // (NetworkError, by_peer) of a session we ended.
+            Ok(()) => {
+                let _ = self.end.set(SessionEnd {
+                    reason,
+                    details,
+                    by_peer: false,
+                });
+            }
             Err(_) => self.abort(reason, details),
         }
     }
@@ -839,7 +887,7 @@ async fn read_loop<R: FrameReader>(
                     format!("malformed Message: {err}"),
                 ),
             },
-            Some(opener) => match opener.open(&body) {
+            Some(opener) => match opener.open_bytes(body.clone()) {
                 Ok(encoded) => {
                     context
                         .metrics
@@ -958,7 +1006,10 @@ async fn deliver(
                 message,
             };
             let started = Instant::now();
-            let result = handler.handle(inbound).await;
+            let result = match handler.handle(inbound) {
+                Handled::Done(result) => result,
+                Handled::Pending(future) => future.await,
+            };
             context.metrics.processing(kind, started.elapsed());
             if let Err(err) = result {
                 context.metrics.error("handler", "handle");
@@ -973,6 +1024,8 @@ async fn deliver(
 /// messages wait in `pending` and are sealed together as one frame.
 struct WriteBatch {
     buffer: BytesMut,
+    /// Encoded messages awaiting a seal, split off as they are added.
+    scratch: BytesMut,
     pending: Vec<Bytes>,
     pending_bytes: usize,
     messages: u64,
@@ -985,31 +1038,41 @@ impl WriteBatch {
         self.buffer.len() + self.pending_bytes
     }
 
-    fn push_message(&mut self, message: &Message, signer: Option<&FrameSigner>) {
+    /// Queues `message`, preceded by the pre-encoded `prefix` fields.
+    fn push_message(&mut self, message: &Message, prefix: &[u8], signer: Option<&FrameSigner>) {
         self.messages += u64::from(is_application(message));
         let kind = kind_index(message);
+        let size = prefix.len() + message.encoded_len();
         let Some(signer) = signer else {
-            let before = self.buffer.len();
             // Sizes were checked when the message was queued.
-            match codec::encode_message(message, self.max_frame_size, &mut self.buffer) {
-                Ok(()) => {
-                    let size = self.buffer.len() - before - codec::LENGTH_PREFIX_LEN;
-                    self.metrics.message(Direction::Out, kind, size);
-                }
-                Err(err) => {
-                    self.metrics.error("encode", "write");
-                    warn!(error = %err, "message refused by the encoder");
-                }
+            if let Err(err) = codec::check_frame_len(size, self.max_frame_size) {
+                self.metrics.error("encode", "write");
+                warn!(error = %err, "message refused by the encoder");
+                return;
             }
+            self.buffer.reserve(codec::LENGTH_PREFIX_LEN + size);
+            self.buffer.put_u32(size as u32);
+            self.buffer.put_slice(prefix);
+            message.encode(&mut self.buffer).expect("capacity reserved");
+            self.metrics.message(Direction::Out, kind, size);
             return;
         };
-        let encoded: Bytes = message.encode_to_vec().into();
-        self.metrics.message(Direction::Out, kind, encoded.len());
-        if self.pending_bytes + encoded.len() + SIGNED_FRAME_OVERHEAD > self.max_frame_size {
+        if self.pending_bytes + size + SIGNED_FRAME_OVERHEAD > self.max_frame_size {
             self.seal(Some(signer));
         }
-        self.pending_bytes += encoded.len() + 8;
-        self.pending.push(encoded);
+        // Messages of a batch are encoded side by side in one buffer; once
+        // sealed, their bytes are copied out and the buffer is reclaimed.
+        if self.scratch.capacity() == 0 {
+            self.scratch = BytesMut::with_capacity(WRITE_BUFFER_CAPACITY.max(size));
+        }
+        self.scratch.reserve(size);
+        self.scratch.put_slice(prefix);
+        message
+            .encode(&mut self.scratch)
+            .expect("capacity reserved");
+        self.metrics.message(Direction::Out, kind, size);
+        self.pending_bytes += size + 8;
+        self.pending.push(self.scratch.split().freeze());
     }
 
     fn push_frame(&mut self, frame: &[u8], kind: usize, signer: Option<&FrameSigner>) {
@@ -1070,8 +1133,17 @@ async fn write_loop<W: FrameWriter>(
     let config = &context.config;
     let pool = &context.write_buffers;
     let signer = signer.as_ref();
+    // `sender_id` is field 1, which prost writes first: writing it ahead of a
+    // message whose own `sender_id` is empty gives the very same bytes as
+    // setting it, without a `String` per message.
+    let stamp = sender_id.map(|id| {
+        let mut field = Vec::new();
+        prost::encoding::string::encode(1, &id, &mut field);
+        field
+    });
     let mut batch = WriteBatch {
         buffer: BytesMut::new(),
+        scratch: BytesMut::new(),
         pending: Vec::new(),
         pending_bytes: 0,
         messages: 0,
@@ -1092,12 +1164,14 @@ async fn write_loop<W: FrameWriter>(
         while let Some(item) = next {
             match item {
                 Outbound::Message(mut message) => {
-                    if let Some(sender_id) = &sender_id
-                        && is_application(&message)
-                    {
-                        message.sender_id.clone_from(sender_id);
-                    }
-                    batch.push_message(&message, signer);
+                    let stamp = match &stamp {
+                        Some(stamp) if is_application(&message) => {
+                            message.sender_id.clear();
+                            stamp.as_slice()
+                        }
+                        _ => &[],
+                    };
+                    batch.push_message(&message, stamp, signer);
                 }
                 Outbound::Frame(frame, kind) => batch.push_frame(&frame, kind, signer),
                 Outbound::Close(reason, details) => {
@@ -1105,7 +1179,7 @@ async fn write_loop<W: FrameWriter>(
                         reason: reason.to_proto() as i32,
                         details: details.clone(),
                     }));
-                    batch.push_message(&disconnect, signer);
+                    batch.push_message(&disconnect, &[], signer);
                     close = Some((reason, details));
                     break;
                 }
@@ -1129,6 +1203,10 @@ async fn write_loop<W: FrameWriter>(
             tokio::time::timeout(limit, writer.write_frames(&batch.buffer)).await
         };
         pool.give(std::mem::take(&mut batch.buffer));
+        if queue.is_empty() {
+            // Going idle: hold no buffer while waiting.
+            batch.scratch = BytesMut::new();
+        }
         match result {
             Ok(Ok(())) => {
                 let counters = &connection.counters;

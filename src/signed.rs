@@ -268,6 +268,12 @@ impl FrameOpener {
 
     /// Verifies a signed frame body and returns its encoded messages.
     pub fn open(&mut self, body: &[u8]) -> Result<Vec<Bytes>, SignedFrameError> {
+        self.open_bytes(Bytes::copy_from_slice(body))
+    }
+
+    /// Like [`open`](Self::open), without copying: the returned messages
+    /// are slices of `body`.
+    pub fn open_bytes(&mut self, body: Bytes) -> Result<Vec<Bytes>, SignedFrameError> {
         let frame = SignedFrame::decode(body)
             .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
         if frame.messages.is_empty() {
