@@ -103,14 +103,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     common::say(format!("listening on {addr}"));
     common::say(format!("public key {}", key.public_key()));
 
-    // METRICS: serve Prometheus metrics on `args.metrics_listen` here once the
-    // library exposes them; the flag is accepted now so scripts can pass it.
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_addr) = &args.metrics_listen {
-        info!(%metrics_addr, "metrics serving is not implemented yet");
+        let bound = publisher_transport::metrics::serve(
+            vec![server.metrics().clone()],
+            metrics_addr,
+            async {
+                let _ = metrics_stopped.await;
+            },
+        )
+        .await?;
+        common::say(format!("metrics on http://{bound}/metrics"));
     }
 
     common::shutdown_signal().await;
     info!("shutting down");
+    let _ = stop_metrics.send(());
     coordinator.abort();
     server.stop().await?;
     Ok(())

@@ -38,6 +38,8 @@ pub const NONCE_LEN: usize = 16;
 pub const EXT_VERSION: u32 = 1;
 /// Domain tag of the client's extension signature.
 pub const CLIENT_TRANSCRIPT_DOMAIN: &[u8] = b"publisher-transport/v1/handshake/client";
+/// Domain tag of the session tag.
+pub const SESSION_TAG_DOMAIN: &[u8] = b"publisher-transport/v1/session";
 /// Domain tag of the server's proof of identity.
 pub const SERVER_TRANSCRIPT_DOMAIN: &[u8] = b"publisher-transport/v1/handshake/server";
 /// Most request nonces remembered for replay protection.
@@ -114,6 +116,17 @@ pub fn server_transcript_digest(
     hasher.finalize()
 }
 
+/// The tag binding unicast signed frames to one session (docs/PROTOCOL.md
+/// §4.2): Keccak-256 over the length-prefixed request and response bodies.
+pub fn session_tag(request_body: &[u8], response_body: &[u8]) -> [u8; 32] {
+    let mut hasher = Keccak::new();
+    hasher
+        .update(SESSION_TAG_DOMAIN)
+        .update_prefixed(request_body)
+        .update_prefixed(response_body);
+    hasher.finalize()
+}
+
 fn has_feature(bits: u32, feature: Feature) -> bool {
     bits & feature as u32 != 0
 }
@@ -155,8 +168,10 @@ pub struct SequenceFloors {
 /// Signed-frame parameters both sides agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedFrameSession {
-    /// Keccak-256 of the request body as sent: unique per session, known to
-    /// both sides, and bound into unicast frames so they cannot cross sessions.
+    /// [`session_tag`] of the request and response as sent: unique per
+    /// session (the response carries the server's fresh session id and
+    /// proof), known to both sides, and bound into unicast frames so they
+    /// cannot cross sessions, even one opened by a replayed request.
     pub session_tag: [u8; 32],
     /// The peer's key, authenticated by the handshake; frames must verify against it.
     pub peer_key: PublicKey,
@@ -408,7 +423,8 @@ impl ServerHandshake {
         if signed {
             features |= Feature::SignedFrames as u32;
             accepted.signed_frames = Some(SignedFrameSession {
-                session_tag: crate::crypto::keccak256(body),
+                // Set below, once the response bytes exist.
+                session_tag: [0; 32],
                 peer_key: claimed,
                 peer_floors: SequenceFloors {
                     unicast: ext.sequence_floor,
@@ -436,7 +452,11 @@ impl ServerHandshake {
             &server_transcript_digest(body, &response, &response_ext),
         );
         response_ext.server_signature = Bytes::copy_from_slice(proof.as_bytes());
-        Ok((encode_with_ext(&response, Some(&response_ext)), accepted))
+        let response_body = encode_with_ext(&response, Some(&response_ext));
+        if let Some(frames) = &mut accepted.signed_frames {
+            frames.session_tag = session_tag(body, &response_body);
+        }
+        Ok((response_body, accepted))
     }
 }
 
@@ -656,7 +676,7 @@ impl ClientHandshake {
             });
         }
         let signed_frames = signed.then(|| SignedFrameSession {
-            session_tag: crate::crypto::keccak256(&self.request_body),
+            session_tag: session_tag(&self.request_body, response_body),
             peer_key: server_key.clone(),
             peer_floors: SequenceFloors {
                 unicast: ext.unicast_floor,

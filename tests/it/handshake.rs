@@ -917,3 +917,29 @@ fn signed_frames_negotiation_follows_the_policy() {
         }
     }
 }
+
+// PROTOCOL.md §3.4, §4.2
+#[test]
+fn a_request_replayed_after_a_restart_gets_a_new_session_tag() {
+    // A restarted server has forgotten every nonce, so a captured request
+    // still inside the clock window is accepted again. Its session must not
+    // share the tag of the original one, or the client's recorded unicast
+    // frames would open in it.
+    for &backend in CryptoBackend::available() {
+        let mut config = client_config(backend);
+        config.expected_server_key = Some(server_key().public_key().clone());
+        let client = start(config, t0(), 7);
+        let request = client.request().clone();
+        let (response, original) =
+            expect_accept(ext_server(backend).respond(&request, t0(), SERVER_FLOORS));
+        client.finish(&response).unwrap();
+
+        let restarted = ext_server(backend);
+        let later = t0() + std::time::Duration::from_secs(1);
+        let (_, replayed) = expect_accept(restarted.respond(&request, later, SERVER_FLOORS));
+        assert_ne!(
+            original.signed_frames.unwrap().session_tag,
+            replayed.signed_frames.unwrap().session_tag
+        );
+    }
+}
