@@ -162,9 +162,12 @@ async fn report_events(mut events: tokio::sync::broadcast::Receiver<ConnectionEv
             Ok(ConnectionEvent::Connected { addr, .. }) => {
                 common::say(format!("connected to {addr}"))
             }
+            // The client reconnects by itself unless we disconnected.
             Ok(ConnectionEvent::Disconnected {
-                reason, details, ..
-            }) => warn!(%reason, details, "disconnected; reconnecting"),
+                reason,
+                details,
+                by_peer,
+            }) => info!(%reason, details, by_peer, "disconnected"),
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => debug!(missed, "connection events missed"),
             Err(RecvError::Closed) => return,

@@ -39,6 +39,8 @@ pub fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes in log files and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -197,11 +199,11 @@ impl<B: Backend> Coordinator<B> {
     fn on_inbound(&mut self, inbound: Inbound) {
         let Inbound {
             from,
-            message: inbound,
+            message: received,
             ..
         } = inbound;
-        let kind = publisher_transport::proto::payload_kind(&inbound);
-        match inbound.payload {
+        let kind = publisher_transport::proto::payload_kind(&received);
+        match received.payload {
             Some(Payload::XtRequest(request)) => self.start(&from, request),
             Some(Payload::Vote(vote)) => self.on_vote(&from, vote),
             Some(Payload::CircMessage(circ)) => {
