@@ -344,6 +344,14 @@ pub enum TransportError {
         /// The I/O error.
         source: io::Error,
     },
+    /// The TLS handshake failed (untrusted, expired or mismatched certificate…).
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        /// The peer's address.
+        addr: String,
+        /// The TLS error, as rustls reports it.
+        source: io::Error,
+    },
     /// Connecting did not complete in time.
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout {

@@ -30,6 +30,8 @@ pub mod retry;
 pub mod server;
 pub mod session;
 pub mod signed;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -173,7 +173,15 @@ impl<B: Backend> TransportServer<B> {
             auth = self.inner.auth.is_some(),
             "listening"
         );
-        tokio::spawn(accept_loop(self.inner.clone(), listener, shutdown, tasks));
+        // Tracked, so that `stop` also waits for the listener to be dropped:
+        // otherwise the port can still be bound when `stop` returns, and a
+        // restart on the same address fails with "address in use".
+        tasks.spawn(accept_loop(
+            self.inner.clone(),
+            listener,
+            shutdown,
+            tasks.clone(),
+        ));
         Ok(local_addr)
     }
 
@@ -328,10 +336,10 @@ async fn accept_loop<B: Backend>(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok(pipe) => {
+            Ok((connecting, remote_addr)) => {
                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-                let span = info_span!("connection", id, remote = ?pipe.remote_addr);
-                tasks.spawn(serve(inner.clone(), id, pipe).instrument(span));
+                let span = info_span!("connection", id, remote = ?remote_addr);
+                tasks.spawn(serve::<B>(inner.clone(), id, connecting, remote_addr).instrument(span));
             }
             Err(err) if B::Listener::is_fatal(&err) => {
                 error!(error = %err, "listener failed; no longer accepting");
@@ -351,23 +359,46 @@ async fn accept_loop<B: Backend>(
 }
 
 /// Admits, authenticates and runs one connection.
-async fn serve<B: Backend>(inner: Arc<Inner<B>>, id: u64, pipe: Pipe<B::Reader, B::Writer>) {
-    let Pipe {
-        mut reader,
-        mut writer,
-        remote_addr,
-    } = pipe;
+async fn serve<B: Backend>(
+    inner: Arc<Inner<B>>,
+    id: u64,
+    connecting: <B::Listener as Listener>::Connecting,
+    remote_addr: Option<SocketAddr>,
+) {
     let config = &inner.config;
     let metrics = &inner.context.metrics;
     metrics.connection("accepted");
+    let throttled = match (&inner.rate_limiter, remote_addr) {
+        (Some(limiter), Some(addr)) => !limiter.allow(addr.ip()),
+        _ => false,
+    };
+    // The transport's own handshake (TLS, QUIC) shares the handshake deadline
+    // and runs here, in the connection's task.
+    let pipe = match tokio::time::timeout(config.handshake_timeout, connecting).await {
+        Ok(Ok(pipe)) => pipe,
+        Ok(Err(err)) => {
+            warn!(error = %err, "transport handshake failed");
+            metrics.connection("transport_failed");
+            return;
+        }
+        Err(_) => {
+            warn!("transport handshake timed out");
+            metrics.connection("transport_failed");
+            return;
+        }
+    };
+    let Pipe {
+        mut reader,
+        mut writer,
+        remote_addr: pipe_addr,
+    } = pipe;
+    let remote_addr = pipe_addr.or(remote_addr);
     let refuse = async |writer: &mut B::Writer, reason: DisconnectReason, details: &str| {
         info!(%reason, details, "connection refused");
         metrics.connection(&format!("refused_{reason}"));
         send_disconnect(writer, reason, details, config.disconnect_timeout).await;
     };
-    if let (Some(limiter), Some(addr)) = (&inner.rate_limiter, remote_addr)
-        && !limiter.allow(addr.ip())
-    {
+    if throttled {
         return refuse(
             &mut writer,
             DisconnectReason::Throttled,

@@ -61,8 +61,19 @@ impl TcpBackend {
         Ok(())
     }
 
+    /// Connects and applies the socket options.
+    pub(crate) async fn dial_stream(&self, addr: &str) -> Result<TcpStream, TransportError> {
+        let io_err = |source| TransportError::Io {
+            op: "connect",
+            addr: addr.to_owned(),
+            source,
+        };
+        let stream = TcpStream::connect(addr).await.map_err(io_err)?;
+        self.configure(&stream).map_err(io_err)?;
+        Ok(stream)
+    }
+
     fn pipe(&self, stream: TcpStream) -> io::Result<Pipe<TcpReader, TcpWriter>> {
-        self.configure(&stream)?;
         let remote_addr = stream.peer_addr().ok();
         let (read, write) = stream.into_split();
         Ok(Pipe {
@@ -89,10 +100,12 @@ pub struct TcpFrameListener {
 impl Listener for TcpFrameListener {
     type Reader = TcpReader;
     type Writer = TcpWriter;
+    type Connecting = std::future::Ready<io::Result<Pipe<TcpReader, TcpWriter>>>;
 
-    async fn accept(&mut self) -> io::Result<Pipe<TcpReader, TcpWriter>> {
-        let (stream, _) = self.listener.accept().await?;
-        self.backend.pipe(stream)
+    async fn accept(&mut self) -> io::Result<(Self::Connecting, Option<SocketAddr>)> {
+        let (stream, remote) = self.listener.accept().await?;
+        self.backend.configure(&stream)?;
+        Ok((std::future::ready(self.backend.pipe(stream)), Some(remote)))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -136,12 +149,153 @@ impl Backend for TcpBackend {
     }
 
     async fn dial(&self, addr: &str) -> Result<Pipe<TcpReader, TcpWriter>, TransportError> {
-        let io_err = |source| TransportError::Io {
+        let stream = self.dial_stream(addr).await?;
+        self.pipe(stream).map_err(|source| TransportError::Io {
             op: "connect",
             addr: addr.to_owned(),
             source,
-        };
-        let stream = TcpStream::connect(addr).await.map_err(io_err)?;
-        self.pipe(stream).map_err(io_err)
+        })
+    }
+}
+
+/// TCP with TLS (rustls): the same frames inside a TLS session.
+#[cfg(feature = "tls")]
+pub mod tls {
+    use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
+
+    use tokio::{
+        io::{ReadHalf, WriteHalf},
+        net::TcpStream,
+    };
+    use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+    use super::{TcpBackend, TcpFrameListener, TcpOptions};
+    use crate::{
+        backend::{Backend, Listener, Pipe},
+        codec::HANDSHAKE_MAX_FRAME_SIZE,
+        error::TransportError,
+        session::{StreamFrameReader, StreamFrameWriter},
+    };
+
+    /// Reading half of a TLS pipe.
+    pub type TlsReader = StreamFrameReader<ReadHalf<TlsStream<TcpStream>>>;
+    /// Writing half of a TLS pipe.
+    pub type TlsWriter = StreamFrameWriter<WriteHalf<TlsStream<TcpStream>>>;
+    /// A TLS handshake in progress on an accepted connection.
+    pub type TlsConnecting = Pin<Box<dyn Future<Output = io::Result<Pipe<TlsReader, TlsWriter>>> + Send>>;
+
+    /// TCP + TLS. A server needs a [`rustls::ServerConfig`], a client a
+    /// [`rustls::ClientConfig`] (see [`crate::tls`]).
+    #[derive(Clone)]
+    pub struct TcpTlsBackend {
+        tcp: TcpBackend,
+        server: Option<Arc<rustls::ServerConfig>>,
+        client: Option<Arc<rustls::ClientConfig>>,
+    }
+
+    impl std::fmt::Debug for TcpTlsBackend {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("TcpTlsBackend")
+                .field("tcp", &self.tcp)
+                .field("server", &self.server.is_some())
+                .field("client", &self.client.is_some())
+                .finish()
+        }
+    }
+
+    impl TcpTlsBackend {
+        /// A back-end that can listen (with `server`) and dial (with `client`).
+        pub fn new(
+            options: TcpOptions,
+            server: Option<Arc<rustls::ServerConfig>>,
+            client: Option<Arc<rustls::ClientConfig>>,
+        ) -> Self {
+            Self {
+                tcp: TcpBackend::new(options),
+                server,
+                client,
+            }
+        }
+    }
+
+    fn pipe(stream: TlsStream<TcpStream>, remote_addr: Option<SocketAddr>) -> Pipe<TlsReader, TlsWriter> {
+        let (read, write) = tokio::io::split(stream);
+        Pipe {
+            reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
+            writer: StreamFrameWriter(write),
+            remote_addr,
+        }
+    }
+
+    /// A TLS listener: accepts TCP; the TLS handshake runs in the connection's task.
+    pub struct TcpTlsListener {
+        tcp: TcpFrameListener,
+        acceptor: TlsAcceptor,
+    }
+
+    impl std::fmt::Debug for TcpTlsListener {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("TcpTlsListener").field("tcp", &self.tcp).finish_non_exhaustive()
+        }
+    }
+
+    impl Listener for TcpTlsListener {
+        type Reader = TlsReader;
+        type Writer = TlsWriter;
+        type Connecting = TlsConnecting;
+
+        async fn accept(&mut self) -> io::Result<(TlsConnecting, Option<SocketAddr>)> {
+            let (stream, remote) = self.tcp.listener.accept().await?;
+            self.tcp.backend.configure(&stream)?;
+            let acceptor = self.acceptor.clone();
+            let connecting = async move {
+                let stream = acceptor.accept(stream).await?;
+                Ok(pipe(TlsStream::Server(stream), Some(remote)))
+            };
+            Ok((Box::pin(connecting), Some(remote)))
+        }
+
+        fn local_addr(&self) -> io::Result<SocketAddr> {
+            self.tcp.local_addr()
+        }
+    }
+
+    impl Backend for TcpTlsBackend {
+        type Reader = TlsReader;
+        type Writer = TlsWriter;
+        type Listener = TcpTlsListener;
+
+        fn name(&self) -> &'static str {
+            "tcp+tls"
+        }
+
+        async fn bind(&self, addr: &str) -> Result<TcpTlsListener, TransportError> {
+            let config = self
+                .server
+                .clone()
+                .ok_or_else(|| TransportError::Config("a TLS server needs a server certificate".into()))?;
+            Ok(TcpTlsListener {
+                tcp: self.tcp.bind(addr).await?,
+                acceptor: TlsAcceptor::from(config),
+            })
+        }
+
+        async fn dial(&self, addr: &str) -> Result<Pipe<TlsReader, TlsWriter>, TransportError> {
+            let config = self
+                .client
+                .clone()
+                .ok_or_else(|| TransportError::Config("a TLS client needs a trust configuration".into()))?;
+            let name = crate::tls::server_name_for(addr).map_err(|err| TransportError::Config(err.to_string()))?;
+            let tcp = self.tcp.dial_stream(addr).await?;
+            let remote = tcp.peer_addr().ok();
+            let stream = TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|source| TransportError::Tls {
+                    addr: addr.to_owned(),
+                    source,
+                })?;
+            Ok(pipe(TlsStream::Client(stream), remote))
+        }
     }
 }
