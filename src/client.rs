@@ -481,7 +481,14 @@ async fn try_establish<B: Backend>(
         inner.write_buffers.clone(),
     );
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let unauthenticated = inner.auth.is_none();
     let (connection, task) = session::start_session(id, reader, writer, setup, context);
+    if unauthenticated {
+        // Without a handshake the client would otherwise say nothing until its
+        // first message, and on stream transports (QUIC, gRPC) the server only
+        // learns of the connection from its first bytes.
+        connection.ping();
+    }
     *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
     Ok((connection, task))
 }

@@ -71,6 +71,43 @@ impl TcpClient {
     }
 }
 
+/// A gRPC server.
+#[cfg(feature = "grpc")]
+pub type GrpcServer = TransportServer<backend::grpc::GrpcBackend>;
+/// A gRPC client.
+#[cfg(feature = "grpc")]
+pub type GrpcClient = TransportClient<backend::grpc::GrpcBackend>;
+
+#[cfg(feature = "grpc")]
+impl GrpcServer {
+    /// A gRPC server on `backend` (plain or TLS); its message limits follow
+    /// `config.max_message_size`.
+    pub fn grpc(
+        config: ServerConfig,
+        mut backend: backend::grpc::GrpcBackend,
+        auth: Option<ServerAuth>,
+    ) -> Self {
+        backend.options_mut().max_frame_size = config.max_message_size;
+        TransportServer::new(backend, config, auth)
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl GrpcClient {
+    /// A gRPC client on `backend` (plain or TLS); it sends `config.client_id`
+    /// as `x-client-id` metadata and follows `config.max_message_size`.
+    pub fn grpc(
+        config: ClientConfig,
+        mut backend: backend::grpc::GrpcBackend,
+        auth: Option<ClientAuth>,
+    ) -> Self {
+        let options = backend.options_mut();
+        options.max_frame_size = config.max_message_size;
+        options.client_id = Some(config.client_id.clone());
+        TransportClient::new(backend, config, auth)
+    }
+}
+
 /// The server side of every back-end, object-safe (the Go `Server` interface).
 #[async_trait::async_trait]
 pub trait Server: Send + Sync {

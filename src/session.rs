@@ -59,8 +59,12 @@ pub trait FrameReader: Send + 'static {
 pub trait FrameWriter: Send + 'static {
     /// Writes `frames`: one or more complete frames, length prefixes included.
     fn write_frames(&mut self, frames: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
-    /// Ends the sending side.
-    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the sending side; `reason` says why, for transports that can
+    /// carry it out of band (gRPC trailers).
+    fn shutdown(
+        &mut self,
+        reason: Option<(DisconnectReason, &str)>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 /// Frame reader over a byte stream (TCP, TLS, QUIC stream, in-memory duplex).
@@ -94,7 +98,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> FrameWriter for StreamFrameWriter<W
         self.0.flush().await
     }
 
-    async fn shutdown(&mut self) -> io::Result<()> {
+    async fn shutdown(&mut self, _reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
         self.0.shutdown().await
     }
 }
@@ -410,6 +414,14 @@ impl Connection {
         }
     }
 
+    /// Queues a `Ping` (answered with a `Pong`, never seen by handlers).
+    pub fn ping(&self) {
+        let ping = Payload::Ping(Ping {
+            timestamp: unix_nanos(SystemTime::now()),
+        });
+        let _ = self.queue.try_send(Outbound::Message(control(ping)));
+    }
+
     /// Frames waiting in the send queue.
     pub fn queued(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
@@ -639,9 +651,11 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
             for body in [&response, &disconnect] {
                 frames.extend_from_slice(&codec::frame_body(body, HANDSHAKE_MAX_FRAME_SIZE)?);
             }
+            let reason = error.disconnect_reason();
+            let details = error.to_string();
             let _ = tokio::time::timeout(disconnect_timeout, async {
                 writer.write_frames(&frames).await?;
-                writer.shutdown().await
+                writer.shutdown(Some((reason, &details))).await
             })
             .await;
             Err(TransportError::Handshake(error))
@@ -662,7 +676,7 @@ pub(crate) async fn send_disconnect<W: FrameWriter>(
     };
     let _ = tokio::time::timeout(timeout, async {
         writer.write_frames(&frame).await?;
-        writer.shutdown().await
+        writer.shutdown(Some((reason, details))).await
     })
     .await;
 }
@@ -1241,7 +1255,9 @@ async fn write_loop<W: FrameWriter>(
             break;
         }
     }
-    let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown()).await;
+    let end = connection.end.get();
+    let reason = end.map(|end| (end.reason, end.details.as_str()));
+    let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown(reason)).await;
     // Whatever is still queued will never be written: say so.
     queue.close();
     let mut undelivered = 0usize;

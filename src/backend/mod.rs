@@ -2,6 +2,8 @@
 //! pipes and nothing else; handshake, signatures and health live in
 //! [`crate::session`] and work the same over every back-end.
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod tcp;
 
 use std::{future::Future, net::SocketAddr};
@@ -31,12 +33,16 @@ pub trait Listener: Send + 'static {
     /// What is left of establishing an accepted connection (a TLS or QUIC
     /// handshake). The server awaits it in the connection's own task, under
     /// the handshake deadline, so a slow peer never holds up accepting.
-    type Connecting: Future<Output = std::io::Result<Pipe<Self::Reader, Self::Writer>>> + Send + 'static;
+    type Connecting: Future<Output = std::io::Result<Pipe<Self::Reader, Self::Writer>>>
+        + Send
+        + 'static;
 
     /// The next connection and the peer's address. Errors are
     /// per-connection (the listener goes on) unless [`Listener::is_fatal`]
     /// says otherwise.
-    fn accept(&mut self) -> impl Future<Output = std::io::Result<(Self::Connecting, Option<SocketAddr>)>> + Send;
+    fn accept(
+        &mut self,
+    ) -> impl Future<Output = std::io::Result<(Self::Connecting, Option<SocketAddr>)>> + Send;
 
     /// The bound address (the real port when bound to port 0).
     fn local_addr(&self) -> std::io::Result<SocketAddr>;

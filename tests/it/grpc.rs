@@ -1,0 +1,266 @@
+//! gRPC-specific behaviour: metadata, bearer tokens, trailers, size limits,
+//! TLS and retry. The shared end-to-end suite covers the rest.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use publisher_transport::{
+    ClientAuth, ClientConfig, DisconnectReason, GrpcClient, GrpcServer, Message, SecretKey,
+    ServerAuth, ServerConfig, TransportError, TrustStore,
+    backend::grpc::{DISCONNECT_REASON_TRAILER, GrpcBackend, GrpcOptions},
+    channel_handler,
+    proto::{
+        Payload,
+        rollup::v1::{Block, Vote},
+        transport::v1::{FrameBatch, frame_service_client::FrameServiceClient},
+    },
+    tls::{ClientTrust, Identity, ServerTrust},
+};
+use tokio::time::timeout;
+
+struct Keys {
+    server: Arc<SecretKey>,
+    client: Arc<SecretKey>,
+    trust: Arc<TrustStore>,
+}
+
+fn keys() -> Keys {
+    let (server, client) = (
+        Arc::new(SecretKey::generate()),
+        Arc::new(SecretKey::generate()),
+    );
+    let trust = Arc::new(TrustStore::new());
+    trust.add("seq-a", client.public_key().clone()).unwrap();
+    Keys {
+        server,
+        client,
+        trust,
+    }
+}
+
+fn vote() -> Message {
+    Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Vote(Vote {
+            vote: true,
+            ..Default::default()
+        })),
+    }
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig::default().with_listen_addr("127.0.0.1:0")
+}
+
+async fn round_trip(server_backend: GrpcBackend, client_backend: GrpcBackend) {
+    let keys = keys();
+    let server = GrpcServer::grpc(
+        server_config(),
+        server_backend,
+        Some(ServerAuth::new(keys.server.clone(), keys.trust.clone())),
+    );
+    let (handler, mut inbound) = channel_handler(16);
+    server.set_handler(handler);
+    let addr = server.start().await.unwrap();
+    let client = GrpcClient::grpc(
+        ClientConfig::default().with_client_id("seq-a"),
+        client_backend,
+        Some(
+            ClientAuth::new(keys.client.clone()).with_server_key(keys.server.public_key().clone()),
+        ),
+    );
+    let (client_handler, mut client_inbound) = channel_handler(16);
+    client.set_handler(client_handler);
+    client.connect(&addr.to_string()).await.unwrap();
+    client.send(vote()).await.unwrap();
+    let got = timeout(Duration::from_secs(10), inbound.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*got.from, "seq-a");
+    assert!(server.connections()[0].signed_frames);
+    server.broadcast(vote(), None).unwrap();
+    let got = timeout(Duration::from_secs(10), client_inbound.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.message.sender_id, "publisher");
+    client.disconnect().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn signed_round_trip_over_h2c() {
+    round_trip(
+        GrpcBackend::new(GrpcOptions::default()),
+        GrpcBackend::new(GrpcOptions::default()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn signed_round_trip_over_tls_with_a_pinned_certificate() {
+    let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+    let server = GrpcBackend::new(GrpcOptions::default())
+        .with_server_tls(&identity, &ClientTrust::default())
+        .unwrap();
+    let client = GrpcBackend::new(GrpcOptions::default())
+        .with_client_tls(&ServerTrust::pinned(identity.fingerprint()))
+        .unwrap();
+    round_trip(server, client).await;
+}
+
+#[tokio::test]
+async fn bearer_token_is_checked_by_the_server() {
+    let options = GrpcOptions {
+        bearer_token: Some("s3cret".into()),
+        ..GrpcOptions::default()
+    };
+    let server = GrpcServer::grpc(server_config(), GrpcBackend::new(options.clone()), None);
+    let addr = server.start().await.unwrap().to_string();
+
+    let wrong = GrpcClient::grpc(
+        ClientConfig::default(),
+        GrpcBackend::new(GrpcOptions {
+            bearer_token: Some("guess".into()),
+            ..GrpcOptions::default()
+        }),
+        None,
+    );
+    match timeout(Duration::from_secs(10), wrong.connect(&addr))
+        .await
+        .unwrap()
+    {
+        Err(TransportError::Refused { reason, details }) => {
+            assert_eq!(reason, DisconnectReason::AuthFailure);
+            assert_eq!(details, "invalid bearer token");
+        }
+        other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+    }
+    let missing = GrpcClient::grpc(
+        ClientConfig::default(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    assert!(matches!(
+        missing.connect(&addr).await,
+        Err(TransportError::Refused {
+            reason: DisconnectReason::AuthFailure,
+            ..
+        })
+    ));
+    let right = GrpcClient::grpc(ClientConfig::default(), GrpcBackend::new(options), None);
+    right.connect(&addr).await.unwrap();
+    right.disconnect().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_above_tonics_four_mib_default_pass() {
+    let server = GrpcServer::grpc(
+        server_config(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    let (handler, mut inbound) = channel_handler(4);
+    server.set_handler(handler);
+    let addr = server.start().await.unwrap().to_string();
+    let client = GrpcClient::grpc(
+        ClientConfig::default(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    client.connect(&addr).await.unwrap();
+    let big = Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Block(Block {
+            block_data: Bytes::from(vec![7u8; 6 * 1024 * 1024]),
+            ..Default::default()
+        })),
+    };
+    client.send(big).await.unwrap();
+    let got = timeout(Duration::from_secs(20), inbound.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match got.message.payload {
+        Some(Payload::Block(block)) => assert_eq!(block.block_data.len(), 6 * 1024 * 1024),
+        other => panic!("unexpected {other:?}"),
+    }
+    client.disconnect().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_disconnect_reason_arrives_in_trailers() {
+    // A raw tonic client: what any third-party gRPC client sees.
+    let server = GrpcServer::grpc(
+        server_config(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    let addr = server.start().await.unwrap();
+    let mut client = FrameServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // Without auth the server reads messages at once; a garbage body breaks the protocol.
+    let request = tokio_stream::iter(vec![FrameBatch {
+        frames: vec![Bytes::from_static(b"\xff\xff\xff")],
+    }]);
+    let mut stream = client.session(request).await.unwrap().into_inner();
+    let ended = timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return stream.trailers().await.unwrap().unwrap(),
+                Err(status) => return status.metadata().clone(),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ended.get(DISCONNECT_REASON_TRAILER).unwrap(),
+        "protocol_error"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn opening_retries_while_the_server_is_unavailable() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let mut options = GrpcOptions::default();
+    options.retry.initial = Duration::from_millis(50);
+    options.retry.max_retries = Some(100);
+    let backend = GrpcBackend::new(options);
+    let client = GrpcClient::grpc(ClientConfig::default(), backend.clone(), None);
+    let connecting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.connect(&addr.to_string()).await })
+    };
+    // Only once an attempt has failed (nothing listens yet) does the server start.
+    timeout(Duration::from_secs(10), async {
+        while backend.open_attempts() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the client retries");
+    assert!(!client.is_connected());
+    let server = GrpcServer::grpc(
+        ServerConfig::default().with_listen_addr(addr.to_string()),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    server.start().await.unwrap();
+    timeout(Duration::from_secs(20), connecting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(client.is_connected());
+    client.disconnect().await.unwrap();
+    server.stop().await.unwrap();
+}
