@@ -131,6 +131,10 @@ pub trait Server: Send + Sync {
     fn set_handler(&self, handler: Arc<dyn Handler>);
     /// Metadata and counters of every connection.
     fn connections(&self) -> Vec<ConnectionInfo>;
+    /// This server's metrics.
+    fn metrics(&self) -> Arc<metrics::Metrics>;
+    /// The back-end's name ("tcp", "grpc", "quic", …).
+    fn backend_name(&self) -> &'static str;
 }
 
 #[async_trait::async_trait]
@@ -163,6 +167,12 @@ impl<B: backend::Backend> Server for TransportServer<B> {
     fn connections(&self) -> Vec<ConnectionInfo> {
         TransportServer::connections(self)
     }
+    fn metrics(&self) -> Arc<metrics::Metrics> {
+        TransportServer::metrics(self).clone()
+    }
+    fn backend_name(&self) -> &'static str {
+        TransportServer::backend_name(self)
+    }
 }
 
 /// The client side of every back-end, object-safe (the Go `Client` interface).
@@ -194,6 +204,8 @@ pub trait Client: Send + Sync {
     fn set_reconnect_delay(&self, delay: Duration);
     /// Connection-state events.
     fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent>;
+    /// This client's metrics.
+    fn metrics(&self) -> Arc<metrics::Metrics>;
 }
 
 #[async_trait::async_trait]
@@ -237,4 +249,17 @@ impl<B: backend::Backend> Client for TransportClient<B> {
     fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
         TransportClient::events(self)
     }
+    fn metrics(&self) -> Arc<metrics::Metrics> {
+        TransportClient::metrics(self).clone()
+    }
 }
+
+#[cfg(feature = "quic")]
+pub use backend::quic::{QuicBackend, QuicOptions};
+
+/// A QUIC server.
+#[cfg(feature = "quic")]
+pub type QuicServer = TransportServer<backend::quic::QuicBackend>;
+/// A QUIC client.
+#[cfg(feature = "quic")]
+pub type QuicClient = TransportClient<backend::quic::QuicBackend>;

@@ -114,6 +114,11 @@ impl<B: Backend> TransportServer<B> {
         Self { inner }
     }
 
+    /// The back-end's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
     /// This server's metrics (its own registry).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.context.metrics
@@ -339,7 +344,8 @@ async fn accept_loop<B: Backend>(
             Ok((connecting, remote_addr)) => {
                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("connection", id, remote = ?remote_addr);
-                tasks.spawn(serve::<B>(inner.clone(), id, connecting, remote_addr).instrument(span));
+                tasks
+                    .spawn(serve::<B>(inner.clone(), id, connecting, remote_addr).instrument(span));
             }
             Err(err) if B::Listener::is_fatal(&err) => {
                 error!(error = %err, "listener failed; no longer accepting");
