@@ -2,7 +2,10 @@
 //! With the `grpc` feature, tonic's generator also emits the gRPC service.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/rollup/v1/messages.proto", "proto/transport/v1/transport.proto"];
+    let files = [
+        "proto/rollup/v1/messages.proto",
+        "proto/transport/v1/transport.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -16,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .compile_fds(descriptors)?;
         return Ok(());
     }
-    prost_build::Config::new().bytes(["."]).compile_fds(descriptors)?;
+    prost_build::Config::new()
+        .bytes(["."])
+        .compile_fds(descriptors)?;
     Ok(())
 }

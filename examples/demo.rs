@@ -1,10 +1,12 @@
 //! One publisher and three sequencers in one process, mutually
-//! authenticated with signed frames over TCP on 127.0.0.1, driving 1,000
-//! cross-chain transactions through XTRequest → StartSC → votes → Decided.
+//! authenticated with signed frames on 127.0.0.1, driving 1,000 cross-chain
+//! transactions through XTRequest → StartSC → votes → Decided.
 //!
-//! `cargo run --release --example demo` (add `--all-features` for
-//! libsecp256k1). Prints a summary; exits non-zero if anything is missing
-//! after the global timeout. Logs on stderr (`RUST_LOG`, default `warn`).
+//! `cargo run --release --example demo [-- --backend tcp|grpc|quic]` (add
+//! `--all-features` for libsecp256k1). QUIC runs over TLS with a self-signed
+//! certificate the sequencers pin. Prints a summary; exits non-zero if
+//! anything is missing after the global timeout. Logs on stderr (`RUST_LOG`,
+//! default `warn`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -20,9 +22,11 @@ use std::{
 };
 
 use bytes::Bytes;
+use clap::Parser;
+use common::backend::{self, BackendArgs, BackendKind};
 use publisher_transport::{
-    ClientAuth, ClientConfig, CryptoBackend, Inbound, SecretKey, ServerAuth, ServerConfig,
-    TcpClient, TcpServer, TrustStore, channel_handler, proto::Payload,
+    Client, ClientAuth, ClientConfig, CryptoBackend, Inbound, SecretKey, ServerAuth, ServerConfig,
+    TrustStore, channel_handler, proto::Payload,
 };
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -49,16 +53,25 @@ struct Progress {
 /// XTs a sequencer submitted and awaits, with when it sent each.
 type Pending = Arc<Mutex<HashMap<Bytes, Instant>>>;
 
+#[derive(Debug, Parser)]
+#[command(about = "Publisher and three sequencers in one process: 1,000 cross-chain transactions")]
+struct Args {
+    /// Transport: tcp, grpc or quic.
+    #[arg(long, value_enum, default_value_t = BackendKind::Tcp)]
+    backend: BackendKind,
+}
+
 struct Sequencer {
-    client: TcpClient,
+    client: Arc<dyn Client>,
     chain_id: Bytes,
     pending: Pending,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args = Args::parse();
     common::init_tracing("warn");
-    match run().await {
+    match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(err) => {
@@ -68,14 +81,21 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<bool, Box<dyn std::error::Error>> {
+async fn run(args: Args) -> Result<bool, backend::BoxError> {
     let backend = CryptoBackend::default();
     let server_key = Arc::new(SecretKey::generate());
     let trust = Arc::new(TrustStore::new());
-    let server = TcpServer::tcp(
+    // TLS only where the back-end cannot do without it (QUIC): a fresh
+    // self-signed certificate, pinned by the sequencers.
+    let mut transport = BackendArgs::new(args.backend, false);
+    let setup = backend::server(
+        &transport,
         ServerConfig::default().with_listen_addr("127.0.0.1:0"),
         Some(ServerAuth::new(server_key.clone(), trust.clone())),
-    );
+    )?;
+    let server = setup.server;
+    transport.pin_sha256.extend(setup.fingerprint.clone());
+    let clients = backend::ClientFactory::new(&transport)?;
     let (handler, inbound) = channel_handler(4096);
     server.set_handler(handler);
     let coordinator = common::Coordinator::new(server.clone());
@@ -90,7 +110,7 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
         let name = format!("seq-{n}");
         let key = Arc::new(SecretKey::generate());
         trust.add(name.clone(), key.public_key().clone())?;
-        let client = TcpClient::tcp(
+        let client = clients.client(
             ClientConfig::default().with_client_id(&name),
             Some(ClientAuth::new(key).with_server_key(server_key.public_key().clone())),
         );
@@ -173,6 +193,15 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     latencies.sort_unstable();
 
     println!("publisher on {addr}, {SEQUENCERS} sequencers, mutual authentication");
+    println!(
+        "back-end: {}{}",
+        server.backend_name(),
+        if setup.fingerprint.is_some() {
+            " (TLS, self-signed certificate pinned by the sequencers)"
+        } else {
+            ""
+        }
+    );
     if !finished {
         println!(
             "TIMEOUT after {} s: {decided} of {TRANSACTIONS} cross-chain transactions decided",
@@ -254,7 +283,7 @@ async fn drive(sequencers: &[Sequencer], progress: &Progress, window: &Semaphore
 /// A sequencer's inbound loop: vote commit on each StartSC; on the Decided
 /// of an XT it submitted, record the latency and free a window slot.
 async fn run_sequencer(
-    client: TcpClient,
+    client: Arc<dyn Client>,
     mut inbound: mpsc::Receiver<Inbound>,
     chain_id: Bytes,
     pending: Pending,

@@ -4,11 +4,15 @@
 //!
 //! ```text
 //! cargo run --example publisher -- --listen 127.0.0.1:8080 --key-file publisher.key \
-//!     --trust seq-a=02ab… --trust seq-b=03cd…
+//!     --trust seq-a=02ab… --trust seq-b=03cd… [--backend tcp|grpc|quic] [--tls]
 //! ```
 //!
-//! Prints `listening on IP:PORT` and `public key <hex>` on stdout, logs on
-//! stderr (`RUST_LOG`, default `info`). Stops gracefully on Ctrl-C or SIGTERM.
+//! Prints `listening on IP:PORT` and `public key <hex>` on stdout, then
+//! `metrics on http://IP:PORT/metrics` with `--metrics-listen`, then `tls
+//! fingerprint <sha256 hex>` when TLS is on (QUIC, or `--tls`); without
+//! `--tls-cert`/`--tls-key` the certificate is a self-signed one generated at
+//! start-up, which sequencers pin with `--pin-sha256`. Logs on stderr
+//! (`RUST_LOG`, default `info`). Stops gracefully on Ctrl-C or SIGTERM.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -16,8 +20,9 @@ mod common;
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
+use common::backend::{self, BackendArgs};
 use publisher_transport::{
-    PublicKey, SecretKey, ServerAuth, ServerConfig, TcpServer, TrustStore, channel_handler,
+    PublicKey, SecretKey, ServerAuth, ServerConfig, TrustStore, channel_handler,
 };
 use tracing::{info, warn};
 
@@ -44,6 +49,8 @@ struct Args {
     /// Address to serve Prometheus metrics on.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    transport: BackendArgs,
 }
 
 fn parse_trust(text: &str) -> Result<(String, PublicKey), String> {
@@ -70,7 +77,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(args: Args) -> Result<(), backend::BoxError> {
+    // Bad back-end flags are reported before anything else happens.
+    args.transport.validate()?;
     let key = Arc::new(match &args.key_file {
         Some(path) => SecretKey::load_or_generate(path)?,
         None => SecretKey::generate(),
@@ -93,7 +102,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(ServerAuth::new(key.clone(), trust))
     };
 
-    let server = TcpServer::tcp(ServerConfig::default().with_listen_addr(&args.listen), auth);
+    let setup = backend::server(
+        &args.transport,
+        ServerConfig::default().with_listen_addr(&args.listen),
+        auth,
+    )?;
+    let server = setup.server;
     // Handler and coordinator first, so no early message finds nobody listening.
     let (handler, inbound) = channel_handler(INBOUND_CAPACITY);
     server.set_handler(handler);
@@ -105,16 +119,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_addr) = &args.metrics_listen {
-        let bound = publisher_transport::metrics::serve(
-            vec![server.metrics().clone()],
-            metrics_addr,
-            async {
+        let bound =
+            publisher_transport::metrics::serve(vec![server.metrics()], metrics_addr, async {
                 let _ = metrics_stopped.await;
-            },
-        )
-        .await?;
+            })
+            .await?;
         common::say(format!("metrics on http://{bound}/metrics"));
     }
+    if let Some(fingerprint) = &setup.fingerprint {
+        common::say(format!("tls fingerprint {fingerprint}"));
+        if setup.self_signed {
+            info!(
+                "TLS with a self-signed certificate generated at start-up; clients pin it with --pin-sha256"
+            );
+        }
+    }
+    info!(backend = server.backend_name(), "publisher running");
 
     common::shutdown_signal().await;
     info!("shutting down");

@@ -4,8 +4,13 @@
 //!
 //! ```text
 //! cargo run --example sequencer -- --connect 127.0.0.1:8080 --key-file seq-a.key \
-//!     --publisher-key 02ab… --client-id seq-a --chain-id 1 --xt-every 500ms
+//!     --publisher-key 02ab… --client-id seq-a --chain-id 1 --xt-every 500ms \
+//!     [--backend tcp|grpc|quic] [--tls] [--pin-sha256 <publisher's tls fingerprint>]
 //! ```
+//!
+//! With TLS (QUIC, or `--tls`) the publisher's certificate is verified by
+//! `--tls-ca` and/or `--pin-sha256`; `--tls-cert`/`--tls-key` present a
+//! client certificate to a publisher that requires one.
 //!
 //! Prints `public key <hex>` (unless `--no-auth`), `connected to ADDR` per
 //! (re)connection and `decided <xt_id hex> commit|abort` per decision on
@@ -18,9 +23,10 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use common::backend::{self, BackendArgs};
 use humantime_serde::re::humantime;
 use publisher_transport::{
-    ClientAuth, ClientConfig, ConnectionEvent, Inbound, PublicKey, SecretKey, TcpClient,
+    Client, ClientAuth, ClientConfig, ConnectionEvent, Inbound, PublicKey, SecretKey,
     channel_handler, proto::Payload,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
@@ -67,6 +73,8 @@ struct Args {
     /// Connect without a handshake (a publisher started with --no-auth).
     #[arg(long)]
     no_auth: bool,
+    #[command(flatten)]
+    transport: BackendArgs,
 }
 
 fn parse_public_key(text: &str) -> Result<PublicKey, String> {
@@ -94,7 +102,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
+    // Bad back-end flags are reported before a key is printed or created.
+    let factory = backend::ClientFactory::new(&args.transport)?;
     let auth = if args.no_auth {
         if args.publisher_key.is_some() {
             warn!("--no-auth: --publisher-key is not used");
@@ -120,7 +130,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(id) = &args.client_id {
         config = config.with_client_id(id);
     }
-    let client = TcpClient::tcp(config, auth);
+    let client = factory.client(config, auth);
     let (handler, inbound) = channel_handler(1024);
     client.set_handler(handler);
     // Subscribed before connecting, so the first `Connected` is seen too.
@@ -141,7 +151,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         _ = common::shutdown_signal() => return Ok(ExitCode::from(130)),
     }
-    info!(client_id = %client.id(), "sequencer running");
+    info!(client_id = %client.id(), backend = args.transport.backend.name(), "sequencer running");
 
     if let Some(every) = args.xt_every {
         tokio::spawn(submit_periodically(client.clone(), chain_id, every));
@@ -177,7 +187,7 @@ async fn report_events(mut events: tokio::sync::broadcast::Receiver<ConnectionEv
 
 /// Votes on each StartSC and prints each Decided.
 async fn serve(
-    client: TcpClient,
+    client: Arc<dyn Client>,
     mut inbound: mpsc::Receiver<Inbound>,
     chain_id: Bytes,
     commit: bool,
@@ -215,7 +225,7 @@ async fn serve(
 }
 
 /// Submits an XTRequest every `every` while connected.
-async fn submit_periodically(client: TcpClient, chain_id: Bytes, every: Duration) {
+async fn submit_periodically(client: Arc<dyn Client>, chain_id: Bytes, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     // After an outage, resume the pace rather than send a burst.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex, PoisonError, RwLock,
+        Arc, Mutex, PoisonError, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -356,7 +356,7 @@ impl<B: Backend> TransportClient<B> {
         task: tokio::task::JoinHandle<SessionEnd>,
     ) {
         let stop = CancellationToken::new();
-        let inner = self.inner.clone();
+        let inner = Arc::downgrade(&self.inner);
         let handle = tokio::spawn(
             supervise(inner, addr, connection, task, stop.clone())
                 .instrument(info_span!("client_supervisor")),
@@ -479,6 +479,7 @@ async fn try_establish<B: Backend>(
         inner.handler.clone(),
         inner.metrics.clone(),
         inner.write_buffers.clone(),
+        None,
     );
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let unauthenticated = inner.auth.is_none();
@@ -494,9 +495,10 @@ async fn try_establish<B: Backend>(
 }
 
 /// Watches a session; after it ends, reconnects with doubling waits until it
-/// succeeds or `stop` fires.
+/// succeeds or `stop` fires. Holds the client only weakly: dropping the last
+/// handle of a client ends its session and this task.
 async fn supervise<B: Backend>(
-    inner: Arc<Inner<B>>,
+    client: Weak<Inner<B>>,
     addr: String,
     mut connection: Arc<Connection>,
     mut task: tokio::task::JoinHandle<SessionEnd>,
@@ -507,17 +509,24 @@ async fn supervise<B: Backend>(
             end = &mut task => end,
             _ = stop.cancelled() => {
                 connection.close(DisconnectReason::Requested, "client disconnect");
-                let disconnect_timeout = inner.config.read().unwrap_or_else(PoisonError::into_inner).disconnect_timeout;
-                let end = match tokio::time::timeout(disconnect_timeout * 2, &mut task).await {
+                let grace = client.upgrade().map_or(Duration::from_secs(1), |inner| {
+                    inner.config.read().unwrap_or_else(PoisonError::into_inner).disconnect_timeout
+                });
+                let end = match tokio::time::timeout(grace * 2, &mut task).await {
                     Ok(end) => end,
                     Err(_) => {
                         connection.abort(DisconnectReason::Requested, "client disconnect");
                         task.await
                     }
                 };
-                emit_disconnected(&inner, &connection, end);
+                if let Some(inner) = client.upgrade() {
+                    emit_disconnected(&inner, &connection, end);
+                }
                 return;
             }
+        };
+        let Some(inner) = client.upgrade() else {
+            return;
         };
         emit_disconnected(&inner, &connection, end);
         let config = inner
@@ -525,6 +534,7 @@ async fn supervise<B: Backend>(
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        drop(inner);
         if !config.auto_reconnect {
             return;
         }
@@ -535,13 +545,16 @@ async fn supervise<B: Backend>(
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            if attempt > 1 {
-                inner.metrics.retry_attempts_total.inc();
-            }
             let wait = policy.delay(attempt);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+            }
+            let Some(inner) = client.upgrade() else {
+                return;
+            };
+            if attempt > 1 {
+                inner.metrics.retry_attempts_total.inc();
             }
             let established = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -571,6 +584,28 @@ async fn supervise<B: Backend>(
                     });
                 }
             }
+        }
+    }
+}
+
+impl<B: Backend> Drop for Inner<B> {
+    /// The last handle is gone: stop reconnecting and close the session.
+    fn drop(&mut self) {
+        let supervisor = self
+            .supervisor
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((stop, _)) = supervisor {
+            stop.cancel();
+        }
+        let current = self
+            .current
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(connection) = current {
+            connection.close(DisconnectReason::Requested, "client dropped");
         }
     }
 }

@@ -50,10 +50,28 @@ impl FrameCodec {
         self.max_frame_size
     }
 
+    /// Body length of a frame whose prefix was read but whose body has not
+    /// fully arrived.
+    pub fn pending_body(&self) -> Option<usize> {
+        self.pending_body
+    }
+
     /// Changes the maximum, e.g. from [`HANDSHAKE_MAX_FRAME_SIZE`] to the full
     /// limit once the peer is authenticated.
     pub fn set_max_frame_size(&mut self, max_frame_size: usize) {
         self.max_frame_size = max_frame_size;
+    }
+}
+
+/// Recognises the first bytes of protocols a peer may speak by mistake.
+fn foreign_protocol(prefix: &[u8]) -> Option<&'static str> {
+    match prefix {
+        // A TLS handshake record: type 22, version 3.x.
+        [0x16, 0x03, ..] => Some("TLS"),
+        [b'G', b'E', b'T', b' '] | [b'P', b'O', b'S', b'T'] | [b'P', b'R', b'I', b' '] => {
+            Some("HTTP")
+        }
+        _ => None,
     }
 }
 
@@ -80,6 +98,11 @@ impl Decoder for FrameCodec {
                     return Ok(None);
                 };
                 let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+                if len > self.max_frame_size
+                    && let Some(protocol) = foreign_protocol(prefix)
+                {
+                    return Err(CodecError::UnexpectedProtocol { protocol });
+                }
                 check_frame_len(len, self.max_frame_size)?;
                 src.advance(LENGTH_PREFIX_LEN);
                 self.pending_body = Some(len);

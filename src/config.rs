@@ -36,6 +36,18 @@ impl Default for RateLimit {
     }
 }
 
+/// Per-connection limit on what a peer may send: token buckets of frames
+/// and bytes per second, each holding one second's worth. A peer over either
+/// is disconnected with `THROTTLED`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundLimit {
+    /// Frames per second (a signed batch of many messages is one frame).
+    pub frames_per_second: f64,
+    /// Bytes per second, length prefixes included.
+    pub bytes_per_second: f64,
+}
+
 /// Server settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -76,6 +88,12 @@ pub struct ServerConfig {
     /// How long `stop` waits for peers to take their `Disconnect`.
     #[serde(with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// Memory for partly received large frames across all connections;
+    /// beyond it, connections receiving large frames stop reading until it
+    /// frees up. Frames up to 64 KiB never wait.
+    pub read_budget: usize,
+    /// Per-connection inbound rate limit; `None` for none.
+    pub inbound_limit: Option<InboundLimit>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +113,8 @@ impl Default for ServerConfig {
             send_queue_capacity: 4096,
             rate_limit: Some(RateLimit::default()),
             stop_timeout: Duration::from_secs(5),
+            read_budget: 256 * 1024 * 1024,
+            inbound_limit: None,
         }
     }
 }
@@ -143,6 +163,17 @@ impl ServerConfig {
                 "burst must be ≥ 1 and per_second a finite number ≥ 0",
             );
         }
+        if let Some(limit) = self.inbound_limit
+            && !(limit.frames_per_second > 0.0 && limit.bytes_per_second > 0.0)
+        {
+            return invalid(
+                "inbound_limit",
+                "frames_per_second and bytes_per_second must be > 0",
+            );
+        }
+        if self.read_budget < 64 * 1024 {
+            return invalid("read_budget", "must be at least 64 KiB");
+        }
         Ok(())
     }
 
@@ -154,6 +185,7 @@ impl ServerConfig {
             send_queue_capacity: self.send_queue_capacity,
             max_frame_size: self.max_message_size,
             disconnect_timeout: self.disconnect_timeout,
+            inbound_limit: self.inbound_limit,
         }
     }
 }
@@ -298,6 +330,7 @@ impl ClientConfig {
             send_queue_capacity: self.send_queue_capacity,
             max_frame_size: self.max_message_size,
             disconnect_timeout: self.disconnect_timeout,
+            inbound_limit: None,
         }
     }
 }

@@ -96,6 +96,15 @@ pub enum CodecError {
         /// The configured maximum.
         max: usize,
     },
+    /// The first bytes are another protocol's (a TLS or HTTP client on a
+    /// plain endpoint): a configuration mismatch rather than a huge frame.
+    #[error(
+        "peer speaks {protocol}, not length-prefixed frames: check both ends' TLS / back-end settings"
+    )]
+    UnexpectedProtocol {
+        /// What it looks like ("TLS", "HTTP").
+        protocol: &'static str,
+    },
     /// The frame body is not valid protobuf for the expected message.
     #[error("malformed {what}: {source}")]
     Malformed {

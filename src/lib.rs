@@ -30,6 +30,7 @@ pub mod retry;
 pub mod server;
 pub mod session;
 pub mod signed;
+pub mod stream;
 #[cfg(feature = "tls")]
 pub mod tls;
 

@@ -43,6 +43,9 @@ pub(crate) fn kind_index(message: &crate::Message) -> usize {
     MESSAGE_KINDS.iter().position(|k| *k == kind).unwrap_or(0)
 }
 
+/// Index of the `handshake_response` kind.
+pub(crate) const HANDSHAKE_RESPONSE_KIND: usize = 12;
+
 /// Index of the `signed_frame` kind, for frames counted before opening.
 pub(crate) const SIGNED_FRAME_KIND: usize = 16;
 

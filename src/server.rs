@@ -84,6 +84,7 @@ impl<B: Backend> TransportServer<B> {
             Arc::new(HandlerSlot::default()),
             metrics.clone(),
             session::write_buffer_pool(&metrics),
+            Some(crate::stream::ReadBudget::new(config.read_budget)),
         );
         let inner = Arc::new(Inner {
             backend,
@@ -412,7 +413,9 @@ async fn serve<B: Backend>(
         )
         .await;
     }
-    if inner.manager.len() >= config.max_connections {
+    // With authentication the limit is applied once the identity is known, so
+    // a peer reconnecting at capacity replaces its old session.
+    if inner.handshake.is_none() && inner.manager.len() >= config.max_connections {
         return refuse(
             &mut writer,
             DisconnectReason::TooManyPeers,
@@ -421,16 +424,19 @@ async fn serve<B: Backend>(
         .await;
     }
 
-    let setup = match &inner.handshake {
-        None => SessionSetup {
-            identity: Arc::from(id.to_string()),
-            client_id: None,
-            session_id: None,
-            remote_addr,
-            signer: None,
-            opener: None,
-            sender_id: None,
-        },
+    let (setup, response) = match &inner.handshake {
+        None => (
+            SessionSetup {
+                identity: Arc::from(id.to_string()),
+                client_id: None,
+                session_id: None,
+                remote_addr,
+                signer: None,
+                opener: None,
+                sender_id: None,
+            },
+            None,
+        ),
         Some(handshake) => {
             let Ok(_permit) = inner.handshakes.clone().try_acquire_owned() else {
                 return refuse(
@@ -445,7 +451,7 @@ async fn serve<B: Backend>(
                 unicast: unicast.floor(),
                 broadcast: Some(inner.broadcasts.floor()),
             };
-            let client = match server_handshake(
+            let (client, response) = match server_handshake(
                 &mut reader,
                 &mut writer,
                 handshake,
@@ -455,7 +461,7 @@ async fn serve<B: Backend>(
             )
             .await
             {
-                Ok(client) => client,
+                Ok(accepted) => accepted,
                 Err(err) => {
                     let reason = match &err {
                         TransportError::Handshake(err) => err.kind(),
@@ -472,6 +478,22 @@ async fn serve<B: Backend>(
                     return;
                 }
             };
+            // The identity is known now: a peer replacing its own session is
+            // always let in; anyone else only below the connection limit.
+            if inner.manager.get(&client.identity).is_none()
+                && inner.manager.len() >= config.max_connections
+            {
+                info!(identity = %client.identity, "connection refused: connection limit reached");
+                metrics.connection("refused_too_many_peers");
+                session::refuse_after_handshake(
+                    &mut writer,
+                    DisconnectReason::TooManyPeers,
+                    "connection limit reached",
+                    config.disconnect_timeout,
+                )
+                .await;
+                return;
+            }
             metrics.handshake("accepted", if client.extended { "extended" } else { "go" });
             info!(
                 identity = %client.identity,
@@ -488,7 +510,7 @@ async fn serve<B: Backend>(
                 Some(unicast),
                 auth.backend,
             );
-            SessionSetup {
+            let setup = SessionSetup {
                 identity: Arc::from(client.identity),
                 client_id: Some(client.client_id),
                 session_id: Some(client.session_id),
@@ -496,12 +518,16 @@ async fn serve<B: Backend>(
                 signer,
                 opener,
                 sender_id: None,
-            }
+            };
+            (setup, Some(response))
         }
     };
 
     let (connection, task) =
         session::start_session(id, reader, writer, setup, inner.context.clone());
+    if let Some(response) = response {
+        connection.queue_first(response, crate::metrics::HANDSHAKE_RESPONSE_KIND);
+    }
     let replaces = inner.manager.get(connection.identity()).is_some();
     if !replaces && inner.manager.len() >= config.max_connections {
         connection.close(DisconnectReason::TooManyPeers, "connection limit reached");

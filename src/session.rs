@@ -18,17 +18,14 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::StreamExt;
 use prost::Message as _;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    sync::mpsc::{self, error::TrySendError},
-};
-use tokio_util::{codec::FramedRead, sync::CancellationToken};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::{
-    codec::{self, FrameCodec, HANDSHAKE_MAX_FRAME_SIZE},
+    codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
+    config::InboundLimit,
     crypto::{CryptoBackend, PublicKey, SecretKey},
     error::{CodecError, DisconnectReason, HandshakeError, SignedFrameError, TransportError},
     handshake::{
@@ -53,6 +50,9 @@ pub trait FrameReader: Send + 'static {
     fn read_frame(&mut self) -> impl Future<Output = Option<Result<Bytes, CodecError>>> + Send;
     /// Changes the largest body accepted from now on.
     fn set_max_frame_size(&mut self, max: usize);
+    /// Shares a budget for buffering large frames (see [`ReadBudget`]).
+    /// Readers that receive whole frames from their transport ignore it.
+    fn set_read_budget(&mut self, _budget: Arc<ReadBudget>) {}
 }
 
 /// Writes frames to a pipe.
@@ -67,59 +67,7 @@ pub trait FrameWriter: Send + 'static {
     ) -> impl Future<Output = io::Result<()>> + Send;
 }
 
-/// Frame reader over a byte stream (TCP, TLS, QUIC stream, in-memory duplex).
-#[derive(Debug)]
-pub struct StreamFrameReader<R>(FramedRead<R, FrameCodec>);
-
-impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
-    /// Reads frames of at most `max_frame_size` bytes from `inner`.
-    pub fn new(inner: R, max_frame_size: usize) -> Self {
-        Self(FramedRead::new(inner, FrameCodec::new(max_frame_size)))
-    }
-}
-
-impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R> {
-    async fn read_frame(&mut self) -> Option<Result<Bytes, CodecError>> {
-        self.0.next().await
-    }
-
-    fn set_max_frame_size(&mut self, max: usize) {
-        self.0.decoder_mut().set_max_frame_size(max);
-    }
-}
-
-/// Frame writer over a byte stream.
-#[derive(Debug)]
-pub struct StreamFrameWriter<W>(pub W);
-
-impl<W: AsyncWrite + Send + Unpin + 'static> FrameWriter for StreamFrameWriter<W> {
-    async fn write_frames(&mut self, frames: &[u8]) -> io::Result<()> {
-        self.0.write_all(frames).await?;
-        self.0.flush().await
-    }
-
-    async fn shutdown(&mut self, _reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
-        self.0.shutdown().await
-    }
-}
-
-/// Splits an in-memory or socket byte stream into a frame reader and writer.
-pub fn stream_pipe<S>(
-    stream: S,
-    max_frame_size: usize,
-) -> (
-    StreamFrameReader<tokio::io::ReadHalf<S>>,
-    StreamFrameWriter<tokio::io::WriteHalf<S>>,
-)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (read, write) = tokio::io::split(stream);
-    (
-        StreamFrameReader::new(read, max_frame_size),
-        StreamFrameWriter(write),
-    )
-}
+pub use crate::stream::{ReadBudget, StreamFrameReader, StreamFrameWriter, stream_pipe};
 
 /// Per-connection settings shared by server and client.
 #[derive(Debug, Clone)]
@@ -136,6 +84,8 @@ pub struct SessionConfig {
     pub max_frame_size: usize,
     /// Bound on writing the final `Disconnect` frame.
     pub disconnect_timeout: Duration,
+    /// What a peer may send per second; `None` for no limit.
+    pub inbound_limit: Option<InboundLimit>,
 }
 
 impl Default for SessionConfig {
@@ -147,6 +97,7 @@ impl Default for SessionConfig {
             send_queue_capacity: 4096,
             max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
             disconnect_timeout: Duration::from_secs(1),
+            inbound_limit: None,
         }
     }
 }
@@ -287,6 +238,9 @@ pub struct ConnectionInfo {
 }
 
 /// Items of a connection's send queue.
+// Messages are queued by value: boxing them would cost an allocation per
+// message on the send path, more than the larger queue slots cost in memory.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Outbound {
     /// A message the writer encodes (and, in signed mode, seals with others).
@@ -380,9 +334,10 @@ impl Connection {
         self.signed
     }
 
-    /// Whether the connection is closed or closing.
+    /// Whether the connection is closed, or closing (sending its final
+    /// `Disconnect`): nothing queued from now on would be written.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.closed.is_cancelled() || self.end.get().is_some()
     }
 
     /// Sets the chain id reported in [`ConnectionInfo`].
@@ -420,6 +375,12 @@ impl Connection {
             timestamp: unix_nanos(SystemTime::now()),
         });
         let _ = self.queue.try_send(Outbound::Message(control(ping)));
+    }
+
+    /// Queues a complete frame that must precede everything else (the
+    /// handshake response); called before anyone else can reach the queue.
+    pub(crate) fn queue_first(&self, frame: Bytes, kind: usize) {
+        let _ = self.queue.try_send(Outbound::Frame(frame, kind));
     }
 
     /// Frames waiting in the send queue.
@@ -485,6 +446,9 @@ impl Connection {
     /// Queues a pre-encoded frame without waiting. On a full queue the peer is
     /// too slow: it is disconnected with `WRITE_TIMEOUT` and the error says so.
     pub(crate) fn try_send_frame(&self, frame: Bytes, kind: usize) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
         match self.queue.try_send(Outbound::Frame(frame, kind)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(self.closed_error()),
@@ -580,9 +544,31 @@ pub(crate) async fn client_handshake<R: FrameReader, W: FrameWriter>(
                 details: disconnect.details,
             });
         }
-        handshake
-            .finish(&response)
-            .map_err(TransportError::Handshake)
+        match handshake.finish(&response) {
+            Err(HandshakeError::Rejected { reason: text }) => {
+                // A refusal is followed by a `Disconnect` saying why; a full
+                // server is worth reporting as such, not as an auth failure.
+                let next = tokio::time::timeout(Duration::from_secs(1), reader.read_frame()).await;
+                if let Ok(Some(Ok(frame))) = next
+                    && let Some(disconnect) = as_disconnect(&frame)
+                {
+                    let reason = DisconnectReason::from_proto(disconnect.reason);
+                    if !matches!(
+                        reason,
+                        DisconnectReason::AuthFailure | DisconnectReason::ProtocolError
+                    ) {
+                        return Err(TransportError::Refused {
+                            reason,
+                            details: disconnect.details,
+                        });
+                    }
+                }
+                Err(TransportError::Handshake(HandshakeError::Rejected {
+                    reason: text,
+                }))
+            }
+            result => result.map_err(TransportError::Handshake),
+        }
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
@@ -610,7 +596,7 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
     local_floors: SequenceFloors,
     timeout: Duration,
     disconnect_timeout: Duration,
-) -> Result<AcceptedClient, TransportError> {
+) -> Result<(AcceptedClient, Bytes), TransportError> {
     reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
     let request = match tokio::time::timeout(timeout, reader.read_frame()).await {
         Err(_) => return Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
@@ -634,14 +620,13 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
         Ok(Some(Ok(request))) => request,
     };
     match handshake.respond(&request, SystemTime::now(), local_floors) {
-        ServerVerdict::Accept { response, client } => {
-            let frame = codec::frame_body(&response, HANDSHAKE_MAX_FRAME_SIZE)?;
-            match tokio::time::timeout(timeout, writer.write_frames(&frame)).await {
-                Ok(Ok(())) => Ok(*client),
-                Ok(Err(err)) => Err(TransportError::Codec(CodecError::Io(err))),
-                Err(_) => Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
-            }
-        }
+        // The response goes out as the session's first frame, once the
+        // connection is registered: a client that learns it was accepted can
+        // be sent to at once.
+        ServerVerdict::Accept { response, client } => Ok((
+            *client,
+            codec::frame_body(&response, HANDSHAKE_MAX_FRAME_SIZE)?,
+        )),
         ServerVerdict::Reject {
             response,
             disconnect,
@@ -661,6 +646,34 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
             Err(TransportError::Handshake(error))
         }
     }
+}
+
+/// Refuses a peer whose handshake succeeded but who cannot be served (the
+/// server is full): a refusing `HandshakeResponse`, then `Disconnect{reason}`.
+pub(crate) async fn refuse_after_handshake<W: FrameWriter>(
+    writer: &mut W,
+    reason: DisconnectReason,
+    details: &str,
+    timeout: Duration,
+) {
+    let response = crate::proto::rollup::v1::HandshakeResponse {
+        accepted: false,
+        error: details.to_owned(),
+        session_id: String::new(),
+    }
+    .encode_to_vec();
+    let mut frames = BytesMut::new();
+    for body in [&response[..], &disconnect_body(reason, details)[..]] {
+        match codec::frame_body(body, HANDSHAKE_MAX_FRAME_SIZE) {
+            Ok(frame) => frames.extend_from_slice(&frame),
+            Err(_) => return,
+        }
+    }
+    let _ = tokio::time::timeout(timeout, async {
+        writer.write_frames(&frames).await?;
+        writer.shutdown(Some((reason, details))).await
+    })
+    .await;
 }
 
 /// Writes a bare `Message{Disconnect}` and ends the stream, bounded in time.
@@ -709,6 +722,8 @@ pub(crate) struct SessionContext {
     pub(crate) handler: Arc<HandlerSlot>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) write_buffers: Arc<BufferPool>,
+    /// Shared by every connection of a server; `None` on a client.
+    pub(crate) read_budget: Option<Arc<ReadBudget>>,
 }
 
 impl SessionContext {
@@ -717,12 +732,14 @@ impl SessionContext {
         handler: Arc<HandlerSlot>,
         metrics: Arc<Metrics>,
         write_buffers: Arc<BufferPool>,
+        read_budget: Option<Arc<ReadBudget>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
             handler,
             metrics,
             write_buffers,
+            read_budget,
         })
     }
 }
@@ -757,6 +774,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
 ) -> (Arc<Connection>, tokio::task::JoinHandle<SessionEnd>) {
     let config = &context.config;
     reader.set_max_frame_size(config.max_frame_size);
+    if let Some(budget) = &context.read_budget {
+        reader.set_read_budget(budget.clone());
+    }
     let (queue, queue_rx) = mpsc::channel(config.send_queue_capacity.max(1));
     let now = SystemTime::now();
     let connection = Arc::new(Connection {
@@ -802,8 +822,17 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
     let task = tokio::spawn(
         async move {
             read_loop(reader, &reader_connection, setup.opener, &context).await;
+            let mut writer_task = writer_task;
+            let mut writer_done = false;
+            if !reader_connection.closed.is_cancelled() {
+                // A `Disconnect` is queued (`close`): let the writer send it.
+                let grace = context.config.disconnect_timeout * 2;
+                writer_done = tokio::time::timeout(grace, &mut writer_task).await.is_ok();
+            }
             reader_connection.closed.cancel();
-            let _ = writer_task.await;
+            if !writer_done {
+                let _ = writer_task.await;
+            }
             let end = reader_connection.end.get().cloned().unwrap_or(SessionEnd {
                 reason: DisconnectReason::Requested,
                 details: "closed".into(),
@@ -839,6 +868,7 @@ async fn read_loop<R: FrameReader>(
     let mut last_received = Instant::now();
     let mut last_ping: Option<Instant> = None;
     let mut evicting = false;
+    let mut inbound = config.inbound_limit.map(InboundMeter::new);
     loop {
         let frame = tokio::select! {
             biased;
@@ -889,6 +919,14 @@ async fn read_loop<R: FrameReader>(
         last_received = Instant::now();
         last_ping = None;
         connection.touch(body.len() + codec::LENGTH_PREFIX_LEN);
+        if let Some(meter) = &mut inbound
+            && !meter.admit(body.len() + codec::LENGTH_PREFIX_LEN)
+        {
+            warn!("peer over its inbound rate limit");
+            context.metrics.error("throttled", "read");
+            connection.close(DisconnectReason::Throttled, "inbound rate limit exceeded");
+            return;
+        }
         context
             .metrics
             .bytes(Direction::In, body.len() + codec::LENGTH_PREFIX_LEN);
@@ -949,6 +987,38 @@ async fn read_loop<R: FrameReader>(
                 return;
             }
         }
+    }
+}
+
+/// Token buckets of a connection's inbound frames and bytes.
+struct InboundMeter {
+    limit: InboundLimit,
+    frames: f64,
+    bytes: f64,
+    at: Instant,
+}
+
+impl InboundMeter {
+    fn new(limit: InboundLimit) -> Self {
+        Self {
+            limit,
+            frames: limit.frames_per_second,
+            bytes: limit.bytes_per_second,
+            at: Instant::now(),
+        }
+    }
+
+    /// Charges one frame of `size` bytes; false when over the limit.
+    fn admit(&mut self, size: usize) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let limit = self.limit;
+        self.frames =
+            (self.frames + elapsed * limit.frames_per_second).min(limit.frames_per_second) - 1.0;
+        self.bytes = (self.bytes + elapsed * limit.bytes_per_second).min(limit.bytes_per_second)
+            - size as f64;
+        self.frames >= 0.0 && self.bytes >= 0.0
     }
 }
 
@@ -1092,7 +1162,7 @@ impl WriteBatch {
     fn push_frame(&mut self, frame: &[u8], kind: usize, signer: Option<&FrameSigner>) {
         // Keep order: what was queued before this frame goes out before it.
         self.seal(signer);
-        self.messages += 1;
+        self.messages += u64::from(is_application_kind(kind));
         self.metrics
             .message(Direction::Out, kind, frame.len() - codec::LENGTH_PREFIX_LEN);
         self.buffer.extend_from_slice(frame);
@@ -1214,7 +1284,12 @@ async fn write_loop<W: FrameWriter>(
         let result = if written == 0 {
             Ok(Ok(()))
         } else {
-            tokio::time::timeout(limit, writer.write_frames(&batch.buffer)).await
+            // An aborted connection (too slow, replaced, stopped) stops even a
+            // write that is blocked on a peer which does not read.
+            tokio::select! {
+                result = tokio::time::timeout(limit, writer.write_frames(&batch.buffer)) => result,
+                _ = connection.closed.cancelled() => break,
+            }
         };
         pool.give(std::mem::take(&mut batch.buffer));
         if queue.is_empty() {
@@ -1268,6 +1343,15 @@ async fn write_loop<W: FrameWriter>(
         context.metrics.error("undelivered", "write");
         warn!(undelivered, "connection closed with queued messages unsent");
     }
+}
+
+/// Whether a payload kind (an index of `MESSAGE_KINDS`) is an application
+/// message rather than handshake or control traffic.
+fn is_application_kind(kind: usize) -> bool {
+    !matches!(
+        MESSAGE_KINDS[kind],
+        "handshake_request" | "handshake_response" | "ping" | "pong" | "disconnect"
+    )
 }
 
 fn is_application(message: &Message) -> bool {

@@ -36,6 +36,8 @@ const AUDIENCE_BROADCAST: u8 = 1;
 const AUDIENCE_UNICAST: u8 = 2;
 
 /// Who a signed frame is for.
+// A short-lived value built per seal, never stored in bulk.
+#[allow(clippy::large_enum_variant)]
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Audience {

@@ -13,7 +13,9 @@ use std::{fmt, path::Path, sync::Arc};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature},
+    crypto::{
+        CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
+    },
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
@@ -90,7 +92,8 @@ impl std::str::FromStr for Fingerprint {
     fn from_str(text: &str) -> Result<Self, TlsError> {
         let digits: String = text.trim().chars().filter(|c| *c != ':').collect();
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(&digits, &mut bytes).map_err(|_| TlsError::InvalidFingerprint(text.to_owned()))?;
+        hex::decode_to_slice(&digits, &mut bytes)
+            .map_err(|_| TlsError::InvalidFingerprint(text.to_owned()))?;
         Ok(Self(bytes))
     }
 }
@@ -124,7 +127,10 @@ impl Identity {
     }
 
     /// From PEM files.
-    pub fn from_pem_files(cert_path: impl AsRef<Path>, key_path: impl AsRef<Path>) -> Result<Self, TlsError> {
+    pub fn from_pem_files(
+        cert_path: impl AsRef<Path>,
+        key_path: impl AsRef<Path>,
+    ) -> Result<Self, TlsError> {
         let cert_pem = read(cert_path.as_ref())?;
         let key_pem = read(key_path.as_ref())?;
         let chain = certs_from_pem(&cert_pem, &cert_path.as_ref().display().to_string())?;
@@ -153,7 +159,10 @@ impl Identity {
 
     /// The chain in PEM, e.g. to hand to a client as its CA.
     pub fn chain_pem(&self) -> String {
-        self.chain.iter().map(|cert| pem_encode("CERTIFICATE", cert)).collect()
+        self.chain
+            .iter()
+            .map(|cert| pem_encode("CERTIFICATE", cert))
+            .collect()
     }
 
     /// The private key in PEM (PKCS#8). Handle with care.
@@ -196,7 +205,10 @@ impl CertificateAuthority {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, common_name);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let key = rcgen::KeyPair::generate()?;
         let cert = params.self_signed(&key)?.der().clone();
         Ok(Self { params, key, cert })
@@ -307,18 +319,27 @@ pub struct ClientTrust {
 }
 
 /// A rustls client config verifying the server by `trust`, offering `alpn`.
-pub fn client_config(trust: &ServerTrust, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_config(
+    trust: &ServerTrust,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     if trust.roots.is_empty() && trust.pins.is_empty() {
         return Err(TlsError::NothingToTrust);
     }
     let provider = provider();
-    let verifier = Arc::new(PinningVerifier::new(&trust.roots, &trust.pins, provider.clone())?);
+    let verifier = Arc::new(PinningVerifier::new(
+        &trust.roots,
+        &trust.pins,
+        provider.clone(),
+    )?);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match &trust.identity {
-        Some(identity) => builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?,
+        Some(identity) => {
+            builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -332,11 +353,16 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let builder = if clients.roots.is_empty() && clients.pins.is_empty() {
         builder.with_no_client_auth()
     } else {
-        let verifier = Arc::new(PinningVerifier::new(&clients.roots, &clients.pins, provider)?);
+        let verifier = Arc::new(PinningVerifier::new(
+            &clients.roots,
+            &clients.pins,
+            provider,
+        )?);
         builder.with_client_cert_verifier(verifier)
     };
     let mut config = builder.with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
@@ -368,12 +394,18 @@ impl PinningVerifier {
                 store.add(root.clone())?;
             }
             let store = Arc::new(store);
-            let server = rustls::client::WebPkiServerVerifier::builder_with_provider(store.clone(), provider.clone())
-                .build()
-                .map_err(|err| TlsError::ClientCa(err.to_string()))?;
-            let client = rustls::server::WebPkiClientVerifier::builder_with_provider(store, provider.clone())
-                .build()
-                .map_err(|err| TlsError::ClientCa(err.to_string()))?;
+            let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                store.clone(),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|err| TlsError::ClientCa(err.to_string()))?;
+            let client = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                store,
+                provider.clone(),
+            )
+            .build()
+            .map_err(|err| TlsError::ClientCa(err.to_string()))?;
             (Some(server), Some(client))
         };
         Ok(Self {
@@ -385,20 +417,43 @@ impl PinningVerifier {
     }
 
     /// Pin and (without a CA) validity checks on the leaf certificate.
-    fn check_leaf(&self, leaf: &CertificateDer<'_>, now: UnixTime, ca_checked: bool) -> Result<(), rustls::Error> {
+    fn check_leaf(
+        &self,
+        leaf: &CertificateDer<'_>,
+        now: UnixTime,
+        ca_checked: bool,
+    ) -> Result<(), rustls::Error> {
         if !self.pins.is_empty() && !self.pins.contains(&Fingerprint::of(leaf)) {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
         }
         if !ca_checked {
             let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
                 .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-            let now = now.as_secs() as i64;
             let validity = cert.validity();
-            if now > validity.not_after.timestamp() {
-                return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+            let seconds = now.as_secs() as i64;
+            let at = |time: x509_parser::time::ASN1Time| {
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                    time.timestamp().max(0) as u64
+                ))
+            };
+            // The same detailed errors as CA verification gives.
+            if seconds > validity.not_after.timestamp() {
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ExpiredContext {
+                        time: now,
+                        not_after: at(validity.not_after),
+                    },
+                ));
             }
-            if now < validity.not_before.timestamp() {
-                return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidYet));
+            if seconds < validity.not_before.timestamp() {
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidYetContext {
+                        time: now,
+                        not_before: at(validity.not_before),
+                    },
+                ));
             }
         }
         Ok(())
@@ -415,7 +470,13 @@ impl ServerCertVerifier for PinningVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         if let Some(webpki) = &self.server_webpki {
-            webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+            webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            )?;
         }
         self.check_leaf(end_entity, now, self.server_webpki.is_some())?;
         Ok(ServerCertVerified::assertion())
@@ -446,7 +507,9 @@ impl ServerCertVerifier for PinningVerifier {
 
 impl ClientCertVerifier for PinningVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.client_webpki.as_ref().map_or(&[], |v| v.root_hint_subjects())
+        self.client_webpki
+            .as_ref()
+            .map_or(&[], |v| v.root_hint_subjects())
     }
 
     fn verify_client_cert(
@@ -512,24 +575,43 @@ mod tests {
             .map(|pair| std::str::from_utf8(pair).unwrap().to_ascii_uppercase())
             .collect::<Vec<_>>()
             .join(":");
-        assert_eq!(plain.parse::<Fingerprint>().unwrap(), identity.fingerprint());
-        assert_eq!(colons.parse::<Fingerprint>().unwrap(), identity.fingerprint());
+        assert_eq!(
+            plain.parse::<Fingerprint>().unwrap(),
+            identity.fingerprint()
+        );
+        assert_eq!(
+            colons.parse::<Fingerprint>().unwrap(),
+            identity.fingerprint()
+        );
         assert!("abc".parse::<Fingerprint>().is_err());
     }
 
     #[test]
     fn pem_round_trips() {
         let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
-        let again = Identity::from_pem(identity.chain_pem().as_bytes(), identity.key_pem().as_bytes()).unwrap();
+        let again = Identity::from_pem(
+            identity.chain_pem().as_bytes(),
+            identity.key_pem().as_bytes(),
+        )
+        .unwrap();
         assert_eq!(again.chain, identity.chain);
         assert_eq!(again.key.secret_der(), identity.key.secret_der());
     }
 
     #[test]
     fn server_names() {
-        assert!(matches!(server_name_for("127.0.0.1:80").unwrap(), ServerName::IpAddress(_)));
-        assert!(matches!(server_name_for("[::1]:80").unwrap(), ServerName::IpAddress(_)));
-        assert!(matches!(server_name_for("localhost:80").unwrap(), ServerName::DnsName(_)));
+        assert!(matches!(
+            server_name_for("127.0.0.1:80").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name_for("[::1]:80").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name_for("localhost:80").unwrap(),
+            ServerName::DnsName(_)
+        ));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! Code shared by the `publisher`, `sequencer` and `demo` examples: logging
-//! set-up, shutdown signals, message builders and the publisher's
+//! Code shared by the example programs: back-end selection ([`backend`]),
+//! logging set-up, shutdown signals, message builders and the publisher's
 //! cross-chain coordinator (a miniature of the Go publisher's 2PC).
 
 // Each example compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
+
+pub mod backend;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -17,8 +19,7 @@ use std::{
 use bytes::Bytes;
 use prost::Message as _;
 use publisher_transport::{
-    Inbound, Message, TransportServer,
-    backend::Backend,
+    Inbound, Message, Server,
     proto::{
         Payload,
         rollup::v1::{Decided, StartSc, TransactionRequest, Vote, XtId, XtRequest},
@@ -151,8 +152,8 @@ struct Round {
 /// The publisher's cross-chain coordination: XTRequest → StartSC to all →
 /// votes of every participant → Decided to all. A single task owns the state,
 /// so no locks are needed and decisions are made exactly once.
-pub struct Coordinator<B: Backend> {
-    server: TransportServer<B>,
+pub struct Coordinator {
+    server: Arc<dyn Server>,
     decision_timeout: Duration,
     stats: Arc<CoordinatorStats>,
     next_sequence: u64,
@@ -163,9 +164,9 @@ pub struct Coordinator<B: Backend> {
     deadlines: VecDeque<(Instant, Bytes, u64)>,
 }
 
-impl<B: Backend> Coordinator<B> {
+impl Coordinator {
     /// A coordinator broadcasting through `server`.
-    pub fn new(server: TransportServer<B>) -> Self {
+    pub fn new(server: Arc<dyn Server>) -> Self {
         Self {
             server,
             decision_timeout: DECISION_TIMEOUT,

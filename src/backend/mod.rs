@@ -4,6 +4,8 @@
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod tcp;
 
 use std::{future::Future, net::SocketAddr};

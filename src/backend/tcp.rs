@@ -182,7 +182,8 @@ pub mod tls {
     /// Writing half of a TLS pipe.
     pub type TlsWriter = StreamFrameWriter<WriteHalf<TlsStream<TcpStream>>>;
     /// A TLS handshake in progress on an accepted connection.
-    pub type TlsConnecting = Pin<Box<dyn Future<Output = io::Result<Pipe<TlsReader, TlsWriter>>> + Send>>;
+    pub type TlsConnecting =
+        Pin<Box<dyn Future<Output = io::Result<Pipe<TlsReader, TlsWriter>>> + Send>>;
 
     /// TCP + TLS. A server needs a [`rustls::ServerConfig`], a client a
     /// [`rustls::ClientConfig`] (see [`crate::tls`]).
@@ -218,7 +219,10 @@ pub mod tls {
         }
     }
 
-    fn pipe(stream: TlsStream<TcpStream>, remote_addr: Option<SocketAddr>) -> Pipe<TlsReader, TlsWriter> {
+    fn pipe(
+        stream: TlsStream<TcpStream>,
+        remote_addr: Option<SocketAddr>,
+    ) -> Pipe<TlsReader, TlsWriter> {
         let (read, write) = tokio::io::split(stream);
         Pipe {
             reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
@@ -235,7 +239,9 @@ pub mod tls {
 
     impl std::fmt::Debug for TcpTlsListener {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("TcpTlsListener").field("tcp", &self.tcp).finish_non_exhaustive()
+            f.debug_struct("TcpTlsListener")
+                .field("tcp", &self.tcp)
+                .finish_non_exhaustive()
         }
     }
 
@@ -270,10 +276,9 @@ pub mod tls {
         }
 
         async fn bind(&self, addr: &str) -> Result<TcpTlsListener, TransportError> {
-            let config = self
-                .server
-                .clone()
-                .ok_or_else(|| TransportError::Config("a TLS server needs a server certificate".into()))?;
+            let config = self.server.clone().ok_or_else(|| {
+                TransportError::Config("a TLS server needs a server certificate".into())
+            })?;
             Ok(TcpTlsListener {
                 tcp: self.tcp.bind(addr).await?,
                 acceptor: TlsAcceptor::from(config),
@@ -281,11 +286,11 @@ pub mod tls {
         }
 
         async fn dial(&self, addr: &str) -> Result<Pipe<TlsReader, TlsWriter>, TransportError> {
-            let config = self
-                .client
-                .clone()
-                .ok_or_else(|| TransportError::Config("a TLS client needs a trust configuration".into()))?;
-            let name = crate::tls::server_name_for(addr).map_err(|err| TransportError::Config(err.to_string()))?;
+            let config = self.client.clone().ok_or_else(|| {
+                TransportError::Config("a TLS client needs a trust configuration".into())
+            })?;
+            let name = crate::tls::server_name_for(addr)
+                .map_err(|err| TransportError::Config(err.to_string()))?;
             let tcp = self.tcp.dial_stream(addr).await?;
             let remote = tcp.peer_addr().ok();
             let stream = TlsConnector::from(config)

@@ -8,6 +8,9 @@ mod grpc;
 mod handshake;
 mod metrics;
 mod multi;
+#[cfg(feature = "quic")]
+mod quic;
 mod signed;
 mod smoke;
+mod third_party;
 mod tls;

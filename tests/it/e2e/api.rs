@@ -6,9 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use publisher_transport::{
-    Client as _, ConnectionEvent, DisconnectReason, Server as _, TransportError, channel_handler,
-};
+use publisher_transport::{ConnectionEvent, DisconnectReason, TransportError, channel_handler};
 
 use super::{
     Harness, Keys, STEP_TIMEOUT, client_config, delivered, eventually, identity, next_event,
@@ -53,14 +51,16 @@ pub async fn start_and_listen_report_the_real_port<H: Harness>() {
     let client: Arc<dyn publisher_transport::Client> =
         Arc::new(H::client(client_config("a"), Some(keys.client_auth(0))));
     client.connect(&H::dial_addr(addr)).await.unwrap();
-    let plain: Arc<dyn publisher_transport::Client> =
-        Arc::new(H::client(client_config("b"), None));
+    let plain: Arc<dyn publisher_transport::Client> = Arc::new(H::client(client_config("b"), None));
     plain.connect(&H::dial_addr(other_addr)).await.unwrap();
 
     server.stop().await.unwrap();
     other.stop().await.unwrap();
     assert_eq!(server.local_addr(), None);
-    assert!(matches!(server.stop().await, Err(TransportError::NotRunning)));
+    assert!(matches!(
+        server.stop().await,
+        Err(TransportError::NotRunning)
+    ));
 }
 
 /// `stop` tells each peer `Disconnect{REQUESTED}` and returns once they left.
@@ -169,10 +169,7 @@ pub async fn set_handler_replaces_the_handler<H: Harness>() {
     dyn_client.send(numbered(1)).await.unwrap();
     assert_eq!(number_of(&recv(&mut first_rx, "1").await.message), 1);
     dyn_server.broadcast(numbered(1), None).unwrap();
-    assert_eq!(
-        number_of(&recv(&mut client_first_rx, "1").await.message),
-        1
-    );
+    assert_eq!(number_of(&recv(&mut client_first_rx, "1").await.message), 1);
 
     let (second, mut second_rx) = channel_handler(8);
     dyn_server.set_handler(second);
@@ -242,7 +239,11 @@ pub async fn connections_report_identity_address_and_counters<H: Harness>() {
     assert_eq!(info.messages_in, 3);
     // Length prefix, a signed frame and a 65-byte signature per message at least.
     assert!(info.bytes_in >= 3 * (4 + 65), "bytes_in {}", info.bytes_in);
-    assert!(info.bytes_out >= 2 * (4 + 65), "bytes_out {}", info.bytes_out);
+    assert!(
+        info.bytes_out >= 2 * (4 + 65),
+        "bytes_out {}",
+        info.bytes_out
+    );
 
     eventually("client counters", || {
         client
@@ -272,8 +273,10 @@ pub async fn client_lifecycle_connect_send_disconnect<H: Harness>() {
     let (handler, mut inbound) = channel_handler(16);
     server.set_handler(handler);
     let addr = server.start().await.unwrap();
-    let client: Arc<dyn publisher_transport::Client> =
-        Arc::new(H::client(client_config("client-a"), Some(keys.client_auth(0))));
+    let client: Arc<dyn publisher_transport::Client> = Arc::new(H::client(
+        client_config("client-a"),
+        Some(keys.client_auth(0)),
+    ));
     let mut events = client.events();
 
     assert_eq!(client.id(), "client-a");
@@ -296,7 +299,10 @@ pub async fn client_lifecycle_connect_send_disconnect<H: Harness>() {
     client.send(vote(true)).await.unwrap();
     let got = recv(&mut inbound, "vote").await;
     assert_eq!(&*got.from, identity(0));
-    assert_eq!(got.message.sender_id, "client-a", "sender_id is the client id");
+    assert_eq!(
+        got.message.sender_id, "client-a",
+        "sender_id is the client id"
+    );
     let connection = server.manager().get(&identity(0)).expect("registered");
 
     // Go's Disconnect hangs on its own lock (WIRE.md weakness 13).
@@ -311,7 +317,10 @@ pub async fn client_lifecycle_connect_send_disconnect<H: Harness>() {
     let end = connection.end().expect("an ended session says how");
     assert_eq!(end.reason, DisconnectReason::Requested);
     assert!(end.by_peer);
-    eventually("connection unregistered", || server.connections().is_empty()).await;
+    eventually("connection unregistered", || {
+        server.connections().is_empty()
+    })
+    .await;
 
     let event = next_event(&mut events, "disconnected", is_disconnected).await;
     assert!(
@@ -367,24 +376,27 @@ pub async fn client_reconnect_starts_a_new_session<H: Harness>() {
     for _ in 0..3 {
         kinds.push(next_event(&mut events, "any", |_| true).await);
     }
-    assert!(matches!(
-        kinds[..],
-        [
-            ConnectionEvent::Connected {
-                reconnect: false,
-                ..
-            },
-            ConnectionEvent::Disconnected {
-                reason: DisconnectReason::Requested,
-                by_peer: false,
-                ..
-            },
-            ConnectionEvent::Connected {
-                reconnect: false,
-                ..
-            },
-        ]
-    ));
+    assert!(
+        matches!(
+            kinds[..],
+            [
+                ConnectionEvent::Connected {
+                    reconnect: false,
+                    ..
+                },
+                ConnectionEvent::Disconnected {
+                    reason: DisconnectReason::Requested,
+                    by_peer: false,
+                    ..
+                },
+                ConnectionEvent::Connected {
+                    reconnect: false,
+                    ..
+                },
+            ]
+        ),
+        "{kinds:?}"
+    );
     dyn_client.send(numbered(1)).await.unwrap();
     assert_eq!(number_of(&recv(&mut inbound, "1").await.message), 1);
 
@@ -466,7 +478,13 @@ pub async fn client_setters_apply_to_future_sessions<H: Harness>() {
     );
     let event = next_event(&mut events, "automatic reconnect", is_connected).await;
     assert!(
-        matches!(event, ConnectionEvent::Connected { reconnect: true, .. }),
+        matches!(
+            event,
+            ConnectionEvent::Connected {
+                reconnect: true,
+                ..
+            }
+        ),
         "{event:?}"
     );
     assert!(dyn_client.stats().reconnects >= 1);

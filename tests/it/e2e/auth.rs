@@ -107,22 +107,24 @@ pub async fn client_requiring_server_key_refuses_go_mode_server<H: Harness>() {
     server.stop().await.unwrap();
 }
 
-/// A client expecting another server key refuses the one proven.
-pub async fn client_refuses_wrong_server_key<H: Harness>() {
+/// A client expecting another server key: the server sees the request is
+/// addressed to someone else and refuses it (PROTOCOL.md §3.1 step 5).
+pub async fn server_refuses_request_for_another_server<H: Harness>() {
     let keys = Keys::new(1);
     let server = H::server(server_config(), Some(keys.server_auth()));
     let addr = server.start().await.unwrap();
-    let impostor_expected = SecretKey::generate().public_key().clone();
+    let other_server = SecretKey::generate().public_key().clone();
     let client = H::client(
         client_config("a"),
-        Some(ClientAuth::new(keys.clients[0].clone()).with_server_key(impostor_expected)),
+        Some(ClientAuth::new(keys.clients[0].clone()).with_server_key(other_server)),
     );
     match client.connect(&H::dial_addr(addr)).await {
-        Err(TransportError::Handshake(HandshakeError::WrongServerKey { actual, .. })) => {
-            assert_eq!(actual, keys.server.public_key().to_string());
+        Err(TransportError::Handshake(HandshakeError::Rejected { reason })) => {
+            assert_eq!(reason, "handshake addressed to another server");
         }
-        other => panic!("expected WrongServerKey, got {other:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
+    assert!(server.connections().is_empty());
     server.stop().await.unwrap();
 }
 
@@ -155,7 +157,12 @@ pub async fn untrusted_client_key_is_refused_with_go_string<H: Harness>() {
         }
         // A refused key cannot heal: connect_with_retry stops after one attempt.
         let before = client.stats().connect_attempts;
-        assert!(client.connect_with_retry(&H::dial_addr(addr), 3).await.is_err());
+        assert!(
+            client
+                .connect_with_retry(&H::dial_addr(addr), 3)
+                .await
+                .is_err()
+        );
         assert_eq!(client.stats().connect_attempts, before + 1);
     }
     assert!(server.connections().is_empty());

@@ -1,0 +1,276 @@
+//! Frame pipes over byte streams (TCP, TLS, a QUIC stream, an in-memory
+//! duplex): the length-prefixed codec on an `AsyncRead` / `AsyncWrite`.
+
+use std::{io, sync::Arc};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::codec::Decoder;
+
+use crate::{
+    codec::FrameCodec,
+    error::{CodecError, DisconnectReason},
+    session::{FrameReader, FrameWriter},
+};
+
+/// Bytes a connection may buffer for a frame before it must draw on the
+/// shared [`ReadBudget`]: small frames never wait for it.
+pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
+
+/// Initial read buffer; it grows only with bytes that actually arrive.
+const INITIAL_READ_BUFFER: usize = 8 * 1024;
+
+/// A memory budget for partly received large frames, shared by every
+/// connection of a server or client. A connection whose frame needs more
+/// than [`UNBUDGETED_FRAME_BYTES`] takes budget as the bytes arrive and stops
+/// reading while none is left, so many peers each sending a large frame at
+/// once cannot exhaust memory together.
+#[derive(Debug)]
+pub struct ReadBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl ReadBudget {
+    /// A budget of `total` bytes (at least one maximal frame should fit).
+    pub fn new(total: usize) -> Arc<Self> {
+        let total = total.clamp(UNBUDGETED_FRAME_BYTES, Semaphore::MAX_PERMITS);
+        Arc::new(Self {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+        })
+    }
+
+    /// Bytes not currently taken.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// The whole budget.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// Frame reader over a byte stream.
+///
+/// `read_frame` is cancel-safe: partial frames stay buffered in `self`.
+#[derive(Debug)]
+pub struct StreamFrameReader<R> {
+    inner: R,
+    buffer: BytesMut,
+    codec: FrameCodec,
+    budget: Option<Arc<ReadBudget>>,
+    /// Budget held for the frame being received.
+    held: Option<OwnedSemaphorePermit>,
+    eof: bool,
+}
+
+impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
+    /// Reads frames of at most `max_frame_size` bytes from `inner`.
+    pub fn new(inner: R, max_frame_size: usize) -> Self {
+        Self {
+            inner,
+            buffer: BytesMut::new(),
+            codec: FrameCodec::new(max_frame_size),
+            budget: None,
+            held: None,
+            eof: false,
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.held.as_ref().map_or(0, |permit| permit.num_permits())
+    }
+
+    /// Takes budget so that `needed` buffered bytes are covered; waits while
+    /// the shared budget is exhausted (this connection stops reading).
+    async fn cover(&mut self, needed: usize) -> Result<(), CodecError> {
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        // A frame larger than the whole budget takes all of it and no more,
+        // or it would wait forever for bytes it already holds.
+        let needed = needed.min(budget.total);
+        let short = needed.saturating_sub(self.held_bytes());
+        if short == 0 {
+            return Ok(());
+        }
+        // Take it in slices, so a stalled sender holds little more than it sent.
+        let slice = short.min(UNBUDGETED_FRAME_BYTES).min(budget.total) as u32;
+        let permit = budget
+            .bytes
+            .clone()
+            .acquire_many_owned(slice)
+            .await
+            .map_err(|_| CodecError::Io(io::Error::other("read budget closed")))?;
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R> {
+    async fn read_frame(&mut self) -> Option<Result<Bytes, CodecError>> {
+        loop {
+            match self.codec.decode(&mut self.buffer) {
+                Ok(Some(frame)) => {
+                    self.held = None;
+                    if self.buffer.is_empty() && self.buffer.capacity() > 4 * INITIAL_READ_BUFFER {
+                        // A large frame grew the buffer; do not keep it idle.
+                        self.buffer = BytesMut::new();
+                    }
+                    return Some(Ok(frame));
+                }
+                Ok(None) => {}
+                Err(err) => return Some(Err(err)),
+            }
+            if self.eof {
+                return if self.buffer.is_empty() && self.codec.pending_body().is_none() {
+                    None
+                } else {
+                    Some(Err(CodecError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a frame",
+                    ))))
+                };
+            }
+            // Read at most what the frame still needs, in bounded steps.
+            let want = match self.codec.pending_body() {
+                Some(body) => body
+                    .saturating_sub(self.buffer.len())
+                    .clamp(1, UNBUDGETED_FRAME_BYTES),
+                None => INITIAL_READ_BUFFER,
+            };
+            if let Some(body) = self.codec.pending_body()
+                && body > UNBUDGETED_FRAME_BYTES
+                && let Err(err) = self.cover(self.buffer.len() + want).await
+            {
+                return Some(Err(err));
+            }
+            self.buffer.reserve(want.max(INITIAL_READ_BUFFER / 2));
+            match self.inner.read_buf(&mut self.buffer).await {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(err) => return Some(Err(CodecError::Io(err))),
+            }
+        }
+    }
+
+    fn set_max_frame_size(&mut self, max: usize) {
+        self.codec.set_max_frame_size(max);
+    }
+
+    fn set_read_budget(&mut self, budget: Arc<ReadBudget>) {
+        self.budget = Some(budget);
+    }
+}
+
+/// Frame writer over a byte stream.
+#[derive(Debug)]
+pub struct StreamFrameWriter<W>(pub W);
+
+impl<W: AsyncWrite + Send + Unpin + 'static> FrameWriter for StreamFrameWriter<W> {
+    async fn write_frames(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.0.write_all(frames).await?;
+        self.0.flush().await
+    }
+
+    async fn shutdown(&mut self, _reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+/// Splits an in-memory or socket byte stream into a frame reader and writer.
+pub fn stream_pipe<S>(
+    stream: S,
+    max_frame_size: usize,
+) -> (
+    StreamFrameReader<tokio::io::ReadHalf<S>>,
+    StreamFrameWriter<tokio::io::WriteHalf<S>>,
+)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    (
+        StreamFrameReader::new(read, max_frame_size),
+        StreamFrameWriter(write),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::frame_body;
+
+    #[tokio::test]
+    async fn reads_frames_split_across_writes() {
+        let (client, server) = tokio::io::duplex(64);
+        let (mut reader, _) = stream_pipe(server, 1 << 20);
+        let (_, mut raw) = tokio::io::split(client);
+        let frame = frame_body(&[7u8; 300], 1 << 20).unwrap();
+        let writer = tokio::spawn(async move {
+            for chunk in frame.chunks(7) {
+                raw.write_all(chunk).await.unwrap();
+            }
+            raw
+        });
+        let body = reader.read_frame().await.unwrap().unwrap();
+        assert_eq!(&body[..], &[7u8; 300][..]);
+        drop(writer.await.unwrap());
+        assert!(reader.read_frame().await.is_none(), "clean end of stream");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_waits_for_budget_and_returns_it() {
+        let budget = ReadBudget::new(UNBUDGETED_FRAME_BYTES);
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (mut reader, _) = stream_pipe(server, 1 << 20);
+        reader.set_read_budget(budget.clone());
+        let (_, mut raw) = tokio::io::split(client);
+        raw.write_all(&frame_body(&vec![1u8; 200_000], 1 << 20).unwrap())
+            .await
+            .unwrap();
+        // The whole budget is taken by someone else: the reader must wait.
+        let hog = budget
+            .bytes
+            .clone()
+            .acquire_many_owned(budget.total() as u32)
+            .await
+            .unwrap();
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), reader.read_frame()).await;
+        assert!(pending.is_err(), "read must pause while no budget is left");
+        drop(hog);
+        let body = tokio::time::timeout(std::time::Duration::from_secs(10), reader.read_frame())
+            .await
+            .expect("a frame larger than the budget still completes")
+            .unwrap()
+            .unwrap();
+        assert_eq!(body.len(), 200_000);
+        assert_eq!(
+            budget.available(),
+            budget.total(),
+            "budget returned after the frame"
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_at_end_of_stream_is_an_error() {
+        let (client, server) = tokio::io::duplex(64);
+        let (mut reader, _) = stream_pipe(server, 1 << 20);
+        let (_, mut raw) = tokio::io::split(client);
+        raw.write_all(&[0, 0, 0, 10, 1, 2]).await.unwrap();
+        drop(raw);
+        assert!(matches!(
+            reader.read_frame().await,
+            Some(Err(CodecError::Io(_)))
+        ));
+    }
+}
