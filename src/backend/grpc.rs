@@ -183,9 +183,30 @@ impl GrpcBackend {
 
 /// Reads frame bodies from the items of a gRPC stream.
 pub struct GrpcReader {
-    stream: Streaming<FrameBatch>,
+    /// `None` once handed to the drain on drop.
+    stream: Option<Streaming<FrameBatch>>,
     pending: VecDeque<Bytes>,
     max_frame_size: usize,
+    /// Client side: drain the response rather than reset it when dropped.
+    drain_on_drop: bool,
+}
+
+impl Drop for GrpcReader {
+    fn drop(&mut self) {
+        // Dropping a response stream resets it (RST_STREAM), and HTTP/2 then
+        // discards our last request frames, the `Disconnect` among them.
+        // Reading to the server's end instead lets them arrive.
+        if let (true, Some(mut stream)) = (self.drain_on_drop, self.stream.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                })
+                .await;
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for GrpcReader {
@@ -207,7 +228,7 @@ impl FrameReader for GrpcReader {
                 );
             }
             // `Streaming::next` is cancel-safe: a partly received item stays buffered.
-            match self.stream.next().await? {
+            match self.stream.as_mut()?.next().await? {
                 Ok(batch) => self.pending.extend(batch.frames),
                 Err(status) if status.code() == Code::Ok => return None,
                 Err(status) => return Some(Err(CodecError::Io(status_to_io(&status)))),
@@ -349,9 +370,10 @@ impl FrameService for Service {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let pipe = Pipe {
             reader: GrpcReader {
-                stream: request.into_inner(),
+                stream: Some(request.into_inner()),
                 pending: VecDeque::new(),
                 max_frame_size: codec::HANDSHAKE_MAX_FRAME_SIZE.min(self.max_frame_size),
+                drain_on_drop: false,
             },
             writer: GrpcWriter {
                 outlet: Outlet::Server(tx),
@@ -640,9 +662,10 @@ impl GrpcBackend {
         let remote_addr = addr.parse().ok();
         Ok(Pipe {
             reader: GrpcReader {
-                stream: response.into_inner(),
+                stream: Some(response.into_inner()),
                 pending: VecDeque::new(),
                 max_frame_size: codec::HANDSHAKE_MAX_FRAME_SIZE,
+                drain_on_drop: true,
             },
             writer: GrpcWriter {
                 outlet: Outlet::Client(Some(tx)),

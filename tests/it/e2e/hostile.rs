@@ -6,8 +6,11 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use publisher_transport::{
-    DisconnectReason, Inbound, Message, backend::Backend, channel_handler, proto::Payload,
-    session::FrameReader,
+    DisconnectReason, Inbound, Message,
+    backend::Backend,
+    channel_handler,
+    proto::Payload,
+    session::{FrameReader, FrameWriter},
 };
 
 use super::{
@@ -126,26 +129,38 @@ pub async fn idle_peer_evicted_with_read_timeout<H: Harness>() {
     let addr = server.start().await.unwrap();
 
     let dialled = Instant::now();
-    let idle = H::client_backend(&client_config("idle"))
+    let mut idle = H::client_backend(&client_config("idle"))
         .dial(&H::dial_addr(addr))
         .await
         .unwrap();
+    // One Ping, then silence: on stream transports (QUIC) a peer that never
+    // writes is never seen by the server at all.
+    let ping = Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Ping(
+            publisher_transport::proto::rollup::v1::Ping { timestamp: 1 },
+        )),
+    };
+    let frame = publisher_transport::codec::frame_message(&ping, 1 << 20).unwrap();
+    idle.writer.write_frames(&frame).await.unwrap();
     let mut reader = idle.reader;
-    let body = tokio::time::timeout(STEP_TIMEOUT, reader.read_frame())
-        .await
-        .expect("evicted")
-        .expect("a frame before the end")
-        .expect("a well-formed frame");
-    let waited = dialled.elapsed();
-    match Message::decode(body).unwrap().payload {
-        Some(Payload::Disconnect(disconnect)) => {
-            assert_eq!(
-                DisconnectReason::from_proto(disconnect.reason),
-                DisconnectReason::ReadTimeout
-            );
+    let disconnect = loop {
+        let body = tokio::time::timeout(STEP_TIMEOUT, reader.read_frame())
+            .await
+            .expect("evicted")
+            .expect("a frame before the end")
+            .expect("a well-formed frame");
+        match Message::decode(body).unwrap().payload {
+            Some(Payload::Pong(_)) => continue,
+            Some(Payload::Disconnect(disconnect)) => break disconnect,
+            other => panic!("expected Disconnect, got {other:?}"),
         }
-        other => panic!("expected Disconnect, got {other:?}"),
-    }
+    };
+    let waited = dialled.elapsed();
+    assert_eq!(
+        DisconnectReason::from_proto(disconnect.reason),
+        DisconnectReason::ReadTimeout
+    );
     assert!(
         waited >= READ_TIMEOUT - Duration::from_millis(50),
         "{waited:?}"

@@ -134,6 +134,63 @@ macro_rules! e2e_suite {
 }
 
 e2e_suite!(tcp, TcpHarness);
+#[cfg(feature = "grpc")]
+e2e_suite!(grpc, GrpcHarness);
+#[cfg(feature = "quic")]
+e2e_suite!(quic, QuicHarness);
+
+/// gRPC over h2c. Stream opening is not retried here (the client's own
+/// retry logic is what the suite checks); `tests/it/grpc.rs` covers it.
+#[cfg(feature = "grpc")]
+pub struct GrpcHarness;
+
+#[cfg(feature = "grpc")]
+impl Harness for GrpcHarness {
+    type Backend = publisher_transport::backend::grpc::GrpcBackend;
+
+    fn server_backend(config: &ServerConfig) -> Self::Backend {
+        let mut backend = Self::Backend::new(Default::default());
+        backend.options_mut().max_frame_size = config.max_message_size;
+        backend
+    }
+
+    fn client_backend(config: &ClientConfig) -> Self::Backend {
+        let mut backend = Self::Backend::new(Default::default());
+        let options = backend.options_mut();
+        options.max_frame_size = config.max_message_size;
+        options.client_id = Some(config.client_id.clone());
+        options.retry.max_retries = Some(0);
+        options.connect_timeout = config.connect_timeout;
+        backend
+    }
+}
+
+/// QUIC with a self-signed certificate the clients pin.
+#[cfg(feature = "quic")]
+pub struct QuicHarness;
+
+#[cfg(feature = "quic")]
+static QUIC_IDENTITY: std::sync::LazyLock<publisher_transport::tls::Identity> =
+    std::sync::LazyLock::new(|| {
+        publisher_transport::tls::Identity::self_signed(&["127.0.0.1", "localhost"]).unwrap()
+    });
+
+#[cfg(feature = "quic")]
+impl Harness for QuicHarness {
+    type Backend = publisher_transport::QuicBackend;
+
+    fn server_backend(_: &ServerConfig) -> Self::Backend {
+        Self::Backend::pinned_pair(&QUIC_IDENTITY, Default::default())
+            .unwrap()
+            .0
+    }
+
+    fn client_backend(_: &ClientConfig) -> Self::Backend {
+        Self::Backend::pinned_pair(&QUIC_IDENTITY, Default::default())
+            .unwrap()
+            .1
+    }
+}
 
 /// Runs a test within [`TEST_TIMEOUT`], with logs when `RUST_LOG` is set.
 pub async fn bounded(test: impl Future<Output = ()>) {
