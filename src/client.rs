@@ -430,6 +430,7 @@ async fn try_establish<B: Backend>(
         signer: None,
         opener: None,
         sender_id: Some(config.client_id.clone()),
+        peer_key: None,
     };
     if let Some(auth) = &inner.auth {
         let unicast = SequenceCounter::from_clock(SystemTime::now());
@@ -470,6 +471,7 @@ async fn try_establish<B: Backend>(
             signed_frames = signer.is_some(),
             "handshake complete"
         );
+        setup.peer_key = server.server_key.clone();
         setup.session_id = Some(server.session_id);
         setup.signer = signer;
         setup.opener = opener;

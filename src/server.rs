@@ -185,9 +185,13 @@ impl<B: Backend> TransportServer<B> {
         tasks.spawn(accept_loop(
             self.inner.clone(),
             listener,
-            shutdown,
+            shutdown.clone(),
             tasks.clone(),
         ));
+        if let Some(auth) = &self.inner.auth {
+            let changes = auth.trust.changes();
+            tasks.spawn(watch_trust(self.inner.clone(), changes, shutdown.clone()));
+        }
         Ok(local_addr)
     }
 
@@ -330,6 +334,43 @@ impl<B: Backend> TransportServer<B> {
     }
 }
 
+/// Closes live connections whose key stops being trusted for their identity
+/// (removed, or rotated to a new key) with `AUTH_FAILURE`.
+async fn watch_trust<B: Backend>(
+    inner: Arc<Inner<B>>,
+    mut changes: tokio::sync::broadcast::Receiver<String>,
+    shutdown: CancellationToken,
+) {
+    let Some(auth) = &inner.auth else { return };
+    loop {
+        let changed = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = changes.recv() => changed,
+        };
+        let identities = match changed {
+            Ok(identity) => vec![identity],
+            // Missed some: check everyone.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => inner
+                .manager
+                .snapshot(None)
+                .iter()
+                .map(|c| c.identity().to_owned())
+                .collect(),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        for identity in identities {
+            let Some(connection) = inner.manager.get(&identity) else {
+                continue;
+            };
+            let trusted = auth.trust.key_of(&identity);
+            if connection.peer_key().is_some() && connection.peer_key() != trusted.as_ref() {
+                warn!(%identity, "closing connection: its key is no longer trusted");
+                connection.close(DisconnectReason::AuthFailure, "key no longer trusted");
+            }
+        }
+    }
+}
+
 async fn accept_loop<B: Backend>(
     inner: Arc<Inner<B>>,
     mut listener: B::Listener,
@@ -434,6 +475,7 @@ async fn serve<B: Backend>(
                 signer: None,
                 opener: None,
                 sender_id: None,
+                peer_key: None,
             },
             None,
         ),
@@ -518,6 +560,7 @@ async fn serve<B: Backend>(
                 signer,
                 opener,
                 sender_id: None,
+                peer_key: Some(client.public_key.clone()),
             };
             (setup, Some(response))
         }

@@ -291,6 +291,8 @@ pub(crate) struct SessionSetup {
     pub(crate) remote_addr: Option<SocketAddr>,
     pub(crate) signer: Option<FrameSigner>,
     pub(crate) opener: Option<FrameOpener>,
+    /// The key the peer authenticated with, if any.
+    pub(crate) peer_key: Option<PublicKey>,
     /// `sender_id` stamped on messages we send.
     pub(crate) sender_id: Option<String>,
 }
@@ -305,6 +307,7 @@ pub struct Connection {
     remote_addr: Option<SocketAddr>,
     connected_at: SystemTime,
     chain_id: Mutex<Option<String>>,
+    peer_key: Option<PublicKey>,
     signed: bool,
     counters: Counters,
     queue: mpsc::Sender<Outbound>,
@@ -327,6 +330,11 @@ impl Connection {
 
     pub(crate) fn identity_arc(&self) -> &Arc<str> {
         &self.identity
+    }
+
+    /// The key the peer authenticated with (`None` without authentication).
+    pub fn peer_key(&self) -> Option<&PublicKey> {
+        self.peer_key.as_ref()
     }
 
     /// Whether frames are signed.
@@ -800,6 +808,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         remote_addr: setup.remote_addr,
         connected_at: now,
         chain_id: Mutex::new(None),
+        peer_key: setup.peer_key,
         signed: setup.signer.is_some(),
         counters: Counters {
             last_seen_nanos: AtomicI64::new(unix_nanos(now)),

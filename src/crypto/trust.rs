@@ -11,9 +11,20 @@ use crate::error::KeyError;
 /// Trusted public keys by identity, safe to share and change while serving.
 ///
 /// Keys are stored compressed, so either form of the same key matches.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TrustStore {
     inner: RwLock<Inner>,
+    /// Identities whose key changed (added, rotated or removed).
+    changes: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for TrustStore {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            changes: tokio::sync::broadcast::channel(256).0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -45,11 +56,15 @@ impl TrustStore {
             });
         }
         inner.by_key.insert(key.to_compressed(), id.clone());
-        let previous = inner.by_id.insert(id, key.clone());
+        let previous = inner.by_id.insert(id.clone(), key.clone());
         if let Some(old) = &previous
             && old != &key
         {
             inner.by_key.remove(old.as_compressed());
+        }
+        drop(inner);
+        if previous.as_ref() != Some(&key) {
+            let _ = self.changes.send(id);
         }
         Ok(previous)
     }
@@ -68,7 +83,15 @@ impl TrustStore {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         let key = inner.by_id.remove(id)?;
         inner.by_key.remove(key.as_compressed());
+        drop(inner);
+        let _ = self.changes.send(id.to_owned());
         Some(key)
+    }
+
+    /// Identities whose key changes from now on (added, rotated, removed). A
+    /// lagging receiver should re-check every identity it cares about.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 
     /// Whether `key` is trusted under any identity.

@@ -14,3 +14,4 @@ mod signed;
 mod smoke;
 mod third_party;
 mod tls;
+mod trust_live;
