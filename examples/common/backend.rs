@@ -50,11 +50,7 @@ impl BackendKind {
         if available {
             Ok(())
         } else {
-            Err(format!(
-                "--backend {0}: not available in this build (enable the `{0}` feature)",
-                self.name()
-            )
-            .into())
+            Err(unavailable(self))
         }
     }
 }
@@ -293,15 +289,6 @@ impl ClientFactory {
             )),
         }
     }
-}
-
-/// Builds one client (see [`ClientFactory`] for many).
-pub fn client(
-    args: &BackendArgs,
-    config: ClientConfig,
-    auth: Option<ClientAuth>,
-) -> Result<Arc<dyn Client>, BoxError> {
-    Ok(ClientFactory::new(args)?.client(config, auth))
 }
 
 fn unavailable(kind: BackendKind) -> BoxError {

@@ -205,6 +205,23 @@ pub mod tls {
     }
 
     impl TcpTlsBackend {
+        /// Like [`new`](Self::new), building the rustls configs from the
+        /// [`crate::tls`] settings (as the gRPC and QUIC back-ends take them).
+        pub fn from_identity(
+            options: TcpOptions,
+            server: Option<(&crate::tls::Identity, &crate::tls::ClientTrust)>,
+            client: Option<&crate::tls::ServerTrust>,
+        ) -> Result<Self, crate::tls::TlsError> {
+            let alpn: &[&[u8]] = &[crate::tls::ALPN];
+            let server = server
+                .map(|(identity, clients)| crate::tls::server_config(identity, clients, alpn))
+                .transpose()?;
+            let client = client
+                .map(|trust| crate::tls::client_config(trust, alpn))
+                .transpose()?;
+            Ok(Self::new(options, server, client))
+        }
+
         /// A back-end that can listen (with `server`) and dial (with `client`).
         pub fn new(
             options: TcpOptions,
