@@ -132,7 +132,8 @@ pub enum ConfigError {
     Invalid {
         /// The configuration file.
         path: PathBuf,
-        /// The key path (`transport.read_timeout`), or `(top level)`.
+        /// The key path (`transport.read_timeout`), down to the unknown or
+        /// missing key; `.` for the document itself.
         field: String,
         /// What is wrong.
         message: String,
@@ -665,10 +666,7 @@ fn deserialize<T: DeserializeOwned>(
         Format::Toml => toml::from_str(text).map_err(|err| {
             // The message is built here: toml's own quotes the offending
             // line, which may hold a private key.
-            let (line, column) = err
-                .span()
-                .map(|span| line_column(text, span.start))
-                .unzip();
+            let (line, column) = err.span().map(|span| line_column(text, span.start)).unzip();
             let mut message = err.message().trim_end().to_owned();
             if let (Some(line), Some(column)) = (line, column) {
                 message.push_str(&format!(" at line {line} column {column}"));
@@ -700,11 +698,21 @@ fn deserialize<T: DeserializeOwned>(
             .map_err(|(field, message)| invalid(path, &field, &message))?;
     }
     serde_path_to_error::deserialize(&tree).map_err(|err| {
-        let field = match err.path().to_string() {
-            root if root == "." => "(top level)".to_owned(),
-            field => field,
-        };
+        let mut field = err.path().to_string();
         let message = explain(&tree, err.path(), &field, &turned_off, err.inner());
+        // The path names the unknown or missing key itself.
+        if let Some(key) = ["unknown field `", "missing field `"]
+            .iter()
+            .find_map(|prefix| message.strip_prefix(prefix))
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(key, _)| key)
+            && field.rsplit('.').next() != Some(key)
+        {
+            field = match field.as_str() {
+                "." => key.to_owned(),
+                parent => format!("{parent}.{key}"),
+            };
+        }
         invalid(path, &field, &message)
     })
 }
@@ -746,6 +754,7 @@ fn check_known_keys(
         return Ok(());
     };
     for (key, child) in map {
+        at.push(key_name(key));
         let Some(expected) = known.get(key) else {
             let names: Vec<String> = known.keys().map(|k| format!("`{}`", key_name(k))).collect();
             return Err((
@@ -757,7 +766,6 @@ fn check_known_keys(
                 ),
             ));
         };
-        at.push(key_name(key));
         check_known_keys(child, expected, at)?;
         at.pop();
     }

@@ -18,6 +18,7 @@ pub mod backend;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod config_file;
 pub mod crypto;
 pub mod error;
 pub mod handshake;

@@ -39,8 +39,25 @@ pub(crate) const MESSAGE_KINDS: [&str; 17] = [
 
 /// Index of a payload kind in [`MESSAGE_KINDS`].
 pub(crate) fn kind_index(message: &crate::Message) -> usize {
-    let kind = crate::proto::payload_kind(message);
-    MESSAGE_KINDS.iter().position(|k| *k == kind).unwrap_or(0)
+    use crate::proto::Payload;
+    match &message.payload {
+        None => 0,
+        Some(Payload::XtRequest(_)) => 1,
+        Some(Payload::Vote(_)) => 2,
+        Some(Payload::Decided(_)) => 3,
+        Some(Payload::Block(_)) => 4,
+        Some(Payload::CircMessage(_)) => 5,
+        Some(Payload::StartSlot(_)) => 6,
+        Some(Payload::RequestSeal(_)) => 7,
+        Some(Payload::RollBackAndStartSlot(_)) => 8,
+        Some(Payload::L2Block(_)) => 9,
+        Some(Payload::StartSc(_)) => 10,
+        Some(Payload::HandshakeRequest(_)) => 11,
+        Some(Payload::HandshakeResponse(_)) => 12,
+        Some(Payload::Ping(_)) => 13,
+        Some(Payload::Pong(_)) => 14,
+        Some(Payload::Disconnect(_)) => 15,
+    }
 }
 
 /// Index of the `handshake_response` kind.
@@ -76,7 +93,8 @@ pub struct Metrics {
     pub messages_total: IntCounterVec,
     /// `message_size_bytes{type,direction}`.
     pub message_size: HistogramVec,
-    /// `message_processing_duration_seconds{type}`: time in the handler.
+    /// `message_processing_duration_seconds{type}`: time in the handler,
+    /// measured on one message in 16.
     pub processing_duration: HistogramVec,
     /// `broadcasts_total`.
     pub broadcasts_total: IntCounter,
@@ -389,4 +407,28 @@ pub async fn serve(
         }
     });
     Ok(local_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Payload, rollup::v1::Ping};
+
+    #[test]
+    fn kind_indexes_match_the_names() {
+        let ping = crate::Message {
+            sender_id: String::new(),
+            payload: Some(Payload::Ping(Ping { timestamp: 0 })),
+        };
+        assert_eq!(
+            MESSAGE_KINDS[kind_index(&ping)],
+            crate::proto::payload_kind(&ping)
+        );
+        assert_eq!(
+            MESSAGE_KINDS[kind_index(&crate::Message::default())],
+            "empty"
+        );
+        assert_eq!(MESSAGE_KINDS[SIGNED_FRAME_KIND], "signed_frame");
+        assert_eq!(MESSAGE_KINDS[HANDSHAKE_RESPONSE_KIND], "handshake_response");
+    }
 }

@@ -306,6 +306,8 @@ pub struct Connection {
     session_id: Option<String>,
     remote_addr: Option<SocketAddr>,
     connected_at: SystemTime,
+    /// Monotonic twin of `connected_at`; `last_seen` is kept relative to it.
+    started: Instant,
     chain_id: Mutex<Option<String>>,
     peer_key: Option<PublicKey>,
     signed: bool,
@@ -345,7 +347,9 @@ impl Connection {
     /// Whether the connection is closed, or closing (sending its final
     /// `Disconnect`): nothing queued from now on would be written.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled() || self.end.get().is_some()
+        // `end` is set before the token is ever cancelled, and reading it is
+        // one atomic load (the token's check takes a lock).
+        self.end.get().is_some()
     }
 
     /// Sets the chain id reported in [`ConnectionInfo`].
@@ -355,7 +359,7 @@ impl Connection {
 
     /// A snapshot of the connection's metadata and counters.
     pub fn info(&self) -> ConnectionInfo {
-        let last_seen_nanos = self.counters.last_seen_nanos.load(Ordering::Relaxed);
+        let since_start = self.counters.last_seen_nanos.load(Ordering::Relaxed);
         ConnectionInfo {
             id: self.id,
             identity: self.identity.to_string(),
@@ -363,7 +367,7 @@ impl Connection {
             session_id: self.session_id.clone(),
             remote_addr: self.remote_addr,
             connected_at: self.connected_at,
-            last_seen: SystemTime::UNIX_EPOCH + Duration::from_nanos(last_seen_nanos.max(0) as u64),
+            last_seen: self.connected_at + Duration::from_nanos(since_start.max(0) as u64),
             chain_id: self
                 .chain_id
                 .lock()
@@ -514,13 +518,17 @@ impl Connection {
         }
     }
 
-    fn touch(&self, bytes: usize) {
+    /// Counts received bytes; `now` is the reader's clock reading for the
+    /// frame (the wall clock is derived only when someone asks).
+    fn touch(&self, bytes: usize, now: Instant) {
         self.counters
             .bytes_in
             .fetch_add(bytes as u64, Ordering::Relaxed);
-        self.counters
-            .last_seen_nanos
-            .store(unix_nanos(SystemTime::now()), Ordering::Relaxed);
+        let since_start = now.saturating_duration_since(self.started).as_nanos();
+        self.counters.last_seen_nanos.store(
+            i64::try_from(since_start).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -778,6 +786,9 @@ pub(crate) fn write_buffer_pool(metrics: &Metrics) -> Arc<BufferPool> {
     pool
 }
 
+/// One message in this many has its handler time measured.
+const PROCESSING_SAMPLE: u64 = 16;
+
 /// Initial size of a pooled write buffer.
 const WRITE_BUFFER_CAPACITY: usize = 16 * 1024;
 /// Idle write buffers kept for reuse.
@@ -807,11 +818,12 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         session_id: setup.session_id,
         remote_addr: setup.remote_addr,
         connected_at: now,
+        started: Instant::now(),
         chain_id: Mutex::new(None),
         peer_key: setup.peer_key,
         signed: setup.signer.is_some(),
         counters: Counters {
-            last_seen_nanos: AtomicI64::new(unix_nanos(now)),
+            last_seen_nanos: AtomicI64::new(0),
             ..Counters::default()
         },
         queue,
@@ -940,7 +952,7 @@ async fn read_loop<R: FrameReader>(
         };
         last_received = Instant::now();
         last_ping = None;
-        connection.touch(body.len() + codec::LENGTH_PREFIX_LEN);
+        connection.touch(body.len() + codec::LENGTH_PREFIX_LEN, last_received);
         if let Some(meter) = &mut inbound
             && !meter.admit(body.len() + codec::LENGTH_PREFIX_LEN)
         {
@@ -1094,7 +1106,7 @@ async fn deliver(
             "handshake message after the handshake".into(),
         ),
         _ => {
-            connection
+            let received = connection
                 .counters
                 .messages_in
                 .fetch_add(1, Ordering::Relaxed);
@@ -1111,12 +1123,16 @@ async fn deliver(
                 connection_id: connection.id,
                 message,
             };
-            let started = Instant::now();
+            // Handler time is sampled: two clock reads per message cost more
+            // than the figure is worth on a busy connection.
+            let started = (received % PROCESSING_SAMPLE == 0).then(Instant::now);
             let result = match handler.handle(inbound) {
                 Handled::Done(result) => result,
                 Handled::Pending(future) => future.await,
             };
-            context.metrics.processing(kind, started.elapsed());
+            if let Some(started) = started {
+                context.metrics.processing(kind, started.elapsed());
+            }
             if let Err(err) = result {
                 context.metrics.error("handler", "handle");
                 warn!(error = %err, "handler failed");

@@ -27,10 +27,16 @@ const INITIAL_READ_BUFFER: usize = 8 * 1024;
 /// connection of a server or client. A connection whose frame needs more
 /// than [`UNBUDGETED_FRAME_BYTES`] takes budget as the bytes arrive and stops
 /// reading while none is left, so many peers each sending a large frame at
-/// once cannot exhaust memory together.
+/// once cannot exhaust memory together. One connection at a time may finish
+/// its frame beyond the budget (see `overdraft`), so buffered bytes stay
+/// within the budget plus one frame.
 #[derive(Debug)]
 pub struct ReadBudget {
     bytes: Arc<Semaphore>,
+    /// A single permit to finish a frame without budget. Connections that
+    /// each hold part of the budget for an unfinished frame would otherwise
+    /// wait for one another forever (8 frames of 3 MiB against 4 MiB).
+    overdraft: Arc<Semaphore>,
     total: usize,
 }
 
@@ -40,6 +46,7 @@ impl ReadBudget {
         let total = total.clamp(UNBUDGETED_FRAME_BYTES, Semaphore::MAX_PERMITS);
         Arc::new(Self {
             bytes: Arc::new(Semaphore::new(total)),
+            overdraft: Arc::new(Semaphore::new(1)),
             total,
         })
     }
@@ -66,6 +73,8 @@ pub struct StreamFrameReader<R> {
     budget: Option<Arc<ReadBudget>>,
     /// Budget held for the frame being received.
     held: Option<OwnedSemaphorePermit>,
+    /// The budget's overdraft, while this frame finishes beyond the budget.
+    overdraft: Option<OwnedSemaphorePermit>,
     eof: bool,
 }
 
@@ -78,6 +87,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
             codec: FrameCodec::new(max_frame_size),
             budget: None,
             held: None,
+            overdraft: None,
             eof: false,
         }
     }
@@ -92,6 +102,9 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
         let Some(budget) = &self.budget else {
             return Ok(());
         };
+        if self.overdraft.is_some() {
+            return Ok(());
+        }
         // A frame larger than the whole budget takes all of it and no more,
         // or it would wait forever for bytes it already holds.
         let needed = needed.min(budget.total);
@@ -101,15 +114,25 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
         }
         // Take it in slices, so a stalled sender holds little more than it sent.
         let slice = short.min(UNBUDGETED_FRAME_BYTES).min(budget.total) as u32;
-        let permit = budget
-            .bytes
-            .clone()
-            .acquire_many_owned(slice)
-            .await
-            .map_err(|_| CodecError::Io(io::Error::other("read budget closed")))?;
-        match &mut self.held {
-            Some(held) => held.merge(permit),
-            None => self.held = Some(permit),
+        let closed = |_| CodecError::Io(io::Error::other("read budget closed"));
+        let (bytes, overdraft) = (budget.bytes.clone(), budget.overdraft.clone());
+        // Budget if there is some, else whichever comes first: budget freed,
+        // or the overdraft, whose holder finishes its frame and so frees
+        // what it holds. Only a frame that holds budget can be in a cycle of
+        // frames waiting for each other; a new one just waits.
+        let under_way = false && self.held.is_some();
+        tokio::select! {
+            biased;
+            permit = bytes.acquire_many_owned(slice) => {
+                let permit = permit.map_err(closed)?;
+                match &mut self.held {
+                    Some(held) => held.merge(permit),
+                    None => self.held = Some(permit),
+                }
+            }
+            permit = overdraft.acquire_owned(), if under_way => {
+                self.overdraft = Some(permit.map_err(closed)?);
+            }
         }
         Ok(())
     }
@@ -121,6 +144,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
             match self.codec.decode(&mut self.buffer) {
                 Ok(Some(frame)) => {
                     self.held = None;
+                    self.overdraft = None;
                     if self.buffer.is_empty() && self.buffer.capacity() > 4 * INITIAL_READ_BUFFER {
                         // A large frame grew the buffer; do not keep it idle.
                         self.buffer = BytesMut::new();
@@ -147,14 +171,27 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
                     .clamp(1, UNBUDGETED_FRAME_BYTES),
                 None => INITIAL_READ_BUFFER,
             };
-            if let Some(body) = self.codec.pending_body()
-                && body > UNBUDGETED_FRAME_BYTES
-                && let Err(err) = self.cover(self.buffer.len() + want).await
-            {
+            let budgeted = self
+                .codec
+                .pending_body()
+                .is_some_and(|body| body > UNBUDGETED_FRAME_BYTES);
+            if budgeted && let Err(err) = self.cover(self.buffer.len() + want).await {
                 return Some(Err(err));
             }
             self.buffer.reserve(want.max(INITIAL_READ_BUFFER / 2));
-            match self.inner.read_buf(&mut self.buffer).await {
+            // `read_buf` fills all spare capacity, which a large frame grows
+            // far beyond `want`: uncapped, it reads bytes the budget does not
+            // cover (8 peers could buffer 19 MiB against a 4 MiB budget).
+            let limit = if budgeted {
+                want
+            } else {
+                UNBUDGETED_FRAME_BYTES
+            };
+            match (&mut self.inner)
+                .take(limit as u64)
+                .read_buf(&mut self.buffer)
+                .await
+            {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(err) => return Some(Err(CodecError::Io(err))),
@@ -259,6 +296,34 @@ mod tests {
             budget.total(),
             "budget returned after the frame"
         );
+    }
+
+    #[tokio::test]
+    async fn frames_sharing_a_budget_too_small_for_all_still_complete() {
+        // Each frame needs more than half the budget: once both hold half,
+        // neither could go on without the overdraft.
+        let budget = ReadBudget::new(2 * UNBUDGETED_FRAME_BYTES);
+        let body = vec![3u8; 3 * UNBUDGETED_FRAME_BYTES / 2];
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let (client, server) = tokio::io::duplex(1 << 20);
+            let (mut reader, _) = stream_pipe(server, 1 << 20);
+            reader.set_read_budget(budget.clone());
+            let (_, mut raw) = tokio::io::split(client);
+            raw.write_all(&frame_body(&body, 1 << 20).unwrap())
+                .await
+                .unwrap();
+            readers.push((reader, raw));
+        }
+        let [(mut a, _raw_a), (mut b, _raw_b)] = <[_; 2]>::try_from(readers).unwrap();
+        let (a, b) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tokio::join!(a.read_frame(), b.read_frame())
+        })
+        .await
+        .expect("no deadlock between frames sharing the budget");
+        assert_eq!(a.unwrap().unwrap().len(), body.len());
+        assert_eq!(b.unwrap().unwrap().len(), body.len());
+        assert_eq!(budget.available(), budget.total());
     }
 
     #[tokio::test]
