@@ -241,31 +241,34 @@ pub struct SequencerAuthSettings {
 /// A publisher's configuration file, read and checked but with no key file
 /// loaded yet.
 #[non_exhaustive]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct PublisherSettings {
     /// The `transport` section.
-    #[serde(default)]
     pub transport: ServerConfig,
-    /// The `auth` section.
+    /// The `auth` section (`private_key_file` made relative to the file's directory).
     pub auth: PublisherAuthSettings,
-    #[serde(skip)]
     path: PathBuf,
 }
 
 /// A sequencer's configuration file, read and checked but with no key file
 /// loaded yet.
 #[non_exhaustive]
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct SequencerSettings {
     /// The `transport` section.
-    #[serde(default)]
     pub transport: ClientConfig,
-    /// The `auth` section.
+    /// The `auth` section (`private_key_file` made relative to the file's directory).
     pub auth: SequencerAuthSettings,
-    #[serde(skip)]
     path: PathBuf,
+}
+
+/// The layout of a file; checks and paths are applied after deserializing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document<T, A> {
+    #[serde(default)]
+    transport: T,
+    auth: A,
 }
 
 /// A publisher's configuration, ready for `TcpServer::tcp(file.transport, file.auth)`.
@@ -336,8 +339,13 @@ impl PublisherSettings {
     pub fn parse(text: &str, format: Format, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let defaults = to_value(&ServerConfig::default());
-        let mut settings: Self = deserialize(text, format, path, &defaults)?;
-        settings.path = path.to_owned();
+        let document: Document<ServerConfig, PublisherAuthSettings> =
+            deserialize(text, format, path, &defaults)?;
+        let mut settings = Self {
+            transport: document.transport,
+            auth: document.auth,
+            path: path.to_owned(),
+        };
         let fail = |field: &str, message: &str| invalid(path, field, message);
         settings
             .transport
@@ -431,10 +439,15 @@ impl SequencerSettings {
     /// came from, for messages and relative key paths.
     pub fn parse(text: &str, format: Format, path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        // The default client id is a fresh UUID; any string stands for it.
+        // Only the defaults' key names are used (the client id is a fresh UUID).
         let defaults = to_value(&ClientConfig::default());
-        let mut settings: Self = deserialize(text, format, path, &defaults)?;
-        settings.path = path.to_owned();
+        let document: Document<ClientConfig, SequencerAuthSettings> =
+            deserialize(text, format, path, &defaults)?;
+        let mut settings = Self {
+            transport: document.transport,
+            auth: document.auth,
+            path: path.to_owned(),
+        };
         let fail = |field: &str, message: &str| invalid(path, field, message);
         settings
             .transport
@@ -502,12 +515,14 @@ impl SequencerSettings {
         })?;
         Ok(SequencerFile {
             transport: self.transport.clone(),
-            auth: Some(ClientAuth {
-                key: Arc::new(key),
-                server_key: auth.publisher_key.clone(),
-                extensions: auth.extensions,
-                signed_frames: auth.extensions && auth.signed_frames != SignedFramesPolicy::Off,
-                backend: auth.crypto_backend,
+            auth: Some({
+                let mut client = ClientAuth::new(Arc::new(key));
+                client.server_key = auth.publisher_key.clone();
+                client.extensions = auth.extensions;
+                client.signed_frames =
+                    auth.extensions && auth.signed_frames != SignedFramesPolicy::Off;
+                client.backend = auth.crypto_backend;
+                client
             }),
         })
     }

@@ -1,15 +1,21 @@
 //! Integration tests, one binary to save link time.
 
 mod codec_props;
+mod config_file;
 mod crypto;
+mod dos;
 mod e2e;
+mod fuzz_regressions;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
 mod metrics;
 mod multi;
+mod netns;
+mod ops;
 #[cfg(feature = "quic")]
 mod quic;
+mod restart;
 mod signed;
 mod smoke;
 mod third_party;
