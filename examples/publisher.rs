@@ -32,9 +32,14 @@ const INBOUND_CAPACITY: usize = 4096;
 #[derive(Debug, Parser)]
 #[command(about = "Publisher: coordinates cross-chain transactions between sequencers")]
 struct Args {
-    /// Address to listen on (port 0 picks a free one).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-    listen: String,
+    /// Configuration file (TOML or YAML, see examples/config/); the flags
+    /// below override it. SIGHUP reloads its trusted keys.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free one) [default: 127.0.0.1:8080,
+    /// or the file's transport.listen_addr].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
     /// Private key file (64 hex chars); created with mode 0600 if missing.
     /// Without it the key is ephemeral.
     #[arg(long, value_name = "PATH")]
@@ -80,40 +85,58 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), backend::BoxError> {
     // Bad back-end flags are reported before anything else happens.
     args.transport.validate()?;
-    let key = Arc::new(match &args.key_file {
-        Some(path) => SecretKey::load_or_generate(path)?,
-        None => SecretKey::generate(),
+    let file = args
+        .config
+        .as_deref()
+        .map(publisher_transport::config_file::PublisherFile::load)
+        .transpose()?;
+    let (mut config, file_auth) = match file {
+        Some(file) => file.into_parts(),
+        None => (
+            ServerConfig::default().with_listen_addr("127.0.0.1:8080"),
+            None,
+        ),
+    };
+    if let Some(listen) = &args.listen {
+        config.listen_addr = listen.clone();
+    }
+    let listen = config.listen_addr.clone();
+    let key = Arc::new(match (&args.key_file, &file_auth) {
+        (Some(path), _) => SecretKey::load_or_generate(path)?,
+        (None, Some(ServerAuth { key: Some(key), .. })) => (**key).clone(),
+        (None, _) => SecretKey::generate(),
     });
-    let auth = if args.no_auth {
+    let auth = if args.no_auth
+        || (args.config.is_some() && file_auth.is_none() && args.trust.is_empty())
+    {
         if !args.trust.is_empty() {
             warn!("--no-auth: the --trust keys are not used");
         }
         None
     } else {
-        let trust = Arc::new(TrustStore::new());
+        let mut auth =
+            file_auth.unwrap_or_else(|| ServerAuth::new(key.clone(), Arc::new(TrustStore::new())));
+        auth.key = Some(key.clone());
         for (id, public) in &args.trust {
-            trust
+            auth.trust
                 .add(id.clone(), public.clone())
                 .map_err(|err| format!("--trust {id}=…: {err}"))?;
         }
-        if trust.is_empty() {
-            warn!("no --trust keys: every sequencer will be refused");
+        if auth.trust.is_empty() {
+            warn!("no trusted keys: every sequencer will be refused");
         }
-        Some(ServerAuth::new(key.clone(), trust))
+        Some(auth)
     };
+    let trust = auth.as_ref().map(|auth| auth.trust.clone());
 
-    let setup = backend::server(
-        &args.transport,
-        ServerConfig::default().with_listen_addr(&args.listen),
-        auth,
-    )?;
+    let setup = backend::server(&args.transport, config, auth)?;
     let server = setup.server;
     // Handler and coordinator first, so no early message finds nobody listening.
     let (handler, inbound) = channel_handler(INBOUND_CAPACITY);
     server.set_handler(handler);
     let coordinator = tokio::spawn(common::Coordinator::new(server.clone()).run(inbound));
 
-    let addr = server.listen(&args.listen).await?;
+    let addr = server.listen(&listen).await?;
     common::say(format!("listening on {addr}"));
     common::say(format!("public key {}", key.public_key()));
 
@@ -136,10 +159,62 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
     }
     info!(backend = server.backend_name(), "publisher running");
 
-    common::shutdown_signal().await;
+    match (&args.config, trust) {
+        (Some(path), Some(trust)) => reload_on_sighup(path, &trust, &args.trust).await,
+        _ => common::shutdown_signal().await,
+    }
     info!("shutting down");
     let _ = stop_metrics.send(());
     coordinator.abort();
     server.stop().await?;
     Ok(())
+}
+
+/// Waits for shutdown; on each SIGHUP re-reads the configuration file and
+/// applies its trusted keys to the running server: new ids are trusted,
+/// changed keys rotate, ids no longer listed (and not given by `--trust`)
+/// are removed. Removed or rotated keys lose their live connections.
+async fn reload_on_sighup(
+    path: &std::path::Path,
+    trust: &TrustStore,
+    flags: &[(String, PublicKey)],
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        warn!("SIGHUP unavailable: the configuration will not be reloaded");
+        return common::shutdown_signal().await;
+    };
+    let shutdown = common::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = hangups.recv() => {}
+        }
+        let settings = match publisher_transport::config_file::PublisherSettings::read(path) {
+            Ok(settings) => settings,
+            Err(err) => {
+                warn!(error = %err, "reload failed; keeping the current trusted keys");
+                continue;
+            }
+        };
+        let wanted = settings.auth.trusted_sequencers;
+        for id in trust.identities() {
+            if !wanted.contains_key(&id) && !flags.iter().any(|(flag_id, _)| *flag_id == id) {
+                trust.remove(&id);
+                info!(identity = %id, "reload: no longer trusted");
+            }
+        }
+        for (id, key) in wanted {
+            match trust.add(id.clone(), key) {
+                Ok(Some(old)) if trust.key_of(&id).as_ref() != Some(&old) => {
+                    info!(identity = %id, "reload: key rotated")
+                }
+                Ok(None) => info!(identity = %id, "reload: trusted"),
+                Ok(_) => {}
+                Err(err) => warn!(identity = %id, error = %err, "reload: key refused"),
+            }
+        }
+        info!(trusted = trust.len(), "configuration reloaded");
+    }
 }

@@ -45,8 +45,12 @@ enum VoteChoice {
 #[command(about = "Sequencer: votes on the publisher's cross-chain transactions")]
 struct Args {
     /// Publisher address.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-    connect: String,
+    /// Configuration file (TOML or YAML, see examples/config/); the flags
+    /// below override it.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "ADDR")]
+    connect: Option<String>,
     /// Private key file (64 hex chars); created with mode 0600 if missing.
     /// Without it the key is ephemeral.
     #[arg(long, value_name = "PATH")]
@@ -105,31 +109,48 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
     // Bad back-end flags are reported before a key is printed or created.
     let factory = backend::ClientFactory::new(&args.transport)?;
-    let auth = if args.no_auth {
-        if args.publisher_key.is_some() {
-            warn!("--no-auth: --publisher-key is not used");
-        }
-        None
-    } else {
-        let key = Arc::new(match &args.key_file {
-            Some(path) => SecretKey::load_or_generate(path)?,
-            None => SecretKey::generate(),
-        });
-        // The publisher operator needs it for --trust.
-        common::say(format!("public key {}", key.public_key()));
-        let auth = ClientAuth::new(key);
-        Some(match args.publisher_key.clone() {
-            Some(server_key) => auth.with_server_key(server_key),
-            None => auth,
-        })
+    let (mut config, file_auth) = match &args.config {
+        Some(path) => publisher_transport::config_file::SequencerFile::load(path)?.into_parts(),
+        None => (
+            ClientConfig::default().with_reconnect_delay(RECONNECT_DELAY),
+            None,
+        ),
     };
-
-    let mut config = ClientConfig::default()
-        .with_server_addr(&args.connect)
-        .with_reconnect_delay(RECONNECT_DELAY);
+    if let Some(addr) = &args.connect {
+        config.server_addr = addr.clone();
+    }
+    let connect = config.server_addr.clone();
     if let Some(id) = &args.client_id {
         config = config.with_client_id(id);
     }
+    let auth = if args.no_auth || (args.config.is_some() && file_auth.is_none()) {
+        if args.publisher_key.is_some() {
+            warn!("authentication is off: --publisher-key is not used");
+        }
+        None
+    } else {
+        let mut auth = match (&args.key_file, file_auth) {
+            (Some(path), file) => {
+                let key = Arc::new(SecretKey::load_or_generate(path)?);
+                match file {
+                    Some(mut auth) => {
+                        auth.key = key;
+                        auth
+                    }
+                    None => ClientAuth::new(key),
+                }
+            }
+            (None, Some(auth)) => auth,
+            (None, None) => ClientAuth::new(Arc::new(SecretKey::generate())),
+        };
+        // The publisher operator needs it for --trust.
+        common::say(format!("public key {}", auth.key.public_key()));
+        if let Some(server_key) = args.publisher_key.clone() {
+            auth = auth.with_server_key(server_key);
+        }
+        Some(auth)
+    };
+
     let client = factory.client(config, auth);
     let (handler, inbound) = channel_handler(1024);
     client.set_handler(handler);
@@ -146,8 +167,8 @@ async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
     ));
 
     tokio::select! {
-        connected = client.connect_with_retry(&args.connect, args.retries) => {
-            connected.map_err(|err| format!("cannot connect to {}: {err}", args.connect))?;
+        connected = client.connect_with_retry(&&connect, args.retries) => {
+            connected.map_err(|err| format!("cannot connect to {connect}: {err}"))?;
         }
         _ = common::shutdown_signal() => return Ok(ExitCode::from(130)),
     }

@@ -16,6 +16,7 @@ mod ops;
 #[cfg(feature = "quic")]
 mod quic;
 mod restart;
+mod sighup;
 mod signed;
 mod smoke;
 mod third_party;
