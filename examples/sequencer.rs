@@ -167,7 +167,7 @@ async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
     ));
 
     tokio::select! {
-        connected = client.connect_with_retry(&&connect, args.retries) => {
+        connected = client.connect_with_retry(&connect, args.retries) => {
             connected.map_err(|err| format!("cannot connect to {connect}: {err}"))?;
         }
         _ = common::shutdown_signal() => return Ok(ExitCode::from(130)),

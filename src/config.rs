@@ -90,7 +90,8 @@ pub struct ServerConfig {
     pub stop_timeout: Duration,
     /// Memory for partly received large frames across all connections;
     /// beyond it, connections receiving large frames stop reading until it
-    /// frees up. Frames up to 64 KiB never wait.
+    /// frees up, except one at a time that may finish its frame (so frames
+    /// always complete). Frames up to 64 KiB never wait.
     pub read_budget: usize,
     /// Per-connection inbound rate limit; `None` for none.
     pub inbound_limit: Option<InboundLimit>,

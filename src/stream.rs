@@ -120,7 +120,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
         // or the overdraft, whose holder finishes its frame and so frees
         // what it holds. Only a frame that holds budget can be in a cycle of
         // frames waiting for each other; a new one just waits.
-        let under_way = false && self.held.is_some();
+        let under_way = self.held.is_some();
         tokio::select! {
             biased;
             permit = bytes.acquire_many_owned(slice) => {
@@ -300,29 +300,41 @@ mod tests {
 
     #[tokio::test]
     async fn frames_sharing_a_budget_too_small_for_all_still_complete() {
-        // Each frame needs more than half the budget: once both hold half,
-        // neither could go on without the overdraft.
+        // Two frames of 1.5 slices against a budget of 2: once each holds one
+        // slice, neither can go on without the overdraft.
         let budget = ReadBudget::new(2 * UNBUDGETED_FRAME_BYTES);
         let body = vec![3u8; 3 * UNBUDGETED_FRAME_BYTES / 2];
+        let frame = frame_body(&body, 1 << 20).unwrap();
+        let (head, tail) = frame.split_at(UNBUDGETED_FRAME_BYTES / 2);
         let mut readers = Vec::new();
+        let mut writers = Vec::new();
         for _ in 0..2 {
             let (client, server) = tokio::io::duplex(1 << 20);
             let (mut reader, _) = stream_pipe(server, 1 << 20);
             reader.set_read_budget(budget.clone());
             let (_, mut raw) = tokio::io::split(client);
-            raw.write_all(&frame_body(&body, 1 << 20).unwrap())
-                .await
-                .unwrap();
-            readers.push((reader, raw));
+            raw.write_all(head).await.unwrap();
+            readers.push(tokio::spawn(async move { reader.read_frame().await }));
+            writers.push(raw);
         }
-        let [(mut a, _raw_a), (mut b, _raw_b)] = <[_; 2]>::try_from(readers).unwrap();
-        let (a, b) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            tokio::join!(a.read_frame(), b.read_frame())
+        let wait = std::time::Duration::from_secs(10);
+        tokio::time::timeout(wait, async {
+            while budget.available() > 0 {
+                tokio::task::yield_now().await;
+            }
         })
         .await
-        .expect("no deadlock between frames sharing the budget");
-        assert_eq!(a.unwrap().unwrap().len(), body.len());
-        assert_eq!(b.unwrap().unwrap().len(), body.len());
+        .expect("both frames take a slice");
+        for raw in &mut writers {
+            raw.write_all(tail).await.unwrap();
+        }
+        for reader in readers {
+            let frame = tokio::time::timeout(wait, reader)
+                .await
+                .expect("no deadlock between frames sharing the budget")
+                .unwrap();
+            assert_eq!(frame.unwrap().unwrap().len(), body.len());
+        }
         assert_eq!(budget.available(), budget.total());
     }
 

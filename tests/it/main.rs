@@ -3,15 +3,18 @@
 mod codec_props;
 mod config_file;
 mod crypto;
+mod dos;
 mod e2e;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
 mod metrics;
 mod multi;
+mod netns;
 mod ops;
 #[cfg(feature = "quic")]
 mod quic;
+mod restart;
 mod sighup;
 mod signed;
 mod smoke;
