@@ -5,6 +5,7 @@ mod config_file;
 mod crypto;
 mod dos;
 mod e2e;
+mod fuzz_regressions;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
