@@ -47,6 +47,27 @@ fn vote() -> Message {
     message
 }
 
+/// A `Block` message whose encoding is exactly `len` bytes, for larger sizes.
+fn block(len: usize) -> Message {
+    let with_data = |n: usize| Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Block(
+            publisher_transport::proto::rollup::v1::Block {
+                block_data: Bytes::from(vec![0x5a; n]),
+                ..Default::default()
+            },
+        )),
+    };
+    // Field tags and length prefixes take a few bytes; shrink until it fits.
+    let mut n = len;
+    while with_data(n).encoded_len() > len {
+        n -= 1;
+    }
+    let message = with_data(n);
+    assert_eq!(message.encoded_len(), len, "no exact fit for {len}");
+    message
+}
+
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .sample_size(20)
@@ -82,6 +103,20 @@ fn codec(c: &mut Criterion) {
             black_box(Message::decode(body).unwrap());
         });
     });
+
+    for len in [1024usize, 64 * 1024] {
+        let message = block(len);
+        group.throughput(Throughput::Bytes((4 + len) as u64));
+        group.bench_function(BenchmarkId::new("round_trip/block", len), |b| {
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::with_capacity(2 * len + 8);
+            b.iter(|| {
+                codec.encode(black_box(&message), &mut buf).unwrap();
+                let body = codec.decode(&mut buf).unwrap().expect("a whole frame");
+                black_box(Message::decode(body).unwrap());
+            });
+        });
+    }
     group.finish();
 }
 
@@ -110,7 +145,7 @@ fn signed(c: &mut Criterion) {
     let mut group = c.benchmark_group("signed");
     configure(&mut group);
     for &backend in CryptoBackend::available() {
-        for count in [1usize, 64] {
+        for count in [1usize, 16, 64, 256] {
             let messages = vec![encoded.clone(); count];
             group.throughput(Throughput::Elements(count as u64));
 
