@@ -100,7 +100,8 @@ struct Inner<B: Backend> {
     config: RwLock<ClientConfig>,
     auth: Option<ClientAuth>,
     handler: Arc<HandlerSlot>,
-    current: Mutex<Option<Arc<Connection>>>,
+    /// Read on every send, written only when a session starts or ends.
+    current: RwLock<Option<Arc<Connection>>>,
     server_addr: Mutex<Option<String>>,
     /// Cancels the session supervisor (and its reconnect loop) on `disconnect`.
     supervisor: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
@@ -124,7 +125,7 @@ impl<B: Backend> TransportClient<B> {
             config: RwLock::new(config),
             auth,
             handler: Arc::new(HandlerSlot::default()),
-            current: Mutex::new(None),
+            current: RwLock::new(None),
             server_addr: Mutex::new(None),
             supervisor: Mutex::new(None),
             events,
@@ -140,7 +141,7 @@ impl<B: Backend> TransportClient<B> {
             if let Some(inner) = weak.upgrade() {
                 let current = inner
                     .current
-                    .lock()
+                    .read()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 let depth = current.map_or(0, |c| c.queued());
@@ -212,7 +213,7 @@ impl<B: Backend> TransportClient<B> {
     fn current(&self) -> Option<Arc<Connection>> {
         self.inner
             .current
-            .lock()
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
@@ -312,7 +313,7 @@ impl<B: Backend> TransportClient<B> {
         let current = self
             .inner
             .current
-            .lock()
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         match current {
@@ -492,7 +493,10 @@ async fn try_establish<B: Backend>(
         // learns of the connection from its first bytes.
         connection.ping();
     }
-    *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+    *inner
+        .current
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
     Ok((connection, task))
 }
 
@@ -623,7 +627,10 @@ fn emit_disconnected<B: Backend>(
         by_peer: false,
     });
     {
-        let mut current = inner.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = inner
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
             *current = None;
         }
