@@ -350,6 +350,19 @@ impl<B: Backend> TransportClient<B> {
         connection.send(message).await
     }
 
+    /// Sends `message` and waits until the publisher confirms delivery to its
+    /// handler; see [`Connection::send_confirmed`]. A message sent while the
+    /// link is down, or in flight when it breaks, is an error here — never a
+    /// silent loss. Not retried on another session: resending is the caller's
+    /// choice, as the message may have arrived.
+    pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
+        let connection = self
+            .current()
+            .filter(|c| !c.is_closed())
+            .ok_or(TransportError::NotConnected)?;
+        connection.send_confirmed(message).await
+    }
+
     fn supervise(
         &self,
         addr: String,
@@ -432,6 +445,7 @@ async fn try_establish<B: Backend>(
         opener: None,
         sender_id: Some(config.client_id.clone()),
         peer_key: None,
+        delivery_acks: false,
     };
     if let Some(auth) = &inner.auth {
         let unicast = SequenceCounter::from_clock(SystemTime::now());
@@ -442,6 +456,7 @@ async fn try_establish<B: Backend>(
                 expected_server_key: auth.server_key.clone(),
                 extensions: auth.extensions,
                 signed_frames: auth.signed_frames,
+                delivery_acks: auth.delivery_acks,
                 backend: auth.backend,
             },
             SystemTime::now(),
@@ -476,6 +491,7 @@ async fn try_establish<B: Backend>(
         setup.session_id = Some(server.session_id);
         setup.signer = signer;
         setup.opener = opener;
+        setup.delivery_acks = server.delivery_acks;
     }
     let context = SessionContext::new(
         config.session(),

@@ -347,6 +347,10 @@ pub struct ServerAuth {
     pub key: Option<Arc<SecretKey>>,
     /// Signed-frame negotiation.
     pub signed_frames: SignedFramesPolicy,
+    /// Accept delivery acknowledgements from extended clients that offer
+    /// them (what [`Connection::send_confirmed`](crate::Connection::send_confirmed)
+    /// needs). On by default.
+    pub delivery_acks: bool,
     /// Crypto implementation.
     pub backend: CryptoBackend,
     /// Allowed clock difference of handshake timestamps (Go: 30 s).
@@ -371,6 +375,7 @@ impl ServerAuth {
             trust,
             key: Some(key),
             signed_frames: SignedFramesPolicy::default(),
+            delivery_acks: true,
             backend: CryptoBackend::default(),
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
         }
@@ -388,6 +393,9 @@ pub struct ClientAuth {
     pub extensions: bool,
     /// Offer signed frames.
     pub signed_frames: bool,
+    /// Offer delivery acknowledgements (needs `extensions`; what
+    /// `send_confirmed` needs). On by default.
+    pub delivery_acks: bool,
     /// Crypto implementation.
     pub backend: CryptoBackend,
 }
@@ -400,6 +408,7 @@ impl ClientAuth {
             server_key: None,
             extensions: true,
             signed_frames: true,
+            delivery_acks: true,
             backend: CryptoBackend::default(),
         }
     }

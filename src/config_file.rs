@@ -415,6 +415,7 @@ impl PublisherSettings {
             trust: Arc::new(trust),
             key: key.map(Arc::new),
             signed_frames: auth.signed_frames,
+            delivery_acks: true,
             backend: auth.crypto_backend,
             max_clock_skew: auth.max_clock_skew,
         };

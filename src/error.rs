@@ -420,6 +420,22 @@ pub enum TransportError {
         /// Why it closed.
         reason: DisconnectReason,
     },
+    /// The connection ended before the peer acknowledged the message; it may
+    /// or may not have been delivered.
+    #[error("connection to {peer} closed ({reason}) before delivery was confirmed")]
+    Unconfirmed {
+        /// The peer.
+        peer: String,
+        /// Why the connection closed.
+        reason: DisconnectReason,
+    },
+    /// The session did not negotiate delivery acknowledgements (the peer
+    /// speaks Go's protocol, or authentication is off).
+    #[error("{peer} does not acknowledge delivery")]
+    ConfirmationUnavailable {
+        /// The peer.
+        peer: String,
+    },
     /// Every attempt failed.
     #[error("gave up after {attempts} attempts: {last}")]
     RetriesExhausted {
@@ -452,6 +468,7 @@ impl TransportError {
             | Self::SendTimeout { .. }
             | Self::QueueFull { .. }
             | Self::ConnectionClosed { .. }
+            | Self::Unconfirmed { .. }
             | Self::NotConnected => true,
             Self::Refused { reason, .. } => matches!(
                 reason,

@@ -195,6 +195,8 @@ pub struct ServerHandshakeConfig {
     pub key: Option<Arc<SecretKey>>,
     /// Signed-frame negotiation.
     pub signed_frames: SignedFramesPolicy,
+    /// Accept delivery acknowledgements when an extended client offers them.
+    pub delivery_acks: bool,
     /// Allowed difference between the request's timestamp and our clock.
     pub max_clock_skew: Duration,
     /// Crypto implementation.
@@ -210,6 +212,7 @@ impl ServerHandshakeConfig {
             trust,
             key,
             signed_frames: SignedFramesPolicy::default(),
+            delivery_acks: true,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             backend: CryptoBackend::default(),
             nonce_cache_capacity: DEFAULT_NONCE_CACHE_CAPACITY,
@@ -232,6 +235,8 @@ pub struct AcceptedClient {
     pub extended: bool,
     /// Present when the session uses signed frames.
     pub signed_frames: Option<SignedFrameSession>,
+    /// Whether both sides acknowledge delivered messages.
+    pub delivery_acks: bool,
 }
 
 /// The server's answer to a request.
@@ -410,6 +415,7 @@ impl ServerHandshake {
             session_id,
             extended,
             signed_frames: None,
+            delivery_acks: false,
         };
         if !extended {
             return Ok((
@@ -420,6 +426,10 @@ impl ServerHandshake {
 
         let server_key = self.config.key.as_ref().expect("extended implies a key");
         let mut features = Feature::MutualAuth as u32;
+        if self.config.delivery_acks && has_feature(ext.features, Feature::DeliveryAcks) {
+            features |= Feature::DeliveryAcks as u32;
+            accepted.delivery_acks = true;
+        }
         if signed {
             features |= Feature::SignedFrames as u32;
             accepted.signed_frames = Some(SignedFrameSession {
@@ -527,6 +537,8 @@ pub struct ClientHandshakeConfig {
     pub extensions: bool,
     /// Offer signed frames (needs `extensions`).
     pub signed_frames: bool,
+    /// Offer delivery acknowledgements (needs `extensions`).
+    pub delivery_acks: bool,
     /// Crypto implementation.
     pub backend: CryptoBackend,
 }
@@ -540,6 +552,7 @@ impl ClientHandshakeConfig {
             expected_server_key: None,
             extensions: true,
             signed_frames: true,
+            delivery_acks: true,
             backend: CryptoBackend::default(),
         }
     }
@@ -556,6 +569,8 @@ pub struct ServerSession {
     pub identity: Option<String>,
     /// Present when the session uses signed frames.
     pub signed_frames: Option<SignedFrameSession>,
+    /// Whether both sides acknowledge delivered messages.
+    pub delivery_acks: bool,
 }
 
 /// The client half: [`ClientHandshake::start`] makes the request,
@@ -592,6 +607,9 @@ impl ClientHandshake {
             let mut features = Feature::MutualAuth as u32;
             if offered_signed {
                 features |= Feature::SignedFrames as u32;
+            }
+            if config.delivery_acks {
+                features |= Feature::DeliveryAcks as u32;
             }
             let mut ext = HandshakeRequestExt {
                 ext_version: EXT_VERSION,
@@ -646,6 +664,7 @@ impl ClientHandshake {
                 server_key: None,
                 identity: None,
                 signed_frames: None,
+                delivery_acks: false,
             });
         }
 
@@ -675,6 +694,12 @@ impl ClientHandshake {
                 reason: "server enabled signed frames that were not offered".into(),
             });
         }
+        let delivery_acks = has_feature(ext.features, Feature::DeliveryAcks);
+        if delivery_acks && !self.config.delivery_acks {
+            return Err(HandshakeError::Rejected {
+                reason: "server enabled delivery acknowledgements that were not offered".into(),
+            });
+        }
         let signed_frames = signed.then(|| SignedFrameSession {
             session_tag: session_tag(&self.request_body, response_body),
             peer_key: server_key.clone(),
@@ -692,6 +717,7 @@ impl ClientHandshake {
             server_key: Some(server_key),
             identity: Some(ext.identity),
             signed_frames,
+            delivery_acks,
         })
     }
 }

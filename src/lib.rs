@@ -129,6 +129,8 @@ pub trait Server: Send + Sync {
     ) -> Result<BroadcastReport, TransportError>;
     /// Sends to one peer by identity.
     async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError>;
+    /// Sends to one peer and waits for its delivery acknowledgement.
+    async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError>;
     /// Sets the handler of inbound messages.
     fn set_handler(&self, handler: Arc<dyn Handler>);
     /// Metadata and counters of every connection.
@@ -163,6 +165,9 @@ impl<B: backend::Backend> Server for TransportServer<B> {
     async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
         TransportServer::send(self, peer, message).await
     }
+    async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError> {
+        TransportServer::send_confirmed(self, peer, message).await
+    }
     fn set_handler(&self, handler: Arc<dyn Handler>) {
         TransportServer::set_handler(self, handler)
     }
@@ -190,6 +195,8 @@ pub trait Client: Send + Sync {
     async fn reconnect(&self) -> Result<(), TransportError>;
     /// Sends a message to the server.
     async fn send(&self, message: Message) -> Result<(), TransportError>;
+    /// Sends a message and waits for the server's delivery acknowledgement.
+    async fn send_confirmed(&self, message: Message) -> Result<(), TransportError>;
     /// Whether a session is up.
     fn is_connected(&self) -> bool;
     /// The client id.
@@ -226,6 +233,9 @@ impl<B: backend::Backend> Client for TransportClient<B> {
     }
     async fn send(&self, message: Message) -> Result<(), TransportError> {
         TransportClient::send(self, message).await
+    }
+    async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
+        TransportClient::send_confirmed(self, message).await
     }
     fn is_connected(&self) -> bool {
         TransportClient::is_connected(self)

@@ -17,7 +17,7 @@ use prometheus::{
 use crate::error::TransportError;
 
 /// Payload kinds, in the order of [`kind_index`].
-pub(crate) const MESSAGE_KINDS: [&str; 17] = [
+pub(crate) const MESSAGE_KINDS: [&str; 18] = [
     "empty",
     "xt_request",
     "vote",
@@ -35,6 +35,7 @@ pub(crate) const MESSAGE_KINDS: [&str; 17] = [
     "pong",
     "disconnect",
     "signed_frame",
+    "ack",
 ];
 
 /// Index of a payload kind in [`MESSAGE_KINDS`].
@@ -65,6 +66,8 @@ pub(crate) const HANDSHAKE_RESPONSE_KIND: usize = 12;
 
 /// Index of the `signed_frame` kind, for frames counted before opening.
 pub(crate) const SIGNED_FRAME_KIND: usize = 16;
+/// Index of delivery acknowledgements in [`MESSAGE_KINDS`].
+pub(crate) const ACK_KIND: usize = 17;
 
 /// Direction label values.
 #[derive(Debug, Clone, Copy)]
@@ -75,9 +78,9 @@ pub(crate) enum Direction {
 
 /// Pre-resolved per-kind, per-direction series.
 struct PerKind {
-    messages: [[IntCounter; 17]; 2],
-    sizes: [[Histogram; 17]; 2],
-    processing: [Histogram; 17],
+    messages: [[IntCounter; MESSAGE_KINDS.len()]; 2],
+    sizes: [[Histogram; MESSAGE_KINDS.len()]; 2],
+    processing: [Histogram; MESSAGE_KINDS.len()],
 }
 
 /// The metrics of one server or client.

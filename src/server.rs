@@ -74,6 +74,7 @@ impl<B: Backend> TransportServer<B> {
         let handshake = auth.as_ref().map(|auth| {
             let mut hs = ServerHandshakeConfig::new(auth.trust.clone(), auth.key.clone());
             hs.signed_frames = auth.signed_frames;
+            hs.delivery_acks = auth.delivery_acks;
             hs.backend = auth.backend;
             hs.max_clock_skew = auth.max_clock_skew;
             ServerHandshake::new(hs)
@@ -314,14 +315,22 @@ impl<B: Backend> TransportServer<B> {
     /// Sends `message` to the peer with identity `peer`, waiting up to the
     /// write timeout for room in its queue.
     pub async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
-        let connection =
-            self.inner
-                .manager
-                .get(peer)
-                .ok_or_else(|| TransportError::PeerNotFound {
-                    peer: peer.to_owned(),
-                })?;
-        connection.send(message).await
+        self.peer(peer)?.send(message).await
+    }
+
+    /// Sends `message` to `peer` and waits until it confirms delivery to its
+    /// handler; see [`Connection::send_confirmed`].
+    pub async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError> {
+        self.peer(peer)?.send_confirmed(message).await
+    }
+
+    fn peer(&self, peer: &str) -> Result<Arc<session::Connection>, TransportError> {
+        self.inner
+            .manager
+            .get(peer)
+            .ok_or_else(|| TransportError::PeerNotFound {
+                peer: peer.to_owned(),
+            })
     }
 
     /// Metadata and counters of every live connection.
@@ -476,6 +485,7 @@ async fn serve<B: Backend>(
                 opener: None,
                 sender_id: None,
                 peer_key: None,
+                delivery_acks: false,
             },
             None,
         ),
@@ -561,6 +571,7 @@ async fn serve<B: Backend>(
                 opener,
                 sender_id: None,
                 peer_key: Some(client.public_key.clone()),
+                delivery_acks: client.delivery_acks,
             };
             (setup, Some(response))
         }

@@ -7,19 +7,23 @@
 //! pings, dispatch to the handler), idle eviction and orderly disconnects.
 
 use std::{
+    collections::VecDeque,
     future::Future,
     io,
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock, PoisonError,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::{
+    mpsc::{self, error::TrySendError},
+    oneshot,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
@@ -32,11 +36,12 @@ use crate::{
         AcceptedClient, ClientHandshake, SequenceFloors, ServerHandshake, ServerSession,
         ServerVerdict, SignedFrameSession, disconnect_body, unix_nanos,
     },
-    metrics::{Direction, MESSAGE_KINDS, Metrics, SIGNED_FRAME_KIND, kind_index},
+    metrics::{ACK_KIND, Direction, MESSAGE_KINDS, Metrics, SIGNED_FRAME_KIND, kind_index},
     pool::BufferPool,
     proto::{
         Message, Payload,
         rollup::v1::{DisconnectMessage, Ping, Pong},
+        transport::v1::{Ack, MessageExt},
     },
     signed::{self, Audience, FrameOpener, SequenceCounter},
 };
@@ -53,6 +58,13 @@ pub trait FrameReader: Send + 'static {
     /// Shares a budget for buffering large frames (see [`ReadBudget`]).
     /// Readers that receive whole frames from their transport ignore it.
     fn set_read_budget(&mut self, _budget: Arc<ReadBudget>) {}
+    /// Whether a complete frame is already buffered, so the next
+    /// `read_frame` returns without waiting. Delivery acknowledgements are
+    /// sent when this turns false; the default (false) acknowledges after
+    /// every frame.
+    fn has_buffered_frame(&self) -> bool {
+        false
+    }
 }
 
 /// Writes frames to a pipe.
@@ -245,6 +257,10 @@ pub struct ConnectionInfo {
 pub(crate) enum Outbound {
     /// A message the writer encodes (and, in signed mode, seals with others).
     Message(Message),
+    /// A message whose delivery the peer acknowledges; `done` fires when it has.
+    Confirmed(Message, oneshot::Sender<()>),
+    /// Acknowledge the messages handed to the handler so far.
+    Ack,
     /// A complete frame encoded (and sealed) once for many recipients,
     /// with the payload kind of its message for the metrics.
     Frame(Bytes, usize),
@@ -272,6 +288,58 @@ struct Counters {
     last_seen_nanos: AtomicI64,
 }
 
+/// Delivery acknowledgements of a session that negotiated them
+/// (docs/PROTOCOL.md §5.1). Positions count application messages from 1, in
+/// the order the writer puts them on the wire; the peer counts the same
+/// messages as it hands them to its handler.
+#[derive(Debug, Default)]
+struct Acks {
+    /// Application messages the writer has encoded for the wire.
+    written: AtomicU64,
+    /// Highest count the peer has acknowledged.
+    acked: AtomicU64,
+    /// Confirmed sends by position, waiting for an ack that covers them.
+    waiting: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    /// An `Outbound::Ack` is queued: later requests fold into it.
+    ack_queued: AtomicBool,
+    /// The peer asked for an ack not yet queued (reader only).
+    ack_wanted: AtomicBool,
+}
+
+impl Acks {
+    /// Applies the peer's ack of `delivered` messages.
+    fn acknowledge(&self, delivered: u64) -> Result<(), String> {
+        let written = self.written.load(Ordering::Acquire);
+        let previous = self.acked.load(Ordering::Relaxed);
+        if delivered > written || delivered < previous {
+            return Err(format!(
+                "ack of {delivered} messages; {written} sent, {previous} acknowledged before"
+            ));
+        }
+        self.acked.store(delivered, Ordering::Relaxed);
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        while waiting
+            .front()
+            .is_some_and(|(position, _)| *position <= delivered)
+        {
+            if let Some((_, done)) = waiting.pop_front() {
+                // The sender may have stopped waiting; nothing to tell then.
+                let _ = done.send(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails every waiting confirmation (their senders see `Unconfirmed`);
+    /// returns how many there were.
+    fn fail_waiting(&self) -> usize {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let failed = waiting.len();
+        waiting.clear();
+        failed
+    }
+}
+
 /// Signing state of the sending side of a signed session.
 #[derive(Debug)]
 pub(crate) struct FrameSigner {
@@ -295,6 +363,8 @@ pub(crate) struct SessionSetup {
     pub(crate) peer_key: Option<PublicKey>,
     /// `sender_id` stamped on messages we send.
     pub(crate) sender_id: Option<String>,
+    /// Whether both sides acknowledge delivered messages.
+    pub(crate) delivery_acks: bool,
 }
 
 /// A live connection, shared by its tasks, the manager and the application.
@@ -312,6 +382,8 @@ pub struct Connection {
     peer_key: Option<PublicKey>,
     signed: bool,
     counters: Counters,
+    /// Present when the session negotiated delivery acknowledgements.
+    acks: Option<Acks>,
     queue: mpsc::Sender<Outbound>,
     closed: CancellationToken,
     end: OnceLock<SessionEnd>,
@@ -412,12 +484,57 @@ impl Connection {
 
     /// Queues `message`, waiting up to the write timeout for room. A peer
     /// whose queue stays full is disconnected with `WRITE_TIMEOUT`.
+    ///
+    /// `Ok` means queued, not delivered: a message queued or in flight when
+    /// the connection breaks is lost (counted and logged). Use
+    /// [`send_confirmed`](Self::send_confirmed) to learn of delivery.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
+        self.check_size(&message)?;
+        self.enqueue(Outbound::Message(message)).await
+    }
+
+    /// Whether the session negotiated delivery acknowledgements, which
+    /// [`send_confirmed`](Self::send_confirmed) needs.
+    pub fn confirms_delivery(&self) -> bool {
+        self.acks.is_some()
+    }
+
+    /// Sends `message` and waits until the peer acknowledges that its
+    /// transport handed it to the handler (docs/PROTOCOL.md §5.1).
+    ///
+    /// `Ok` means delivered. [`TransportError::Unconfirmed`] means the
+    /// connection ended first: the message may or may not have arrived, and
+    /// resending it is the caller's choice. There is no separate deadline: a
+    /// peer that stops acknowledging stops answering pings too, and is
+    /// evicted after the read timeout; wrap the call in a timeout to wait
+    /// less. Dropping the future does not withdraw the message. Needs a
+    /// session that negotiated acknowledgements (both sides this crate,
+    /// authenticated with the handshake extensions), else
+    /// [`TransportError::ConfirmationUnavailable`].
+    pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
+        if self.acks.is_none() {
+            return Err(TransportError::ConfirmationUnavailable {
+                peer: self.identity.to_string(),
+            });
+        }
+        self.check_size(&message)?;
+        let (done, confirmed) = oneshot::channel();
+        self.enqueue(Outbound::Confirmed(message, done)).await?;
+        confirmed.await.map_err(|_| TransportError::Unconfirmed {
+            peer: self.identity.to_string(),
+            reason: self
+                .end
+                .get()
+                .map_or(DisconnectReason::Requested, |end| end.reason),
+        })
+    }
+
+    /// Queues `item`, waiting up to the write timeout for room.
+    async fn enqueue(&self, item: Outbound) -> Result<(), TransportError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        self.check_size(&message)?;
-        match self.queue.try_send(Outbound::Message(message)) {
+        match self.queue.try_send(item) {
             Ok(()) => Ok(()),
             Err(TrySendError::Closed(_)) => Err(self.closed_error()),
             Err(TrySendError::Full(item)) => {
@@ -508,6 +625,23 @@ impl Connection {
     fn finish(&self, end: SessionEnd) {
         let _ = self.end.set(end);
         self.closed.cancel();
+    }
+
+    /// Queues the ack the peer asked for, unless one is already queued (it
+    /// will carry the newest count). On a full queue the request stays
+    /// pending and the next frame or health check retries it.
+    fn send_wanted_ack(&self) {
+        let Some(acks) = &self.acks else { return };
+        if !acks.ack_wanted.load(Ordering::Relaxed) {
+            return;
+        }
+        if !acks.ack_queued.swap(true, Ordering::AcqRel)
+            && self.queue.try_send(Outbound::Ack).is_err()
+        {
+            acks.ack_queued.store(false, Ordering::Release);
+            return;
+        }
+        acks.ack_wanted.store(false, Ordering::Relaxed);
     }
 
     fn closed_error(&self) -> TransportError {
@@ -826,6 +960,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             last_seen_nanos: AtomicI64::new(0),
             ..Counters::default()
         },
+        acks: setup.delivery_acks.then(Acks::default),
         queue,
         closed: CancellationToken::new(),
         end: OnceLock::new(),
@@ -866,6 +1001,13 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             reader_connection.closed.cancel();
             if !writer_done {
                 let _ = writer_task.await;
+            }
+            if let Some(acks) = &reader_connection.acks {
+                let unconfirmed = acks.fail_waiting();
+                if unconfirmed > 0 {
+                    context.metrics.error("unconfirmed", "write");
+                    warn!(unconfirmed, "connection closed before the peer confirmed delivery");
+                }
             }
             let end = reader_connection.end.get().cloned().unwrap_or(SessionEnd {
                 reason: DisconnectReason::Requested,
@@ -917,6 +1059,8 @@ async fn read_loop<R: FrameReader>(
                     // Let the writer send the Disconnect; it cancels when done.
                     continue;
                 }
+                // An ack that found the queue full is retried here.
+                connection.send_wanted_ack();
                 if let Some(interval) = config.ping_interval
                     && idle >= interval
                     && last_ping.is_none_or(|at| at.elapsed() >= interval)
@@ -967,7 +1111,7 @@ async fn read_loop<R: FrameReader>(
 
         let flow = match opener.as_mut() {
             None => match Message::decode(body.clone()) {
-                Ok(message) => deliver(connection, message, body.len(), context).await,
+                Ok(message) => deliver(connection, message, &body, context).await,
                 Err(err) => Flow::Close(
                     DisconnectReason::ProtocolError,
                     format!("malformed Message: {err}"),
@@ -980,9 +1124,8 @@ async fn read_loop<R: FrameReader>(
                         .message(Direction::In, SIGNED_FRAME_KIND, body.len());
                     let mut flow = Flow::Continue;
                     for bytes in encoded {
-                        let size = bytes.len();
-                        flow = match Message::decode(bytes) {
-                            Ok(message) => deliver(connection, message, size, context).await,
+                        flow = match Message::decode(bytes.clone()) {
+                            Ok(message) => deliver(connection, message, &bytes, context).await,
                             Err(err) => Flow::Close(
                                 DisconnectReason::ProtocolError,
                                 format!("malformed Message in a signed frame: {err}"),
@@ -1012,7 +1155,12 @@ async fn read_loop<R: FrameReader>(
             },
         };
         match flow {
-            Flow::Continue => {}
+            Flow::Continue => {
+                // One ack for everything already buffered.
+                if connection.acks.is_some() && !reader.has_buffered_frame() {
+                    connection.send_wanted_ack();
+                }
+            }
             Flow::PeerLeft => return,
             Flow::Close(reason, details) => {
                 warn!(%reason, %details, "closing connection");
@@ -1076,9 +1224,32 @@ fn control(payload: Payload) -> Message {
 async fn deliver(
     connection: &Connection,
     message: Message,
-    size: usize,
+    encoded: &Bytes,
     context: &SessionContext,
 ) -> Flow {
+    let size = encoded.len();
+    if message.payload.is_none()
+        && let Some(acks) = &connection.acks
+    {
+        // Extensions ride on payload-less messages (docs/PROTOCOL.md §5.1).
+        match MessageExt::decode(encoded.clone()) {
+            Ok(MessageExt { ack: Some(ack), .. }) => {
+                context.metrics.message(Direction::In, ACK_KIND, size);
+                return match acks.acknowledge(ack.delivered) {
+                    Ok(()) => Flow::Continue,
+                    Err(details) => Flow::Close(DisconnectReason::ProtocolError, details),
+                };
+            }
+            Ok(MessageExt {
+                ack_request: true, ..
+            }) => {
+                context.metrics.message(Direction::In, ACK_KIND, size);
+                acks.ack_wanted.store(true, Ordering::Relaxed);
+                return Flow::Continue;
+            }
+            _ => {}
+        }
+    }
     let kind = kind_index(&message);
     context.metrics.message(Direction::In, kind, size);
     match &message.payload {
@@ -1106,16 +1277,17 @@ async fn deliver(
             "handshake message after the handshake".into(),
         ),
         _ => {
-            let received = connection
-                .counters
-                .messages_in
-                .fetch_add(1, Ordering::Relaxed);
+            // Counted once the handler has it: acknowledgements report this
+            // count, and they must not run ahead of the handler.
+            let delivered = &connection.counters.messages_in;
+            let received = delivered.load(Ordering::Relaxed);
             let Some(handler) = context.handler.get() else {
                 context.metrics.error("no_handler", "handle");
                 warn!(
                     kind = MESSAGE_KINDS[kind],
                     "no handler set; message dropped"
                 );
+                delivered.store(received + 1, Ordering::Relaxed);
                 return Flow::Continue;
             };
             let inbound = Inbound {
@@ -1132,6 +1304,7 @@ async fn deliver(
                 Handled::Done(result) => result,
                 Handled::Pending(future) => future.await,
             };
+            delivered.store(received + 1, Ordering::Relaxed);
             if let Some(started) = started {
                 context.metrics.processing(kind, started.elapsed());
             }
@@ -1163,23 +1336,52 @@ impl WriteBatch {
     }
 
     /// Queues `message`, preceded by the pre-encoded `prefix` fields.
-    fn push_message(&mut self, message: &Message, prefix: &[u8], signer: Option<&FrameSigner>) {
-        self.messages += u64::from(is_application(message));
-        let kind = kind_index(message);
+    /// Returns whether it was taken (the encoder refuses only what size
+    /// checks at queueing time let through by mistake).
+    fn push_message(
+        &mut self,
+        message: &Message,
+        prefix: &[u8],
+        signer: Option<&FrameSigner>,
+    ) -> bool {
         let size = prefix.len() + message.encoded_len();
+        self.push_encoded(kind_index(message), size, signer, |buffer| {
+            buffer.put_slice(prefix);
+            message.encode(buffer).expect("capacity reserved");
+        })
+    }
+
+    /// Queues an acknowledgement of `delivered` messages, or (`None`) a
+    /// request for one.
+    fn push_ack(&mut self, delivered: Option<u64>, signer: Option<&FrameSigner>) {
+        let ext = MessageExt {
+            ack: delivered.map(|delivered| Ack { delivered }),
+            ack_request: delivered.is_none(),
+        };
+        self.push_encoded(ACK_KIND, ext.encoded_len(), signer, |buffer| {
+            ext.encode(buffer).expect("capacity reserved");
+        });
+    }
+
+    /// Queues one message of `size` bytes that `encode` writes.
+    fn push_encoded(
+        &mut self,
+        kind: usize,
+        size: usize,
+        signer: Option<&FrameSigner>,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> bool {
         let Some(signer) = signer else {
-            // Sizes were checked when the message was queued.
             if let Err(err) = codec::check_frame_len(size, self.max_frame_size) {
                 self.metrics.error("encode", "write");
                 warn!(error = %err, "message refused by the encoder");
-                return;
+                return false;
             }
             self.buffer.reserve(codec::LENGTH_PREFIX_LEN + size);
             self.buffer.put_u32(size as u32);
-            self.buffer.put_slice(prefix);
-            message.encode(&mut self.buffer).expect("capacity reserved");
-            self.metrics.message(Direction::Out, kind, size);
-            return;
+            encode(&mut self.buffer);
+            self.counted(kind, size);
+            return true;
         };
         if self.pending_bytes + size + SIGNED_FRAME_OVERHEAD > self.max_frame_size {
             self.seal(Some(signer));
@@ -1190,21 +1392,22 @@ impl WriteBatch {
             self.scratch = BytesMut::with_capacity(WRITE_BUFFER_CAPACITY.max(size));
         }
         self.scratch.reserve(size);
-        self.scratch.put_slice(prefix);
-        message
-            .encode(&mut self.scratch)
-            .expect("capacity reserved");
-        self.metrics.message(Direction::Out, kind, size);
+        encode(&mut self.scratch);
+        self.counted(kind, size);
         self.pending_bytes += size + 8;
         self.pending.push(self.scratch.split().freeze());
+        true
+    }
+
+    fn counted(&mut self, kind: usize, size: usize) {
+        self.messages += u64::from(is_application_kind(kind));
+        self.metrics.message(Direction::Out, kind, size);
     }
 
     fn push_frame(&mut self, frame: &[u8], kind: usize, signer: Option<&FrameSigner>) {
         // Keep order: what was queued before this frame goes out before it.
         self.seal(signer);
-        self.messages += u64::from(is_application_kind(kind));
-        self.metrics
-            .message(Direction::Out, kind, frame.len() - codec::LENGTH_PREFIX_LEN);
+        self.counted(kind, frame.len() - codec::LENGTH_PREFIX_LEN);
         self.buffer.extend_from_slice(frame);
     }
 
@@ -1274,6 +1477,9 @@ async fn write_loop<W: FrameWriter>(
         max_frame_size: config.max_frame_size,
         metrics: context.metrics.clone(),
     };
+    // Application messages encoded so far: the position of the next one, less 1.
+    let mut written: u64 = 0;
+    let mut last_ack: u64 = 0;
     loop {
         let first = tokio::select! {
             biased;
@@ -1285,17 +1491,39 @@ async fn write_loop<W: FrameWriter>(
         batch.buffer = pool.take();
         let mut next = Some(first);
         let mut close = None;
+        let mut confirming = false;
         while let Some(item) = next {
             match item {
                 Outbound::Message(mut message) => {
-                    let stamp = match &stamp {
-                        Some(stamp) if is_application(&message) => {
-                            message.sender_id.clear();
-                            stamp.as_slice()
+                    let prefix = stamp_prefix(stamp.as_deref(), &mut message);
+                    batch.push_message(&message, prefix, signer);
+                }
+                Outbound::Confirmed(mut message, done) => {
+                    let prefix = stamp_prefix(stamp.as_deref(), &mut message);
+                    // A message the encoder refused drops `done`: its sender
+                    // learns it was not delivered.
+                    if batch.push_message(&message, prefix, signer)
+                        && let Some(acks) = &connection.acks
+                    {
+                        let position = written + batch.messages;
+                        confirming = true;
+                        acks.waiting
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push_back((position, done));
+                    }
+                }
+                Outbound::Ack => {
+                    if let Some(acks) = &connection.acks {
+                        // Cleared before reading the count: a request made
+                        // after this read queues a new ack (see `request_ack`).
+                        acks.ack_queued.swap(false, Ordering::AcqRel);
+                        let delivered = connection.counters.messages_in.load(Ordering::Relaxed);
+                        if delivered != last_ack {
+                            last_ack = delivered;
+                            batch.push_ack(Some(delivered), signer);
                         }
-                        _ => &[],
-                    };
-                    batch.push_message(&message, stamp, signer);
+                    }
                 }
                 Outbound::Frame(frame, kind) => batch.push_frame(&frame, kind, signer),
                 Outbound::Close(reason, details) => {
@@ -1314,7 +1542,16 @@ async fn write_loop<W: FrameWriter>(
                 None
             };
         }
+        if confirming && close.is_none() {
+            // After the messages it covers, in the same write (and frame).
+            batch.push_ack(None, signer);
+        }
         batch.seal(signer);
+        written += batch.messages;
+        if let Some(acks) = &connection.acks {
+            // Published before the bytes leave: an ack can cover no more.
+            acks.written.store(written, Ordering::Release);
+        }
         let limit = if close.is_some() {
             config.disconnect_timeout
         } else {
@@ -1377,11 +1614,25 @@ async fn write_loop<W: FrameWriter>(
     queue.close();
     let mut undelivered = 0usize;
     while let Ok(item) = queue.try_recv() {
-        undelivered += usize::from(!matches!(item, Outbound::Close(..)));
+        undelivered += usize::from(matches!(
+            item,
+            Outbound::Message(_) | Outbound::Confirmed(..) | Outbound::Frame(..)
+        ));
     }
     if undelivered > 0 {
         context.metrics.error("undelivered", "write");
         warn!(undelivered, "connection closed with queued messages unsent");
+    }
+}
+
+/// The `sender_id` field to write ahead of `message`, clearing its own.
+fn stamp_prefix<'a>(stamp: Option<&'a [u8]>, message: &mut Message) -> &'a [u8] {
+    match stamp {
+        Some(stamp) if is_application(message) => {
+            message.sender_id.clear();
+            stamp
+        }
+        _ => &[],
     }
 }
 
@@ -1390,7 +1641,7 @@ async fn write_loop<W: FrameWriter>(
 fn is_application_kind(kind: usize) -> bool {
     !matches!(
         MESSAGE_KINDS[kind],
-        "handshake_request" | "handshake_response" | "ping" | "pong" | "disconnect"
+        "handshake_request" | "handshake_response" | "ping" | "pong" | "disconnect" | "ack"
     )
 }
 
@@ -1399,4 +1650,88 @@ fn is_application(message: &Message) -> bool {
         message.payload,
         Some(Payload::Ping(_) | Payload::Pong(_) | Payload::Disconnect(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(acks: &Acks, positions: &[u64]) -> Vec<oneshot::Receiver<()>> {
+        positions
+            .iter()
+            .map(|&position| {
+                let (done, confirmed) = oneshot::channel();
+                acks.waiting.lock().unwrap().push_back((position, done));
+                confirmed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_ack_confirms_exactly_the_positions_it_covers() {
+        let acks = Acks::default();
+        acks.written.store(10, Ordering::Release);
+        let mut confirmations = waiting(&acks, &[2, 5, 6, 10]);
+        acks.acknowledge(5).unwrap();
+        assert_eq!(confirmations[0].try_recv(), Ok(()));
+        assert_eq!(confirmations[1].try_recv(), Ok(()));
+        assert!(
+            confirmations[2].try_recv().is_err(),
+            "position 6 is not covered"
+        );
+        // A repeated count is harmless; a later one confirms the rest.
+        acks.acknowledge(5).unwrap();
+        assert!(confirmations[2].try_recv().is_err());
+        acks.acknowledge(10).unwrap();
+        assert_eq!(confirmations[2].try_recv(), Ok(()));
+        assert_eq!(confirmations[3].try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn impossible_acks_are_refused() {
+        let acks = Acks::default();
+        acks.written.store(3, Ordering::Release);
+        let mut confirmations = waiting(&acks, &[3]);
+        let err = acks.acknowledge(4).unwrap_err();
+        assert!(err.contains("ack of 4 messages; 3 sent"), "{err}");
+        assert!(confirmations[0].try_recv().is_err(), "nothing confirmed");
+        acks.acknowledge(2).unwrap();
+        let err = acks.acknowledge(1).unwrap_err();
+        assert!(err.contains("2 acknowledged before"), "{err}");
+    }
+
+    /// The example of docs/PROTOCOL.md §5.1.
+    #[test]
+    fn ack_bytes_match_the_protocol_document() {
+        let ack = MessageExt {
+            ack: Some(Ack { delivered: 300 }),
+            ack_request: false,
+        };
+        assert_eq!(ack.encode_to_vec(), [0xa2, 0x06, 0x03, 0x08, 0xac, 0x02]);
+        let as_message = Message::decode(&ack.encode_to_vec()[..]).unwrap();
+        assert_eq!(
+            as_message.payload, None,
+            "a Go peer would see an empty message"
+        );
+        let request = MessageExt {
+            ack: None,
+            ack_request: true,
+        };
+        assert_eq!(request.encode_to_vec(), [0xa8, 0x06, 0x01]);
+    }
+
+    #[test]
+    fn failing_the_waiting_tells_every_sender() {
+        let acks = Acks::default();
+        acks.written.store(2, Ordering::Release);
+        let mut confirmations = waiting(&acks, &[1, 2]);
+        assert_eq!(acks.fail_waiting(), 2);
+        for confirmation in &mut confirmations {
+            assert_eq!(
+                confirmation.try_recv(),
+                Err(oneshot::error::TryRecvError::Closed)
+            );
+        }
+        assert_eq!(acks.fail_waiting(), 0);
+    }
 }

@@ -11,7 +11,7 @@ use tokio::{
 use tokio_util::codec::Decoder;
 
 use crate::{
-    codec::FrameCodec,
+    codec::{self, FrameCodec},
     error::{CodecError, DisconnectReason},
     session::{FrameReader, FrameWriter},
 };
@@ -205,6 +205,17 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
 
     fn set_read_budget(&mut self, budget: Arc<ReadBudget>) {
         self.budget = Some(budget);
+    }
+
+    fn has_buffered_frame(&self) -> bool {
+        let needed = match self.codec.pending_body() {
+            Some(body) => body,
+            None => match self.buffer.first_chunk::<{ codec::LENGTH_PREFIX_LEN }>() {
+                Some(prefix) => codec::LENGTH_PREFIX_LEN + u32::from_be_bytes(*prefix) as usize,
+                None => return false,
+            },
+        };
+        self.buffer.len() >= needed
     }
 }
 

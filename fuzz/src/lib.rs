@@ -599,7 +599,10 @@ fn check_accept(
         (0, 0)
     };
     assert_eq!(answer_ext.ext_version, 1);
-    assert_eq!(answer_ext.features, 2 | u32::from(signed));
+    // Delivery acks (4) are granted exactly when offered (the server allows them).
+    let acks = ext.features & 4;
+    assert_eq!(answer_ext.features, 2 | u32::from(signed) | acks);
+    assert_eq!(client.delivery_acks, acks != 0);
     assert_eq!(answer_ext.server_public_key, compressed(own));
     assert_eq!(answer_ext.identity, client.identity);
     assert_eq!(

@@ -239,6 +239,10 @@ impl FrameReader for GrpcReader {
     fn set_max_frame_size(&mut self, max: usize) {
         self.max_frame_size = max;
     }
+
+    fn has_buffered_frame(&self) -> bool {
+        !self.pending.is_empty()
+    }
 }
 
 fn status_to_io(status: &Status) -> io::Error {

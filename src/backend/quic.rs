@@ -227,6 +227,10 @@ impl FrameReader for QuicReader {
     fn set_read_budget(&mut self, budget: std::sync::Arc<crate::stream::ReadBudget>) {
         self.frames.set_read_budget(budget);
     }
+
+    fn has_buffered_frame(&self) -> bool {
+        self.frames.has_buffered_frame()
+    }
 }
 
 /// Writing half of a QUIC pipe.

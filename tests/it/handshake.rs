@@ -637,7 +637,9 @@ fn extended_messages_stay_valid_go_messages() {
         assert_eq!(base.session_id, format!("{IDENTITY}-{}", unix_nanos(t0())));
         assert_eq!(
             ext.features,
-            Feature::MutualAuth as u32 | Feature::SignedFrames as u32
+            Feature::MutualAuth as u32
+                | Feature::SignedFrames as u32
+                | Feature::DeliveryAcks as u32
         );
         assert_eq!(concat(&base, &ext), response.to_vec());
     }
@@ -729,6 +731,43 @@ fn client_refuses_a_tampered_server_proof() {
                 "{what}: {result:?}"
             );
         }
+    }
+}
+
+// PROTOCOL.md §3.3, §5.1
+#[test]
+fn delivery_acks_need_both_sides() {
+    for &backend in CryptoBackend::available() {
+        for (offered, allowed) in [(true, true), (true, false), (false, true), (false, false)] {
+            let mut config = client_config(backend);
+            config.delivery_acks = offered;
+            let mut server_config = ServerHandshakeConfig::new(trust(), Some(server_key()));
+            server_config.backend = backend;
+            server_config.delivery_acks = allowed;
+            let (accepted, session) =
+                handshake(&ServerHandshake::new(server_config), config, t0(), 1);
+            let expected = offered && allowed;
+            assert_eq!(accepted.delivery_acks, expected, "{offered} {allowed}");
+            assert_eq!(session.delivery_acks, expected, "{offered} {allowed}");
+            assert!(
+                session.signed_frames.is_some(),
+                "independent of signed frames"
+            );
+        }
+        // The bit is covered by the server's proof.
+        let (client, response) = accepted_response(backend, client_config(backend), 2);
+        let (base, mut ext) = decode_response(&response);
+        assert_ne!(ext.features & Feature::DeliveryAcks as u32, 0);
+        ext.features &= !(Feature::DeliveryAcks as u32);
+        let result = client.finish(&concat(&base, &ext));
+        assert!(
+            matches!(result, Err(HandshakeError::BadServerSignature(_))),
+            "{result:?}"
+        );
+        // Go mode has no acknowledgements.
+        let (accepted, session) =
+            handshake(&ext_server(backend), go_client_config(backend), t0(), 3);
+        assert!(!accepted.delivery_acks && !session.delivery_acks);
     }
 }
 

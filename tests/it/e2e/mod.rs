@@ -9,6 +9,7 @@
 
 mod api;
 mod auth;
+mod delivery;
 mod flow;
 mod hostile;
 mod tcp_only;
@@ -109,6 +110,9 @@ macro_rules! e2e_suite {
                 auth::server_refuses_request_for_another_server,
                 auth::untrusted_client_key_is_refused_with_go_string,
                 auth::auth_disabled_server_uses_connection_ids,
+                delivery::confirmed_sends_follow_the_handler,
+                delivery::confirmation_waits_for_the_handler_and_fails_when_the_session_ends,
+                delivery::sessions_without_acks_refuse_confirmation,
                 flow::broadcast_reaches_100_authenticated_clients,
                 flow::broadcast_exclusion_skips_only_the_excluded,
                 flow::two_phase_commit_in_miniature,

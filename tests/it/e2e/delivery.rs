@@ -1,0 +1,221 @@
+//! Delivery acknowledgements (docs/PROTOCOL.md §5.1): `send_confirmed`
+//! resolves only once the peer's handler has the message, fails when the
+//! connection ends first, and is refused where the session cannot confirm.
+
+use std::{sync::Arc, time::Duration};
+
+use publisher_transport::{
+    ClientAuth, DisconnectReason, Handled, Handler, Inbound, ServerAuth, TransportError,
+    channel_handler,
+};
+use tokio::sync::{Notify, mpsc};
+
+use super::{
+    Harness, Keys, STEP_TIMEOUT, client_config, identity, number_of, numbered, recv, registered,
+    server_config,
+};
+
+/// Forwards each message's number, then waits for `gate` before returning:
+/// a handler that has the message but has not finished with it.
+struct GatedHandler {
+    seen: mpsc::UnboundedSender<u64>,
+    gate: Arc<Notify>,
+}
+
+impl Handler for GatedHandler {
+    fn handle(&self, inbound: Inbound) -> Handled {
+        let _ = self.seen.send(number_of(&inbound.message));
+        let gate = self.gate.clone();
+        Handled::Pending(Box::pin(async move {
+            gate.notified().await;
+            Ok(())
+        }))
+    }
+}
+
+/// Confirmed sends in both directions, signed and unsigned sessions, mixed
+/// with plain sends: each `Ok` comes after the handler has the message and
+/// everything sent before it.
+pub async fn confirmed_sends_follow_the_handler<H: Harness>() {
+    for signed in [true, false] {
+        let keys = Keys::new(1);
+        let server = H::server(server_config(), Some(keys.server_auth()));
+        let (handler, mut at_server) = channel_handler(1024);
+        server.set_handler(handler);
+        let addr = server.start().await.unwrap();
+        let client = H::client(
+            client_config("a"),
+            Some(ClientAuth {
+                signed_frames: signed,
+                ..keys.client_auth(0)
+            }),
+        );
+        let (client_handler, mut at_client) = channel_handler(1024);
+        client.set_handler(client_handler);
+        client.connect(&H::dial_addr(addr)).await.unwrap();
+        registered(&server, &identity(0)).await;
+
+        for round in 0..20u64 {
+            // Plain sends first: a confirmation covers what preceded it.
+            for k in 0..5 {
+                client.send(numbered(round * 10 + k)).await.unwrap();
+            }
+            client
+                .send_confirmed(numbered(round * 10 + 5))
+                .await
+                .unwrap();
+            for k in 0..=5 {
+                let got = at_server.try_recv().unwrap_or_else(|_| {
+                    panic!(
+                        "signed {signed}: message {} confirmed but not handled",
+                        round * 10 + k
+                    )
+                });
+                assert_eq!(number_of(&got.message), round * 10 + k);
+            }
+        }
+        // Broadcasts count like unicast messages.
+        let peer = identity(0);
+        for n in 0..20 {
+            let report = server.broadcast(numbered(1000 + n), None).unwrap();
+            assert_eq!(report.delivered.len(), 1);
+            server.send_confirmed(&peer, numbered(n)).await.unwrap();
+            for expected in [1000 + n, n] {
+                let got = at_client.try_recv().expect("confirmed, so handled");
+                assert_eq!(number_of(&got.message), expected);
+            }
+        }
+        // Many in flight at once, resolved in any order, all handled.
+        let sends = (100..164).map(|n| client.send_confirmed(numbered(n)));
+        for result in futures::future::join_all(sends).await {
+            result.unwrap();
+        }
+        let mut handled = 0;
+        while at_server.try_recv().is_ok() {
+            handled += 1;
+        }
+        assert_eq!(handled, 64, "signed {signed}");
+        assert!(at_client.try_recv().is_err(), "nothing unexpected arrived");
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    }
+}
+
+/// A handler that holds the message holds its confirmation; a connection
+/// that ends first turns it into `Unconfirmed`.
+pub async fn confirmation_waits_for_the_handler_and_fails_when_the_session_ends<H: Harness>() {
+    let keys = Keys::new(1);
+    let server = H::server(server_config(), Some(keys.server_auth()));
+    let (seen, mut seen_rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(Notify::new());
+    server.set_handler(Arc::new(GatedHandler {
+        seen,
+        gate: gate.clone(),
+    }));
+    let addr = server.start().await.unwrap();
+    let client = H::client(client_config("a"), Some(keys.client_auth(0)));
+    client.connect(&H::dial_addr(addr)).await.unwrap();
+    registered(&server, &identity(0)).await;
+
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_confirmed(numbered(1)).await }
+    });
+    let handled = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
+    assert_eq!(handled.unwrap(), Some(1), "the handler has it");
+    // The handler has not returned: no confirmation may arrive meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished(),
+        "confirmed before the handler returned"
+    );
+    gate.notify_one();
+    tokio::time::timeout(STEP_TIMEOUT, first)
+        .await
+        .expect("confirmed once the handler returned")
+        .unwrap()
+        .unwrap();
+
+    // Now a message the handler never finishes, and the session ends.
+    let second = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_confirmed(numbered(2)).await }
+    });
+    let handled = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
+    assert_eq!(handled.unwrap(), Some(2));
+    let connection = server.manager().get(&identity(0)).expect("connected");
+    connection.close(DisconnectReason::InternalError, "test ends the session");
+    let result = tokio::time::timeout(STEP_TIMEOUT, second)
+        .await
+        .expect("the sender learns the outcome")
+        .unwrap();
+    match result {
+        Err(TransportError::Unconfirmed { peer, .. }) => assert!(!peer.is_empty()),
+        other => panic!("expected Unconfirmed, got {other:?}"),
+    }
+    let err = client.send_confirmed(numbered(3)).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    gate.notify_waiters();
+    server.stop().await.unwrap();
+}
+
+/// Sessions that did not negotiate acknowledgements refuse `send_confirmed`
+/// with a typed error, and plain `send` still works there.
+pub async fn sessions_without_acks_refuse_confirmation<H: Harness>() {
+    let keys = Keys::new(1);
+    let cases: [(&str, Option<ServerAuth>, Option<ClientAuth>); 4] = [
+        (
+            "go-mode client",
+            Some(keys.server_auth()),
+            Some(ClientAuth {
+                extensions: false,
+                ..ClientAuth::new(keys.clients[0].clone())
+            }),
+        ),
+        (
+            "client without acks",
+            Some(keys.server_auth()),
+            Some(ClientAuth {
+                delivery_acks: false,
+                ..keys.client_auth(0)
+            }),
+        ),
+        (
+            "server without acks",
+            Some(ServerAuth {
+                delivery_acks: false,
+                ..keys.server_auth()
+            }),
+            Some(keys.client_auth(0)),
+        ),
+        ("no authentication", None, None),
+    ];
+    for (case, server_auth, client_auth) in cases {
+        let authenticated = server_auth.is_some();
+        let server = H::server(server_config(), server_auth);
+        let (handler, mut inbound) = channel_handler(16);
+        server.set_handler(handler);
+        let addr = server.start().await.unwrap();
+        let client = H::client(client_config("a"), client_auth);
+        client.connect(&H::dial_addr(addr)).await.unwrap();
+        let err = client.send_confirmed(numbered(1)).await.unwrap_err();
+        assert!(
+            matches!(err, TransportError::ConfirmationUnavailable { .. }),
+            "{case}: {err}"
+        );
+        client.send(numbered(2)).await.unwrap();
+        let got = recv(&mut inbound, case).await;
+        assert_eq!(number_of(&got.message), 2, "{case}");
+        let peer = got.from.to_string();
+        let err = server.send_confirmed(&peer, numbered(3)).await.unwrap_err();
+        assert!(
+            matches!(err, TransportError::ConfirmationUnavailable { .. }),
+            "{case}: {err}"
+        );
+        if authenticated {
+            assert_eq!(peer, identity(0), "{case}");
+        }
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    }
+}
