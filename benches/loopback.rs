@@ -7,7 +7,6 @@
 //! builds the back-ends, on a 2-worker runtime as there.
 
 #[path = "../examples/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::{

@@ -53,7 +53,8 @@ use hdrhistogram::Histogram;
 use prost::Message as _;
 use publisher_transport::{
     Client, ClientAuth, ClientConfig, CryptoBackend, HandlerError, Inbound, Message, SecretKey,
-    Server, ServerAuth, ServerConfig, SignedFramesPolicy, SyncHandler, TrustStore,
+    Server, ServerAuth, ServerConfig, SignedFramesPolicy, SyncHandler, TransportError, TrustStore,
+    TrySendError,
     proto::{Payload, rollup::v1::Block},
 };
 use tokio::{
@@ -727,7 +728,14 @@ async fn stream_sender(client: Arc<dyn Client>, template: Message, measure: Arc<
             template.clone()
         };
         n += 1;
-        if let Err(err) = client.send(message).await {
+        // The queue usually has room: `try_send` then costs no boxed future.
+        let result = match client.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(message)) => client.send(*message).await,
+            Err(TrySendError::Failed(err)) => Err(err),
+            Err(err) => Err(TransportError::Config(err.to_string())),
+        };
+        if let Err(err) = result {
             if measure.running() {
                 measure.send_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(client = %client.id(), error = %err, "send failed");

@@ -17,7 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     backend::{Backend, Pipe},
     config::{ClientAuth, ClientConfig},
-    error::{DisconnectReason, TransportError},
+    error::{DisconnectReason, TransportError, TrySendError},
     handshake::{ClientHandshake, ClientHandshakeConfig, NONCE_LEN},
     metrics::Metrics,
     pool::BufferPool,
@@ -348,6 +348,15 @@ impl<B: Backend> TransportClient<B> {
             .filter(|c| !c.is_closed())
             .ok_or(TransportError::NotConnected)?;
         connection.send(message).await
+    }
+
+    /// Queues `message` without waiting; see [`Connection::try_send`].
+    pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
+        let connection = self
+            .current()
+            .filter(|c| !c.is_closed())
+            .ok_or(TransportError::NotConnected)?;
+        connection.try_send(message)
     }
 
     /// Sends `message` and waits until the publisher confirms delivery to its

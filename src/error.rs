@@ -458,6 +458,19 @@ pub enum TransportError {
     Cancelled,
 }
 
+/// Why [`try_send`](crate::TransportClient::try_send) did not queue a message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The send queue is full; the message is handed back. Nothing else
+    /// happened: the peer is not disconnected.
+    #[error("send queue full")]
+    Full(Box<crate::Message>),
+    /// Any other refusal, as [`send`](crate::TransportClient::send) reports it.
+    #[error(transparent)]
+    Failed(#[from] TransportError),
+}
+
 impl TransportError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {

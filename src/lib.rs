@@ -44,6 +44,7 @@ pub use config::{ClientAuth, ClientConfig, RateLimit, ServerAuth, ServerConfig};
 pub use crypto::{Address, CryptoBackend, PublicKey, SecretKey, Signature, TrustStore};
 pub use error::{
     CodecError, DisconnectReason, HandshakeError, KeyError, SignedFrameError, TransportError,
+    TrySendError,
 };
 pub use handshake::SignedFramesPolicy;
 pub use manager::BroadcastReport;
@@ -129,6 +130,8 @@ pub trait Server: Send + Sync {
     ) -> Result<BroadcastReport, TransportError>;
     /// Sends to one peer by identity.
     async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError>;
+    /// Queues for one peer without waiting; a full queue hands the message back.
+    fn try_send(&self, peer: &str, message: Message) -> Result<(), TrySendError>;
     /// Sends to one peer and waits for its delivery acknowledgement.
     async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError>;
     /// Sets the handler of inbound messages.
@@ -165,6 +168,9 @@ impl<B: backend::Backend> Server for TransportServer<B> {
     async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
         TransportServer::send(self, peer, message).await
     }
+    fn try_send(&self, peer: &str, message: Message) -> Result<(), TrySendError> {
+        TransportServer::try_send(self, peer, message)
+    }
     async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError> {
         TransportServer::send_confirmed(self, peer, message).await
     }
@@ -195,6 +201,10 @@ pub trait Client: Send + Sync {
     async fn reconnect(&self) -> Result<(), TransportError>;
     /// Sends a message to the server.
     async fn send(&self, message: Message) -> Result<(), TransportError>;
+    /// Queues a message without waiting; a full queue hands it back. Not an
+    /// `async` method, so calling it through `dyn Client` costs no boxed
+    /// future: the fast path of a streaming sender.
+    fn try_send(&self, message: Message) -> Result<(), TrySendError>;
     /// Sends a message and waits for the server's delivery acknowledgement.
     async fn send_confirmed(&self, message: Message) -> Result<(), TransportError>;
     /// Whether a session is up.
@@ -233,6 +243,9 @@ impl<B: backend::Backend> Client for TransportClient<B> {
     }
     async fn send(&self, message: Message) -> Result<(), TransportError> {
         TransportClient::send(self, message).await
+    }
+    fn try_send(&self, message: Message) -> Result<(), TrySendError> {
+        TransportClient::try_send(self, message)
     }
     async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
         TransportClient::send_confirmed(self, message).await

@@ -12,6 +12,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
+    local::{LocalHistogram, LocalIntCounter},
 };
 
 use crate::error::TransportError;
@@ -68,6 +69,64 @@ pub(crate) const HANDSHAKE_RESPONSE_KIND: usize = 12;
 pub(crate) const SIGNED_FRAME_KIND: usize = 16;
 /// Index of delivery acknowledgements in [`MESSAGE_KINDS`].
 pub(crate) const ACK_KIND: usize = 17;
+
+/// Local count and size histogram of one kind.
+type KindTally = (LocalIntCounter, LocalHistogram);
+
+/// Per-kind counts and sizes of one direction, accumulated without atomics by
+/// the one task that owns it and published by [`flush`](Self::flush): a
+/// reader or writer calls it once per batch, where observing each message
+/// directly would cost several atomic updates per message.
+pub(crate) struct MessageTally {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+    /// The kinds seen so far: a connection carries few, so a short list
+    /// searched in order costs less than a slot per kind, in time and memory.
+    slots: Vec<(usize, KindTally)>,
+    pending: bool,
+}
+
+impl MessageTally {
+    /// Counts one message of `kind` and `size` bytes.
+    pub(crate) fn add(&mut self, kind: usize, size: usize) {
+        let index = match self.slots.iter().position(|(seen, _)| *seen == kind) {
+            Some(index) => index,
+            None => {
+                let direction = self.direction as usize;
+                let per_kind = &self.metrics.per_kind;
+                self.slots.push((
+                    kind,
+                    (
+                        per_kind.messages[direction][kind].local(),
+                        per_kind.sizes[direction][kind].local(),
+                    ),
+                ));
+                self.slots.len() - 1
+            }
+        };
+        let (count, sizes) = &self.slots[index].1;
+        count.inc();
+        sizes.observe(size as f64);
+        self.pending = true;
+    }
+
+    /// Publishes what was counted since the last flush.
+    pub(crate) fn flush(&mut self) {
+        if !std::mem::take(&mut self.pending) {
+            return;
+        }
+        for (_, (count, sizes)) in &self.slots {
+            count.flush();
+            sizes.flush();
+        }
+    }
+}
+
+impl Drop for MessageTally {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
 
 /// Direction label values.
 #[derive(Debug, Clone, Copy)]
@@ -346,9 +405,14 @@ impl Metrics {
         String::from_utf8(out).expect("the text format is UTF-8")
     }
 
-    pub(crate) fn message(&self, direction: Direction, kind: usize, size: usize) {
-        self.per_kind.messages[direction as usize][kind].inc();
-        self.per_kind.sizes[direction as usize][kind].observe(size as f64);
+    /// A tally of this direction's messages for one task to accumulate.
+    pub(crate) fn tally(self: &Arc<Self>, direction: Direction) -> MessageTally {
+        MessageTally {
+            metrics: self.clone(),
+            direction,
+            slots: Vec::new(),
+            pending: false,
+        }
     }
 
     pub(crate) fn processing(&self, kind: usize, took: Duration) {

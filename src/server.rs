@@ -20,7 +20,7 @@ use crate::{
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
-    error::{CodecError, DisconnectReason, TransportError},
+    error::{CodecError, DisconnectReason, TransportError, TrySendError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
     manager::{BroadcastReport, ConnectionManager, RateLimiter},
     metrics::{Metrics, kind_index},
@@ -316,6 +316,11 @@ impl<B: Backend> TransportServer<B> {
     /// write timeout for room in its queue.
     pub async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
         self.peer(peer)?.send(message).await
+    }
+
+    /// Queues `message` for `peer` without waiting; see [`Connection::try_send`](session::Connection::try_send).
+    pub fn try_send(&self, peer: &str, message: Message) -> Result<(), TrySendError> {
+        self.peer(peer)?.try_send(message)
     }
 
     /// Sends `message` to `peer` and waits until it confirms delivery to its

@@ -21,7 +21,7 @@ use std::{
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tokio::sync::{
-    mpsc::{self, error::TrySendError},
+    mpsc::{self, error::TrySendError as QueueError},
     oneshot,
 };
 use tokio_util::sync::CancellationToken;
@@ -31,12 +31,17 @@ use crate::{
     codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
     config::InboundLimit,
     crypto::{CryptoBackend, PublicKey, SecretKey},
-    error::{CodecError, DisconnectReason, HandshakeError, SignedFrameError, TransportError},
+    error::{
+        CodecError, DisconnectReason, HandshakeError, SignedFrameError, TransportError,
+        TrySendError,
+    },
     handshake::{
         AcceptedClient, ClientHandshake, SequenceFloors, ServerHandshake, ServerSession,
         ServerVerdict, SignedFrameSession, disconnect_body, unix_nanos,
     },
-    metrics::{ACK_KIND, Direction, MESSAGE_KINDS, Metrics, SIGNED_FRAME_KIND, kind_index},
+    metrics::{
+        ACK_KIND, Direction, MESSAGE_KINDS, MessageTally, Metrics, SIGNED_FRAME_KIND, kind_index,
+    },
     pool::BufferPool,
     proto::{
         Message, Payload,
@@ -180,7 +185,7 @@ impl Handler for ChannelHandler {
     fn handle(&self, inbound: Inbound) -> Handled {
         match self.0.try_send(inbound) {
             Ok(()) => Handled::Done(Ok(())),
-            Err(TrySendError::Full(inbound)) => {
+            Err(QueueError::Full(inbound)) => {
                 let tx = self.0.clone();
                 Handled::Pending(Box::pin(async move {
                     tx.send(inbound)
@@ -188,7 +193,7 @@ impl Handler for ChannelHandler {
                         .map_err(|_| HandlerError::from("inbound receiver dropped"))
                 }))
             }
-            Err(TrySendError::Closed(_)) => Handled::Done(Err("inbound receiver dropped".into())),
+            Err(QueueError::Closed(_)) => Handled::Done(Err("inbound receiver dropped".into())),
         }
     }
 }
@@ -203,19 +208,55 @@ pub fn channel_handler(capacity: usize) -> (Arc<dyn Handler>, mpsc::Receiver<Inb
 
 /// The slot a server or client keeps its handler in, changeable at any time.
 #[derive(Default)]
-pub(crate) struct HandlerSlot(std::sync::RwLock<Option<Arc<dyn Handler>>>);
+pub(crate) struct HandlerSlot {
+    handler: std::sync::RwLock<Option<Arc<dyn Handler>>>,
+    /// Bumped by every `set`, so readers re-read the handler only then.
+    generation: AtomicU64,
+}
 
 impl HandlerSlot {
     pub(crate) fn set(&self, handler: Arc<dyn Handler>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+        *self.handler.write().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     pub(crate) fn get(&self) -> Option<Arc<dyn Handler>> {
-        self.0
+        self.handler
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// A reader's copy of the handler: one atomic load per message instead of
+/// a lock, refreshed when the slot changes.
+struct HandlerCache {
+    generation: u64,
+    handler: Option<Arc<dyn Handler>>,
+}
+
+impl HandlerCache {
+    fn new(slot: &HandlerSlot) -> Self {
+        Self {
+            generation: slot.generation.load(Ordering::Acquire),
+            handler: slot.get(),
+        }
+    }
+
+    fn current(&mut self, slot: &HandlerSlot) -> Option<&Arc<dyn Handler>> {
+        let generation = slot.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.generation = generation;
+            self.handler = slot.get();
+        }
+        self.handler.as_ref()
+    }
+}
+
+/// What the reader carries from message to message.
+struct Dispatch {
+    tally: MessageTally,
+    handler: HandlerCache,
 }
 
 /// What one connection is, as reported by `connections()` and `stats()`.
@@ -493,6 +534,23 @@ impl Connection {
         self.enqueue(Outbound::Message(message)).await
     }
 
+    /// Queues `message` if the send queue has room, without waiting. On a
+    /// full queue the message comes back in [`QueueError::Full`] and the
+    /// peer keeps its connection (unlike a `send` that times out).
+    pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
+        if self.is_closed() {
+            return Err(self.closed_error().into());
+        }
+        self.check_size(&message)?;
+        match self.queue.try_send(Outbound::Message(message)) {
+            Ok(()) => Ok(()),
+            Err(QueueError::Full(Outbound::Message(message))) => {
+                Err(TrySendError::Full(Box::new(message)))
+            }
+            Err(_) => Err(self.closed_error().into()),
+        }
+    }
+
     /// Whether the session negotiated delivery acknowledgements, which
     /// [`send_confirmed`](Self::send_confirmed) needs.
     pub fn confirms_delivery(&self) -> bool {
@@ -536,8 +594,8 @@ impl Connection {
         }
         match self.queue.try_send(item) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
-            Err(TrySendError::Full(item)) => {
+            Err(QueueError::Closed(_)) => Err(self.closed_error()),
+            Err(QueueError::Full(item)) => {
                 match tokio::time::timeout(self.write_timeout, self.queue.send(item)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => Err(self.closed_error()),
@@ -560,8 +618,9 @@ impl Connection {
         } else {
             0
         };
-        let size = message.encoded_len() + overhead;
-        codec::check_frame_len(message.encoded_len(), self.max_frame_size)?;
+        let encoded_len = message.encoded_len();
+        codec::check_frame_len(encoded_len, self.max_frame_size)?;
+        let size = encoded_len + overhead;
         if size > self.max_frame_size {
             return Err(CodecError::FrameTooLarge {
                 size,
@@ -580,8 +639,8 @@ impl Connection {
         }
         match self.queue.try_send(Outbound::Frame(frame, kind)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Closed(_)) => Err(self.closed_error()),
-            Err(TrySendError::Full(_)) => {
+            Err(QueueError::Closed(_)) => Err(self.closed_error()),
+            Err(QueueError::Full(_)) => {
                 self.abort(DisconnectReason::WriteTimeout, "send queue full");
                 Err(TransportError::QueueFull {
                     peer: self.identity.to_string(),
@@ -1045,10 +1104,20 @@ async fn read_loop<R: FrameReader>(
     let mut last_ping: Option<Instant> = None;
     let mut evicting = false;
     let mut inbound = config.inbound_limit.map(InboundMeter::new);
+    let mut dispatch = Dispatch {
+        tally: context.metrics.tally(Direction::In),
+        handler: HandlerCache::new(&context.handler),
+    };
+    // Made once: a fresh `cancelled()` per frame would take the token's lock.
+    let closed = connection.closed.cancelled();
+    tokio::pin!(closed);
     loop {
+        // A frame already buffered arrived with the last read: reading the
+        // clock again would only cost time.
+        let waited = !reader.has_buffered_frame();
         let frame = tokio::select! {
             biased;
-            _ = connection.closed.cancelled() => return,
+            _ = &mut closed => return,
             frame = reader.read_frame() => frame,
             _ = health.tick() => {
                 let idle = last_received.elapsed();
@@ -1094,7 +1163,9 @@ async fn read_loop<R: FrameReader>(
             }
             Some(Ok(body)) => body,
         };
-        last_received = Instant::now();
+        if waited {
+            last_received = Instant::now();
+        }
         last_ping = None;
         connection.touch(body.len() + codec::LENGTH_PREFIX_LEN, last_received);
         if let Some(meter) = &mut inbound
@@ -1111,7 +1182,7 @@ async fn read_loop<R: FrameReader>(
 
         let flow = match opener.as_mut() {
             None => match Message::decode(body.clone()) {
-                Ok(message) => deliver(connection, message, &body, context).await,
+                Ok(message) => deliver(connection, message, &body, context, &mut dispatch).await,
                 Err(err) => Flow::Close(
                     DisconnectReason::ProtocolError,
                     format!("malformed Message: {err}"),
@@ -1119,13 +1190,13 @@ async fn read_loop<R: FrameReader>(
             },
             Some(opener) => match opener.open_bytes(body.clone()) {
                 Ok(encoded) => {
-                    context
-                        .metrics
-                        .message(Direction::In, SIGNED_FRAME_KIND, body.len());
+                    dispatch.tally.add(SIGNED_FRAME_KIND, body.len());
                     let mut flow = Flow::Continue;
                     for bytes in encoded {
                         flow = match Message::decode(bytes.clone()) {
-                            Ok(message) => deliver(connection, message, &bytes, context).await,
+                            Ok(message) => {
+                                deliver(connection, message, &bytes, context, &mut dispatch).await
+                            }
                             Err(err) => Flow::Close(
                                 DisconnectReason::ProtocolError,
                                 format!("malformed Message in a signed frame: {err}"),
@@ -1156,8 +1227,10 @@ async fn read_loop<R: FrameReader>(
         };
         match flow {
             Flow::Continue => {
-                // One ack for everything already buffered.
-                if connection.acks.is_some() && !reader.has_buffered_frame() {
+                // Before waiting for more: one ack and one metrics update for
+                // everything that was buffered.
+                if !reader.has_buffered_frame() {
+                    dispatch.tally.flush();
                     connection.send_wanted_ack();
                 }
             }
@@ -1226,7 +1299,9 @@ async fn deliver(
     message: Message,
     encoded: &Bytes,
     context: &SessionContext,
+    dispatch: &mut Dispatch,
 ) -> Flow {
+    let tally = &mut dispatch.tally;
     let size = encoded.len();
     if message.payload.is_none()
         && let Some(acks) = &connection.acks
@@ -1234,7 +1309,7 @@ async fn deliver(
         // Extensions ride on payload-less messages (docs/PROTOCOL.md §5.1).
         match MessageExt::decode(encoded.clone()) {
             Ok(MessageExt { ack: Some(ack), .. }) => {
-                context.metrics.message(Direction::In, ACK_KIND, size);
+                tally.add(ACK_KIND, size);
                 return match acks.acknowledge(ack.delivered) {
                     Ok(()) => Flow::Continue,
                     Err(details) => Flow::Close(DisconnectReason::ProtocolError, details),
@@ -1243,7 +1318,7 @@ async fn deliver(
             Ok(MessageExt {
                 ack_request: true, ..
             }) => {
-                context.metrics.message(Direction::In, ACK_KIND, size);
+                tally.add(ACK_KIND, size);
                 acks.ack_wanted.store(true, Ordering::Relaxed);
                 return Flow::Continue;
             }
@@ -1251,7 +1326,7 @@ async fn deliver(
         }
     }
     let kind = kind_index(&message);
-    context.metrics.message(Direction::In, kind, size);
+    tally.add(kind, size);
     match &message.payload {
         Some(Payload::Ping(ping)) => {
             let pong = control(Payload::Pong(Pong {
@@ -1281,7 +1356,7 @@ async fn deliver(
             // count, and they must not run ahead of the handler.
             let delivered = &connection.counters.messages_in;
             let received = delivered.load(Ordering::Relaxed);
-            let Some(handler) = context.handler.get() else {
+            let Some(handler) = dispatch.handler.current(&context.handler) else {
                 context.metrics.error("no_handler", "handle");
                 warn!(
                     kind = MESSAGE_KINDS[kind],
@@ -1328,6 +1403,7 @@ struct WriteBatch {
     messages: u64,
     max_frame_size: usize,
     metrics: Arc<Metrics>,
+    tally: MessageTally,
 }
 
 impl WriteBatch {
@@ -1401,7 +1477,7 @@ impl WriteBatch {
 
     fn counted(&mut self, kind: usize, size: usize) {
         self.messages += u64::from(is_application_kind(kind));
-        self.metrics.message(Direction::Out, kind, size);
+        self.tally.add(kind, size);
     }
 
     fn push_frame(&mut self, frame: &[u8], kind: usize, signer: Option<&FrameSigner>) {
@@ -1431,8 +1507,7 @@ impl WriteBatch {
         match codec::encode_message(&frame, self.max_frame_size, &mut self.buffer) {
             Ok(()) => {
                 let size = self.buffer.len() - before - codec::LENGTH_PREFIX_LEN;
-                self.metrics
-                    .message(Direction::Out, SIGNED_FRAME_KIND, size);
+                self.tally.add(SIGNED_FRAME_KIND, size);
             }
             Err(err) => {
                 self.metrics.error("encode", "write");
@@ -1476,15 +1551,18 @@ async fn write_loop<W: FrameWriter>(
         messages: 0,
         max_frame_size: config.max_frame_size,
         metrics: context.metrics.clone(),
+        tally: context.metrics.tally(Direction::Out),
     };
     // Application messages encoded so far: the position of the next one, less 1.
     let mut written: u64 = 0;
     let mut last_ack: u64 = 0;
+    let closed = connection.closed.cancelled();
+    tokio::pin!(closed);
     loop {
         let first = tokio::select! {
             biased;
             item = queue.recv() => item,
-            _ = connection.closed.cancelled() => None,
+            _ = &mut closed => None,
         };
         let Some(first) = first else { break };
         // Borrow a buffer only while there is something to write.
@@ -1565,7 +1643,7 @@ async fn write_loop<W: FrameWriter>(
             // write that is blocked on a peer which does not read.
             tokio::select! {
                 result = tokio::time::timeout(limit, writer.write_frames(&batch.buffer)) => result,
-                _ = connection.closed.cancelled() => break,
+                _ = &mut closed => break,
             }
         };
         pool.give(std::mem::take(&mut batch.buffer));
@@ -1583,6 +1661,7 @@ async fn write_loop<W: FrameWriter>(
                     .messages_out
                     .fetch_add(batch.messages, Ordering::Relaxed);
                 context.metrics.bytes(Direction::Out, written);
+                batch.tally.flush();
                 batch.messages = 0;
             }
             Ok(Err(err)) => {

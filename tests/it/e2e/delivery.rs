@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use publisher_transport::{
     ClientAuth, DisconnectReason, Handled, Handler, Inbound, ServerAuth, TransportError,
-    channel_handler,
+    TrySendError, channel_handler,
 };
 use tokio::sync::{Notify, mpsc};
 
@@ -31,6 +31,26 @@ impl Handler for GatedHandler {
             Ok(())
         }))
     }
+}
+
+/// A started server whose handler is a [`GatedHandler`].
+async fn gated_server<H: Harness>(
+    keys: &Keys,
+) -> (
+    super::Server<H>,
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<u64>,
+    Arc<Notify>,
+) {
+    let server = H::server(server_config(), Some(keys.server_auth()));
+    let (seen, seen_rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(Notify::new());
+    server.set_handler(Arc::new(GatedHandler {
+        seen,
+        gate: gate.clone(),
+    }));
+    let addr = server.start().await.unwrap();
+    (server, addr, seen_rx, gate)
 }
 
 /// Confirmed sends in both directions, signed and unsigned sessions, mixed
@@ -105,14 +125,7 @@ pub async fn confirmed_sends_follow_the_handler<H: Harness>() {
 /// that ends first turns it into `Unconfirmed`.
 pub async fn confirmation_waits_for_the_handler_and_fails_when_the_session_ends<H: Harness>() {
     let keys = Keys::new(1);
-    let server = H::server(server_config(), Some(keys.server_auth()));
-    let (seen, mut seen_rx) = mpsc::unbounded_channel();
-    let gate = Arc::new(Notify::new());
-    server.set_handler(Arc::new(GatedHandler {
-        seen,
-        gate: gate.clone(),
-    }));
-    let addr = server.start().await.unwrap();
+    let (server, addr, mut seen_rx, gate) = gated_server::<H>(&keys).await;
     let client = H::client(client_config("a"), Some(keys.client_auth(0)));
     client.connect(&H::dial_addr(addr)).await.unwrap();
     registered(&server, &identity(0)).await;
@@ -218,4 +231,49 @@ pub async fn sessions_without_acks_refuse_confirmation<H: Harness>() {
         client.disconnect().await.unwrap();
         server.stop().await.unwrap();
     }
+}
+
+/// `try_send` queues without waiting; on a full queue it hands the message
+/// back and the connection stays up, and once the peer reads again every
+/// queued message arrives.
+pub async fn try_send_hands_back_what_a_full_queue_cannot_take<H: Harness>() {
+    let keys = Keys::new(1);
+    let (server, addr, mut seen_rx, gate) = gated_server::<H>(&keys).await;
+    let mut config = client_config("a");
+    config.send_queue_capacity = 2;
+    let client = H::client(config, Some(keys.client_auth(0)));
+    client.connect(&H::dial_addr(addr)).await.unwrap();
+    registered(&server, &identity(0)).await;
+
+    // The handler holds the first message, so the server stops reading;
+    // 256 KiB messages then fill the pipe and the queue within a few hundred.
+    let big = |n: u64| super::block(n, bytes::Bytes::from(vec![7u8; 256 * 1024]));
+    let mut queued = 0u64;
+    let handed_back = loop {
+        match client.try_send(big(queued)) {
+            Ok(()) => queued += 1,
+            Err(TrySendError::Full(message)) => break message,
+            Err(err) => panic!("unexpected: {err}"),
+        }
+        assert!(queued < 4096, "the queue never filled");
+    };
+    assert_eq!(
+        number_of(&handed_back),
+        queued,
+        "the refused message comes back"
+    );
+    assert!(client.is_connected(), "a full queue does not disconnect");
+
+    // Let the server read again: everything queued arrives, in order.
+    for expected in 0..queued {
+        let got = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(expected));
+        gate.notify_one();
+    }
+    client.send(*handed_back).await.unwrap();
+    let got = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
+    assert_eq!(got.unwrap(), Some(queued));
+    gate.notify_one();
+    client.disconnect().await.unwrap();
+    server.stop().await.unwrap();
 }
