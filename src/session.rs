@@ -1108,17 +1108,23 @@ async fn read_loop<R: FrameReader>(
         tally: context.metrics.tally(Direction::In),
         handler: HandlerCache::new(&context.handler),
     };
-    // Made once: a fresh `cancelled()` per frame would take the token's lock.
+    // Made once, and polled only when no frame is ready: polling it takes
+    // the token's lock.
     let closed = connection.closed.cancelled();
     tokio::pin!(closed);
     loop {
+        // `end` is set before the token is cancelled, and is one atomic load:
+        // a stream of ready frames cannot keep an aborted reader going.
+        if connection.is_closed() && connection.closed.is_cancelled() {
+            return;
+        }
         // A frame already buffered arrived with the last read: reading the
         // clock again would only cost time.
         let waited = !reader.has_buffered_frame();
         let frame = tokio::select! {
             biased;
-            _ = &mut closed => return,
             frame = reader.read_frame() => frame,
+            _ = &mut closed => return,
             _ = health.tick() => {
                 let idle = last_received.elapsed();
                 if idle >= config.read_timeout && !evicting {
