@@ -1,6 +1,13 @@
 //! The set of live connections of a server, keyed by verified identity.
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -17,13 +24,18 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct ConnectionManager {
     by_identity: DashMap<Arc<str>, Arc<Connection>>,
+    /// Every live connection, for broadcasts: rebuilt on the first
+    /// broadcast after a change rather than walked out of the map each time.
+    everyone: RwLock<Arc<[Arc<Connection>]>>,
+    /// The map changed since `everyone` was built.
+    changed: AtomicBool,
 }
 
 /// Outcome of a broadcast.
 #[derive(Debug, Default, Serialize)]
 pub struct BroadcastReport {
     /// Identities the frame was queued for, in no particular order.
-    pub delivered: Vec<String>,
+    pub delivered: Vec<Arc<str>>,
     /// Identities that were dropped, with why. Each was disconnected.
     pub dropped: Vec<DroppedPeer>,
 }
@@ -48,6 +60,7 @@ impl ConnectionManager {
         let replaced = self
             .by_identity
             .insert(connection.identity_arc().clone(), connection);
+        self.changed.store(true, Ordering::Release);
         if let Some(old) = &replaced {
             old.close(DisconnectReason::Requested, "replaced");
         }
@@ -56,10 +69,20 @@ impl ConnectionManager {
 
     /// Unregisters `connection`, unless it was already replaced by a newer one.
     pub fn remove(&self, connection: &Connection) {
-        self.by_identity
+        let removed = self
+            .by_identity
             .remove_if(connection.identity(), |_, current| {
                 current.id() == connection.id()
             });
+        if removed.is_some() {
+            // Let go of the connection now, not at the next broadcast.
+            let mut everyone = self
+                .everyone
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            *everyone = Arc::from([]);
+            self.changed.store(true, Ordering::Release);
+        }
     }
 
     /// The connection of `identity`.
@@ -88,6 +111,31 @@ impl ConnectionManager {
             .collect()
     }
 
+    /// Every live connection, shared: no allocation unless the set changed.
+    pub(crate) fn everyone(&self) -> Arc<[Arc<Connection>]> {
+        if self.changed.load(Ordering::Acquire) {
+            // Rebuilt under the write lock, so a slower rebuild from an older
+            // view never overwrites a newer one; a change made during the walk
+            // sets the flag again for the next call.
+            let mut everyone = self
+                .everyone
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if self.changed.swap(false, Ordering::AcqRel) {
+                *everyone = self
+                    .by_identity
+                    .iter()
+                    .map(|entry| entry.value().clone())
+                    .collect();
+            }
+            return everyone.clone();
+        }
+        self.everyone
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Metadata and counters of every connection.
     pub fn infos(&self) -> Vec<ConnectionInfo> {
         self.by_identity
@@ -99,8 +147,8 @@ impl ConnectionManager {
     /// Queues pre-encoded frames on `recipients` without waiting: `signed` for
     /// connections with signed frames, `plain` for the others. A recipient
     /// whose queue is full is disconnected and reported as dropped.
-    pub(crate) fn fan_out(
-        recipients: &[Arc<Connection>],
+    pub(crate) fn fan_out<'a>(
+        recipients: impl Iterator<Item = &'a Arc<Connection>>,
         plain: Option<&Bytes>,
         signed: Option<&Bytes>,
         kind: usize,
@@ -119,7 +167,7 @@ impl ConnectionManager {
                 )),
             };
             match result {
-                Ok(()) => report.delivered.push(connection.identity().to_owned()),
+                Ok(()) => report.delivered.push(connection.identity_arc().clone()),
                 Err(err) => report.dropped.push(DroppedPeer {
                     identity: connection.identity().to_owned(),
                     reason: err.to_string(),

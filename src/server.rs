@@ -260,14 +260,19 @@ impl<B: Backend> TransportServer<B> {
         message.sender_id = PUBLISHER_SENDER_ID.to_owned();
         // Snapshot before drawing the sequence number: every recipient's
         // handshake announced a floor at or below it (docs/PROTOCOL.md §4.3).
-        let recipients = self.inner.manager.snapshot(exclude);
+        let everyone = self.inner.manager.everyone();
+        let recipients = || {
+            everyone
+                .iter()
+                .filter(move |c| exclude.is_none_or(|excluded| c.identity() != excluded))
+        };
         let max = self.inner.config.max_message_size;
-        let plain = if recipients.iter().any(|c| !c.is_signed()) {
+        let plain = if recipients().any(|c| !c.is_signed()) {
             Some(codec::frame_message(&message, max)?)
         } else {
             None
         };
-        let sealed = match (recipients.iter().any(|c| c.is_signed()), self.signing_key()) {
+        let sealed = match (recipients().any(|c| c.is_signed()), self.signing_key()) {
             (true, Some(key)) => {
                 let frame = signed::seal(
                     key,
@@ -287,7 +292,7 @@ impl<B: Backend> TransportServer<B> {
             _ => None,
         };
         let report = ConnectionManager::fan_out(
-            &recipients,
+            recipients(),
             plain.as_ref(),
             sealed.as_ref(),
             kind_index(&message),
@@ -296,12 +301,12 @@ impl<B: Backend> TransportServer<B> {
         metrics.broadcasts_total.inc();
         metrics
             .broadcast_recipients
-            .observe(recipients.len() as f64);
+            .observe((report.delivered.len() + report.dropped.len()) as f64);
         metrics
             .broadcast_duration
             .observe(started.elapsed().as_secs_f64());
         debug!(
-            recipients = recipients.len(),
+            recipients = report.delivered.len() + report.dropped.len(),
             dropped = report.dropped.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
             "broadcast"

@@ -259,7 +259,7 @@ impl Coordinator {
             id,
             Round {
                 sequence,
-                participants: report.delivered.into_iter().collect(),
+                participants: report.delivered.iter().map(|id| id.to_string()).collect(),
                 voted: HashSet::new(),
             },
         );

@@ -139,7 +139,7 @@ async fn signed_round_trip_and_broadcast() {
     );
 
     let report = server.broadcast(vote(), None).unwrap();
-    assert_eq!(report.delivered, vec!["seq-a".to_owned()]);
+    assert_eq!(report.delivered, vec![std::sync::Arc::from("seq-a")]);
     let got = recv(&mut client_inbound, "the broadcast").await;
     assert_eq!(got.message.sender_id, "publisher");
     assert_eq!(got.message.payload, vote().payload);

@@ -47,7 +47,7 @@ async fn signed_round_trip_over_tcp() {
     assert!(server.connections()[0].signed_frames);
 
     let report = server.broadcast(vote.clone(), None).unwrap();
-    assert_eq!(report.delivered, vec!["seq-a".to_owned()]);
+    assert_eq!(report.delivered, vec![std::sync::Arc::from("seq-a")]);
     let got = tokio::time::timeout(Duration::from_secs(5), client_inbound.recv())
         .await
         .unwrap()

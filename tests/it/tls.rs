@@ -234,7 +234,7 @@ async fn assert_round_trip<B: Backend>(server: &TransportServer<B>, client: &Tra
     assert_eq!(got.message.payload, vote().payload);
 
     let report = server.broadcast(vote(), None).unwrap();
-    assert_eq!(report.delivered, vec![PEER.to_owned()]);
+    assert_eq!(report.delivered, vec![std::sync::Arc::from(PEER)]);
     let got = bounded("client receive (broadcast)", client_inbound.recv())
         .await
         .unwrap();

@@ -359,7 +359,7 @@ pub async fn registered<B: Backend>(server: &TransportServer<B>, identity: &str)
 
 /// Sorted identities of a broadcast's recipients.
 pub fn delivered(report: &BroadcastReport) -> Vec<String> {
-    let mut delivered = report.delivered.clone();
+    let mut delivered: Vec<String> = report.delivered.iter().map(|id| id.to_string()).collect();
     delivered.sort();
     delivered
 }
@@ -379,7 +379,7 @@ pub async fn broadcast_until_dropped<B: Backend>(
         let report = server.broadcast(block(n, data.clone()), None).unwrap();
         for (identity, rx) in fast.iter_mut() {
             assert!(
-                report.delivered.contains(identity),
+                delivered(&report).contains(identity),
                 "fast peer {identity} not delivered broadcast {n}: {:?}",
                 report.dropped
             );
