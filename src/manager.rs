@@ -75,12 +75,17 @@ impl ConnectionManager {
                 current.id() == connection.id()
             });
         if removed.is_some() {
-            // Let go of the connection now, not at the next broadcast.
+            // Let go of the connection now, not at the next broadcast; the
+            // list stays a valid view for a broadcast reading it meanwhile.
             let mut everyone = self
                 .everyone
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            *everyone = Arc::from([]);
+            *everyone = everyone
+                .iter()
+                .filter(|other| other.id() != connection.id())
+                .cloned()
+                .collect();
             self.changed.store(true, Ordering::Release);
         }
     }

@@ -339,8 +339,9 @@ struct Acks {
     written: AtomicU64,
     /// Highest count the peer has acknowledged.
     acked: AtomicU64,
-    /// Confirmed sends by position, waiting for an ack that covers them.
-    waiting: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    /// Confirmed sends by position (and since when), waiting for an ack
+    /// that covers them.
+    waiting: Mutex<VecDeque<(u64, Instant, oneshot::Sender<()>)>>,
     /// An `Outbound::Ack` is queued: later requests fold into it.
     ack_queued: AtomicBool,
     /// The peer asked for an ack not yet queued (reader only).
@@ -361,14 +362,20 @@ impl Acks {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         while waiting
             .front()
-            .is_some_and(|(position, _)| *position <= delivered)
+            .is_some_and(|(position, _, _)| *position <= delivered)
         {
-            if let Some((_, done)) = waiting.pop_front() {
+            if let Some((_, _, done)) = waiting.pop_front() {
                 // The sender may have stopped waiting; nothing to tell then.
                 let _ = done.send(());
             }
         }
         Ok(())
+    }
+
+    /// How long the oldest unconfirmed send has waited.
+    fn oldest_wait(&self) -> Option<Duration> {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.front().map(|(_, since, _)| since.elapsed())
     }
 
     /// Fails every waiting confirmation (their senders see `Unconfirmed`);
@@ -430,6 +437,8 @@ pub struct Connection {
     end: OnceLock<SessionEnd>,
     write_timeout: Duration,
     max_frame_size: usize,
+    /// Bytes of the `sender_id` field the writer stamps on application messages.
+    stamp_len: usize,
 }
 
 impl Connection {
@@ -558,16 +567,20 @@ impl Connection {
     }
 
     /// Sends `message` and waits until the peer acknowledges that its
-    /// transport handed it to the handler (docs/PROTOCOL.md §5.1).
+    /// transport dispatched it: its handler was called and returned (with
+    /// success or an error of its own), or, with no handler set, the message
+    /// was counted and logged as dropped there (docs/PROTOCOL.md §5.1).
     ///
-    /// `Ok` means delivered. [`TransportError::Unconfirmed`] means the
-    /// connection ended first: the message may or may not have arrived, and
-    /// resending it is the caller's choice. There is no separate deadline: a
-    /// peer that stops acknowledging stops answering pings too, and is
-    /// evicted after the read timeout; wrap the call in a timeout to wait
-    /// less. Dropping the future does not withdraw the message. Needs a
-    /// session that negotiated acknowledgements (both sides this crate,
-    /// authenticated with the handshake extensions), else
+    /// `Ok` means it arrived and was dispatched, in order after everything
+    /// sent before it. [`TransportError::Unconfirmed`] means the connection
+    /// ended first: the message may or may not have arrived, and resending it
+    /// is the caller's choice. A peer that leaves a confirmation unanswered
+    /// for the read timeout is disconnected with `READ_TIMEOUT`, which ends
+    /// the wait; wrap the call in a timeout to wait less. Dropping the future
+    /// does not withdraw the message. Do not await this from inside the
+    /// handler of the same connection: the ack is read by the task running
+    /// that handler. Needs a session that negotiated acknowledgements (both
+    /// sides this crate, authenticated with the handshake extensions), else
     /// [`TransportError::ConfirmationUnavailable`].
     pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
         if self.acks.is_none() {
@@ -618,7 +631,8 @@ impl Connection {
         } else {
             0
         };
-        let encoded_len = message.encoded_len();
+        // At most this once the writer stamps its `sender_id`.
+        let encoded_len = message.encoded_len() + self.stamp_len;
         codec::check_frame_len(encoded_len, self.max_frame_size)?;
         let size = encoded_len + overhead;
         if size > self.max_frame_size {
@@ -711,12 +725,16 @@ impl Connection {
         }
     }
 
-    /// Counts received bytes; `now` is the reader's clock reading for the
-    /// frame (the wall clock is derived only when someone asks).
-    fn touch(&self, bytes: usize, now: Instant) {
+    /// Counts received bytes.
+    fn received(&self, bytes: usize) {
         self.counters
             .bytes_in
             .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Records the reader's clock reading of its latest frames (the wall
+    /// clock is derived only when someone asks).
+    fn seen(&self, now: Instant) {
         let since_start = now.saturating_duration_since(self.started).as_nanos();
         self.counters.last_seen_nanos.store(
             i64::try_from(since_start).unwrap_or(i64::MAX),
@@ -1025,6 +1043,10 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         end: OnceLock::new(),
         write_timeout: config.write_timeout,
         max_frame_size: config.max_frame_size,
+        stamp_len: setup
+            .sender_id
+            .as_ref()
+            .map_or(0, |id| prost::encoding::string::encoded_len(1, id)),
     });
     let span = tracing::info_span!(
         "connection",
@@ -1118,9 +1140,6 @@ async fn read_loop<R: FrameReader>(
         if connection.is_closed() && connection.closed.is_cancelled() {
             return;
         }
-        // A frame already buffered arrived with the last read: reading the
-        // clock again would only cost time.
-        let waited = !reader.has_buffered_frame();
         let frame = tokio::select! {
             biased;
             frame = reader.read_frame() => frame,
@@ -1136,6 +1155,21 @@ async fn read_loop<R: FrameReader>(
                 }
                 // An ack that found the queue full is retried here.
                 connection.send_wanted_ack();
+                // A peer that answers pings but no longer acknowledges (its
+                // handler stuck) would keep confirmed sends waiting forever.
+                if let Some(acks) = &connection.acks
+                    && let Some(waited) = acks.oldest_wait()
+                    && waited >= config.read_timeout
+                    && !evicting
+                {
+                    evicting = true;
+                    warn!(waited_ms = waited.as_millis() as u64, "peer stopped acknowledging");
+                    connection.close(
+                        DisconnectReason::ReadTimeout,
+                        format!("no delivery acknowledgement for {waited:?}"),
+                    );
+                    continue;
+                }
                 if let Some(interval) = config.ping_interval
                     && idle >= interval
                     && last_ping.is_none_or(|at| at.elapsed() >= interval)
@@ -1169,11 +1203,8 @@ async fn read_loop<R: FrameReader>(
             }
             Some(Ok(body)) => body,
         };
-        if waited {
-            last_received = Instant::now();
-        }
         last_ping = None;
-        connection.touch(body.len() + codec::LENGTH_PREFIX_LEN, last_received);
+        connection.received(body.len() + codec::LENGTH_PREFIX_LEN);
         if let Some(meter) = &mut inbound
             && !meter.admit(body.len() + codec::LENGTH_PREFIX_LEN)
         {
@@ -1233,9 +1264,13 @@ async fn read_loop<R: FrameReader>(
         };
         match flow {
             Flow::Continue => {
-                // Before waiting for more: one ack and one metrics update for
-                // everything that was buffered.
+                // Before waiting for more: one clock reading, one ack and one
+                // metrics update for everything that was buffered. (The
+                // health check cannot run while frames are buffered: the
+                // biased select takes the frame first.)
                 if !reader.has_buffered_frame() {
+                    last_received = Instant::now();
+                    connection.seen(last_received);
                     dispatch.tally.flush();
                     connection.send_wanted_ack();
                 }
@@ -1313,22 +1348,19 @@ async fn deliver(
         && let Some(acks) = &connection.acks
     {
         // Extensions ride on payload-less messages (docs/PROTOCOL.md §5.1).
-        match MessageExt::decode(encoded.clone()) {
-            Ok(MessageExt { ack: Some(ack), .. }) => {
-                tally.add(ACK_KIND, size);
-                return match acks.acknowledge(ack.delivered) {
-                    Ok(()) => Flow::Continue,
-                    Err(details) => Flow::Close(DisconnectReason::ProtocolError, details),
-                };
+        if let Ok(ext) = MessageExt::decode(encoded.clone())
+            && (ext.ack.is_some() || ext.ack_request)
+        {
+            tally.add(ACK_KIND, size);
+            if let Some(ack) = ext.ack
+                && let Err(details) = acks.acknowledge(ack.delivered)
+            {
+                return Flow::Close(DisconnectReason::ProtocolError, details);
             }
-            Ok(MessageExt {
-                ack_request: true, ..
-            }) => {
-                tally.add(ACK_KIND, size);
+            if ext.ack_request {
                 acks.ack_wanted.store(true, Ordering::Relaxed);
-                return Flow::Continue;
             }
-            _ => {}
+            return Flow::Continue;
         }
     }
     let kind = kind_index(&message);
@@ -1410,6 +1442,8 @@ struct WriteBatch {
     max_frame_size: usize,
     metrics: Arc<Metrics>,
     tally: MessageTally,
+    /// A sealed batch could not be encoded.
+    failed: bool,
 }
 
 impl WriteBatch {
@@ -1516,8 +1550,11 @@ impl WriteBatch {
                 self.tally.add(SIGNED_FRAME_KIND, size);
             }
             Err(err) => {
+                // Its messages were counted for acknowledgements: the session
+                // cannot go on (the writer aborts it).
                 self.metrics.error("encode", "write");
                 warn!(error = %err, "signed batch refused by the encoder");
+                self.failed = true;
             }
         }
     }
@@ -1558,6 +1595,7 @@ async fn write_loop<W: FrameWriter>(
         max_frame_size: config.max_frame_size,
         metrics: context.metrics.clone(),
         tally: context.metrics.tally(Direction::Out),
+        failed: false,
     };
     // Application messages encoded so far: the position of the next one, less 1.
     let mut written: u64 = 0;
@@ -1594,13 +1632,13 @@ async fn write_loop<W: FrameWriter>(
                         acks.waiting
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .push_back((position, done));
+                            .push_back((position, Instant::now(), done));
                     }
                 }
                 Outbound::Ack => {
                     if let Some(acks) = &connection.acks {
                         // Cleared before reading the count: a request made
-                        // after this read queues a new ack (see `request_ack`).
+                        // after this read queues a new ack (see `send_wanted_ack`).
                         acks.ack_queued.swap(false, Ordering::AcqRel);
                         let delivered = connection.counters.messages_in.load(Ordering::Relaxed);
                         if delivered != last_ack {
@@ -1631,6 +1669,13 @@ async fn write_loop<W: FrameWriter>(
             batch.push_ack(None, signer);
         }
         batch.seal(signer);
+        if batch.failed {
+            connection.abort(
+                DisconnectReason::InternalError,
+                "a signed batch could not be encoded",
+            );
+            break;
+        }
         written += batch.messages;
         if let Some(acks) = &connection.acks {
             // Published before the bytes leave: an ack can cover no more.
@@ -1746,7 +1791,10 @@ mod tests {
             .iter()
             .map(|&position| {
                 let (done, confirmed) = oneshot::channel();
-                acks.waiting.lock().unwrap().push_back((position, done));
+                acks.waiting
+                    .lock()
+                    .unwrap()
+                    .push_back((position, Instant::now(), done));
                 confirmed
             })
             .collect()

@@ -211,7 +211,9 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
         let needed = match self.codec.pending_body() {
             Some(body) => body,
             None => match self.buffer.first_chunk::<{ codec::LENGTH_PREFIX_LEN }>() {
-                Some(prefix) => codec::LENGTH_PREFIX_LEN + u32::from_be_bytes(*prefix) as usize,
+                Some(prefix) => {
+                    codec::LENGTH_PREFIX_LEN.saturating_add(u32::from_be_bytes(*prefix) as usize)
+                }
                 None => return false,
             },
         };

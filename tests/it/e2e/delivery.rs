@@ -277,3 +277,45 @@ pub async fn try_send_hands_back_what_a_full_queue_cannot_take<H: Harness>() {
     client.disconnect().await.unwrap();
     server.stop().await.unwrap();
 }
+
+/// A peer that keeps sending while its handler is stuck answers no pings
+/// and sends no acks, yet never looks idle: the confirmation deadline (the
+/// read timeout) ends the session, and the wait, with `Unconfirmed`.
+pub async fn a_peer_that_stops_acknowledging_is_disconnected<H: Harness>() {
+    let keys = Keys::new(1);
+    let (server, addr, mut seen_rx, gate) = gated_server::<H>(&keys).await;
+    let mut config = client_config("a");
+    config.read_timeout = Duration::from_secs(1);
+    config.ping_interval = Some(Duration::from_millis(200));
+    let client = H::client(config, Some(keys.client_auth(0)));
+    let (client_handler, _at_client) = channel_handler(1024);
+    client.set_handler(client_handler);
+    client.connect(&H::dial_addr(addr)).await.unwrap();
+    registered(&server, &identity(0)).await;
+
+    let confirmed = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_confirmed(numbered(1)).await }
+    });
+    let handled = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
+    assert_eq!(handled.unwrap(), Some(1), "the handler has it and holds it");
+    // The server keeps talking, so the client never sees an idle link.
+    let chatter = async {
+        for n in 0..100 {
+            let _ = server.broadcast(numbered(1000 + n), None);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let result = tokio::select! {
+        result = confirmed => result.unwrap(),
+        () = chatter => panic!("still waiting for a confirmation after 10 s"),
+    };
+    match result {
+        Err(TransportError::Unconfirmed { reason, .. }) => {
+            assert_eq!(reason, DisconnectReason::ReadTimeout)
+        }
+        other => panic!("expected Unconfirmed, got {other:?}"),
+    }
+    gate.notify_waiters();
+    server.stop().await.unwrap();
+}

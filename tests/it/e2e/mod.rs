@@ -114,6 +114,7 @@ macro_rules! e2e_suite {
                 delivery::confirmation_waits_for_the_handler_and_fails_when_the_session_ends,
                 delivery::sessions_without_acks_refuse_confirmation,
                 delivery::try_send_hands_back_what_a_full_queue_cannot_take,
+                delivery::a_peer_that_stops_acknowledging_is_disconnected,
                 flow::broadcast_reaches_100_authenticated_clients,
                 flow::broadcast_exclusion_skips_only_the_excluded,
                 flow::two_phase_commit_in_miniature,
