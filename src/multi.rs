@@ -191,6 +191,16 @@ impl MultiPublisherClient {
         self.client(chain_id)?.send(message).await
     }
 
+    /// Sends to one chain (`None`: the default) and waits for its delivery
+    /// acknowledgement; see [`Client::send_confirmed`].
+    pub async fn send_confirmed(
+        &self,
+        chain_id: Option<&str>,
+        message: Message,
+    ) -> Result<(), TransportError> {
+        self.client(chain_id)?.send_confirmed(message).await
+    }
+
     /// Sends `message` to every chain concurrently.
     pub async fn send_all(&self, message: Message) -> PerChain<()> {
         let sends = self.snapshot().into_iter().map(|(chain_id, _, client)| {

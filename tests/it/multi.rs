@@ -59,6 +59,15 @@ async fn routes_by_chain_with_default_and_fan_out() {
             multi.send(Some("chain-z"), message(4)).await,
             Err(TransportError::UnknownChain { .. })
         ));
+        // Without authentication there are no acknowledgements to wait for.
+        assert!(matches!(
+            multi.send_confirmed(Some("chain-b"), message(6)).await,
+            Err(TransportError::ConfirmationUnavailable { .. })
+        ));
+        assert!(matches!(
+            multi.send_confirmed(Some("chain-z"), message(7)).await,
+            Err(TransportError::UnknownChain { .. })
+        ));
         multi.set_default("chain-b").unwrap();
         assert!(multi.set_default("chain-z").is_err());
 
