@@ -52,9 +52,9 @@ use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use prost::Message as _;
 use publisher_transport::{
-    Client, ClientAuth, ClientConfig, CryptoBackend, HandlerError, Inbound, Message, SecretKey,
-    Server, ServerAuth, ServerConfig, SignedFramesPolicy, SyncHandler, TransportError, TrustStore,
-    TrySendError,
+    Client, ClientAuth, ClientConfig, CryptoBackend, Handled, Handler, HandlerError, Inbound,
+    Message, SecretKey, Server, ServerAuth, ServerConfig, SignedFramesPolicy, SyncHandler,
+    TransportError, TrustStore, TrySendError,
     proto::{Payload, rollup::v1::Block},
 };
 use tokio::{
@@ -570,18 +570,11 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
             )));
         }
         Mode::Rtt => {
-            // The echo awaits queue room, so it is an async handler; the weak
-            // reference keeps the server from owning itself.
+            // The echo is queued on the spot, and awaits room only when the
+            // queue is full; the weak reference keeps the server from owning
+            // itself.
             let weak: Weak<dyn Server> = Arc::downgrade(&server);
-            server.set_handler(Arc::new(move |inbound: Inbound| {
-                let server = weak.upgrade();
-                async move {
-                    match server {
-                        Some(server) => Ok(server.send(&inbound.from, inbound.message).await?),
-                        None => Ok(()),
-                    }
-                }
-            }));
+            server.set_handler(Arc::new(Echo(weak)));
         }
         Mode::Broadcast => {}
     }
@@ -729,19 +722,41 @@ async fn stream_sender(client: Arc<dyn Client>, template: Message, measure: Arc<
         };
         n += 1;
         // The queue usually has room: `try_send` then costs no boxed future.
-        let result = match client.try_send(message) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(message)) => client.send(*message).await,
-            Err(TrySendError::Failed(err)) => Err(err),
-            Err(err) => Err(TransportError::Config(err.to_string())),
-        };
-        if let Err(err) = result {
+        if let Err(err) = send(client.as_ref(), message).await {
             if measure.running() {
                 measure.send_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(client = %client.id(), error = %err, "send failed");
             }
             return;
         }
+    }
+}
+
+/// The rtt server's handler: sends each message back to its sender.
+struct Echo(Weak<dyn Server>);
+
+impl Handler for Echo {
+    fn handle(&self, inbound: Inbound) -> Handled {
+        let Some(server) = self.0.upgrade() else {
+            return Handled::Done(Ok(()));
+        };
+        match server.try_send(&inbound.from, inbound.message) {
+            Ok(()) => Handled::Done(Ok(())),
+            Err(TrySendError::Full(message)) => Handled::Pending(Box::pin(async move {
+                Ok(server.send(&inbound.from, *message).await?)
+            })),
+            Err(err) => Handled::Done(Err(err.into())),
+        }
+    }
+}
+
+/// Sends through `try_send`, awaiting queue room only when it is full.
+async fn send(client: &dyn Client, message: Message) -> Result<(), TransportError> {
+    match client.try_send(message) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(message)) => client.send(*message).await,
+        Err(TrySendError::Failed(err)) => Err(err),
+        Err(err) => Err(TransportError::Config(err.to_string())),
     }
 }
 
@@ -752,23 +767,37 @@ async fn rtt_sender(
     template: Message,
     measure: Arc<Measure>,
 ) {
+    // A lost echo would stall this client for good: it gives up on one
+    // after 1–2 s and sends the next. One timer, re-armed once a second
+    // rather than per round trip, keeps the timer wheel off the measured path.
+    let patience = Duration::from_secs(2);
+    let deadline = tokio::time::sleep(patience);
+    tokio::pin!(deadline);
+    let mut armed_at = Instant::now();
     while measure.running() {
-        if let Err(err) = client.send(stamped(&template, measure.now())).await {
+        if armed_at.elapsed() >= patience / 2 {
+            armed_at = Instant::now();
+            deadline.as_mut().reset((armed_at + patience).into());
+        }
+        if let Err(err) = send(client.as_ref(), stamped(&template, measure.now())).await {
             if measure.running() {
                 measure.send_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(client = %client.id(), error = %err, "send failed");
             }
             return;
         }
-        // A lost echo would stall this client for good: give up on it after
-        // a second and send the next one.
-        if tokio::time::timeout(Duration::from_secs(1), echo.notified())
-            .await
-            .is_err()
-            && measure.running()
-        {
-            measure.send_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(client = %client.id(), "no echo within 1 s");
+        let echoed = tokio::select! {
+            biased;
+            () = echo.notified() => true,
+            () = &mut deadline => false,
+        };
+        if !echoed {
+            armed_at = Instant::now();
+            deadline.as_mut().reset((armed_at + patience).into());
+            if measure.running() {
+                measure.send_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(client = %client.id(), "no echo within 1 s");
+            }
         }
     }
 }
