@@ -544,7 +544,7 @@ impl Connection {
     }
 
     /// Queues `message` if the send queue has room, without waiting. On a
-    /// full queue the message comes back in [`QueueError::Full`] and the
+    /// full queue the message comes back in [`TrySendError::Full`] and the
     /// peer keeps its connection (unlike a `send` that times out).
     pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
         if self.is_closed() {
