@@ -296,10 +296,11 @@ pub struct ConnectionInfo {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Outbound {
-    /// A message the writer encodes (and, in signed mode, seals with others).
-    Message(Message),
+    /// A message the writer encodes (and, in signed mode, seals with others),
+    /// with its `encoded_len` as measured when it was queued.
+    Message(Message, usize),
     /// A message whose delivery the peer acknowledges; `done` fires when it has.
-    Confirmed(Message, oneshot::Sender<()>),
+    Confirmed(Message, usize, oneshot::Sender<()>),
     /// Acknowledge the messages handed to the handler so far.
     Ack,
     /// A complete frame encoded (and sealed) once for many recipients,
@@ -307,6 +308,15 @@ pub(crate) enum Outbound {
     Frame(Bytes, usize),
     /// Write a `Disconnect` and close.
     Close(DisconnectReason, String),
+}
+
+impl Outbound {
+    /// A control message of the transport itself.
+    fn control(payload: Payload) -> Self {
+        let message = control(payload);
+        let len = message.encoded_len();
+        Self::Message(message, len)
+    }
 }
 
 /// How a session ended.
@@ -346,6 +356,10 @@ struct Acks {
     ack_queued: AtomicBool,
     /// The peer asked for an ack not yet queued (reader only).
     ack_wanted: AtomicBool,
+    /// Application messages from the peer whose dispatch has finished: the
+    /// count an ack reports (updated by the reader once the handler returns,
+    /// so an ack never runs ahead of the handler).
+    dispatched: AtomicU64,
 }
 
 impl Acks {
@@ -508,7 +522,7 @@ impl Connection {
         let ping = Payload::Ping(Ping {
             timestamp: unix_nanos(SystemTime::now()),
         });
-        let _ = self.queue.try_send(Outbound::Message(control(ping)));
+        let _ = self.queue.try_send(Outbound::control(ping));
     }
 
     /// Queues a complete frame that must precede everything else (the
@@ -539,8 +553,8 @@ impl Connection {
     /// the connection breaks is lost (counted and logged). Use
     /// [`send_confirmed`](Self::send_confirmed) to learn of delivery.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        self.check_size(&message)?;
-        self.enqueue(Outbound::Message(message)).await
+        let len = self.check_size(&message)?;
+        self.enqueue(Outbound::Message(message, len)).await
     }
 
     /// Queues `message` if the send queue has room, without waiting. On a
@@ -550,10 +564,10 @@ impl Connection {
         if self.is_closed() {
             return Err(self.closed_error().into());
         }
-        self.check_size(&message)?;
-        match self.queue.try_send(Outbound::Message(message)) {
+        let len = self.check_size(&message)?;
+        match self.queue.try_send(Outbound::Message(message, len)) {
             Ok(()) => Ok(()),
-            Err(QueueError::Full(Outbound::Message(message))) => {
+            Err(QueueError::Full(Outbound::Message(message, _))) => {
                 Err(TrySendError::Full(Box::new(message)))
             }
             Err(_) => Err(self.closed_error().into()),
@@ -588,9 +602,10 @@ impl Connection {
                 peer: self.identity.to_string(),
             });
         }
-        self.check_size(&message)?;
+        let len = self.check_size(&message)?;
         let (done, confirmed) = oneshot::channel();
-        self.enqueue(Outbound::Confirmed(message, done)).await?;
+        self.enqueue(Outbound::Confirmed(message, len, done))
+            .await?;
         confirmed.await.map_err(|_| TransportError::Unconfirmed {
             peer: self.identity.to_string(),
             reason: self
@@ -624,17 +639,19 @@ impl Connection {
         }
     }
 
-    /// Refuses a message the writer could not put in one frame.
-    fn check_size(&self, message: &Message) -> Result<(), TransportError> {
+    /// Refuses a message the writer could not put in one frame; returns its
+    /// `encoded_len`, which the writer then need not compute again.
+    fn check_size(&self, message: &Message) -> Result<usize, TransportError> {
         let overhead = if self.signed {
             SIGNED_FRAME_OVERHEAD
         } else {
             0
         };
+        let len = message.encoded_len();
         // At most this once the writer stamps its `sender_id`.
-        let encoded_len = message.encoded_len() + self.stamp_len;
-        codec::check_frame_len(encoded_len, self.max_frame_size)?;
-        let size = encoded_len + overhead;
+        let stamped = len + self.stamp_len;
+        codec::check_frame_len(stamped, self.max_frame_size)?;
+        let size = stamped + overhead;
         if size > self.max_frame_size {
             return Err(CodecError::FrameTooLarge {
                 size,
@@ -642,7 +659,7 @@ impl Connection {
             }
             .into());
         }
-        Ok(())
+        Ok(len)
     }
 
     /// Queues a pre-encoded frame without waiting. On a full queue the peer is
@@ -698,6 +715,15 @@ impl Connection {
     fn finish(&self, end: SessionEnd) {
         let _ = self.end.set(end);
         self.closed.cancel();
+    }
+
+    /// Counts an application message from the peer as dispatched.
+    fn dispatched(&self) {
+        if let Some(acks) = &self.acks {
+            // Only the reader writes it: no read-modify-write needed.
+            let dispatched = acks.dispatched.load(Ordering::Relaxed);
+            acks.dispatched.store(dispatched + 1, Ordering::Relaxed);
+        }
     }
 
     /// Queues the ack the peer asked for, unless one is already queued (it
@@ -1176,7 +1202,7 @@ async fn read_loop<R: FrameReader>(
                 {
                     last_ping = Some(Instant::now());
                     let ping = Payload::Ping(Ping { timestamp: unix_nanos(SystemTime::now()) });
-                    let _ = connection.queue.try_send(Outbound::Message(control(ping)));
+                    let _ = connection.queue.try_send(Outbound::control(ping));
                 }
                 continue;
             }
@@ -1367,11 +1393,11 @@ async fn deliver(
     tally.add(kind, size);
     match &message.payload {
         Some(Payload::Ping(ping)) => {
-            let pong = control(Payload::Pong(Pong {
+            let pong = Outbound::control(Payload::Pong(Pong {
                 timestamp: ping.timestamp,
             }));
             // A peer too slow to take its pongs is caught by the write path.
-            let _ = connection.queue.try_send(Outbound::Message(pong));
+            let _ = connection.queue.try_send(pong);
             Flow::Continue
         }
         Some(Payload::Pong(_)) => Flow::Continue,
@@ -1390,17 +1416,17 @@ async fn deliver(
             "handshake message after the handshake".into(),
         ),
         _ => {
-            // Counted once the handler has it: acknowledgements report this
-            // count, and they must not run ahead of the handler.
-            let delivered = &connection.counters.messages_in;
-            let received = delivered.load(Ordering::Relaxed);
+            let received = connection
+                .counters
+                .messages_in
+                .fetch_add(1, Ordering::Relaxed);
             let Some(handler) = dispatch.handler.current(&context.handler) else {
                 context.metrics.error("no_handler", "handle");
                 warn!(
                     kind = MESSAGE_KINDS[kind],
                     "no handler set; message dropped"
                 );
-                delivered.store(received + 1, Ordering::Relaxed);
+                connection.dispatched();
                 return Flow::Continue;
             };
             let inbound = Inbound {
@@ -1417,7 +1443,7 @@ async fn deliver(
                 Handled::Done(result) => result,
                 Handled::Pending(future) => future.await,
             };
-            delivered.store(received + 1, Ordering::Relaxed);
+            connection.dispatched();
             if let Some(started) = started {
                 context.metrics.processing(kind, started.elapsed());
             }
@@ -1451,16 +1477,18 @@ impl WriteBatch {
         self.buffer.len() + self.pending_bytes
     }
 
-    /// Queues `message`, preceded by the pre-encoded `prefix` fields.
-    /// Returns whether it was taken (the encoder refuses only what size
-    /// checks at queueing time let through by mistake).
+    /// Queues `message`, whose `encoded_len` is `len`, preceded by the
+    /// pre-encoded `prefix` fields. Returns whether it was taken (the encoder
+    /// refuses only what size checks at queueing time let through by mistake).
     fn push_message(
         &mut self,
         message: &Message,
         prefix: &[u8],
+        len: usize,
         signer: Option<&FrameSigner>,
     ) -> bool {
-        let size = prefix.len() + message.encoded_len();
+        debug_assert_eq!(len, message.encoded_len());
+        let size = prefix.len() + len;
         self.push_encoded(kind_index(message), size, signer, |buffer| {
             buffer.put_slice(prefix);
             message.encode(buffer).expect("capacity reserved");
@@ -1616,15 +1644,15 @@ async fn write_loop<W: FrameWriter>(
         let mut confirming = false;
         while let Some(item) = next {
             match item {
-                Outbound::Message(mut message) => {
-                    let prefix = stamp_prefix(stamp.as_deref(), &mut message);
-                    batch.push_message(&message, prefix, signer);
+                Outbound::Message(mut message, len) => {
+                    let (prefix, len) = stamped(stamp.as_deref(), &mut message, len);
+                    batch.push_message(&message, prefix, len, signer);
                 }
-                Outbound::Confirmed(mut message, done) => {
-                    let prefix = stamp_prefix(stamp.as_deref(), &mut message);
+                Outbound::Confirmed(mut message, len, done) => {
+                    let (prefix, len) = stamped(stamp.as_deref(), &mut message, len);
                     // A message the encoder refused drops `done`: its sender
                     // learns it was not delivered.
-                    if batch.push_message(&message, prefix, signer)
+                    if batch.push_message(&message, prefix, len, signer)
                         && let Some(acks) = &connection.acks
                     {
                         let position = written + batch.messages;
@@ -1640,7 +1668,7 @@ async fn write_loop<W: FrameWriter>(
                         // Cleared before reading the count: a request made
                         // after this read queues a new ack (see `send_wanted_ack`).
                         acks.ack_queued.swap(false, Ordering::AcqRel);
-                        let delivered = connection.counters.messages_in.load(Ordering::Relaxed);
+                        let delivered = acks.dispatched.load(Ordering::Relaxed);
                         if delivered != last_ack {
                             last_ack = delivered;
                             batch.push_ack(Some(delivered), signer);
@@ -1653,7 +1681,7 @@ async fn write_loop<W: FrameWriter>(
                         reason: reason.to_proto() as i32,
                         details: details.clone(),
                     }));
-                    batch.push_message(&disconnect, &[], signer);
+                    batch.push_message(&disconnect, &[], disconnect.encoded_len(), signer);
                     close = Some((reason, details));
                     break;
                 }
@@ -1746,7 +1774,7 @@ async fn write_loop<W: FrameWriter>(
     while let Ok(item) = queue.try_recv() {
         undelivered += usize::from(matches!(
             item,
-            Outbound::Message(_) | Outbound::Confirmed(..) | Outbound::Frame(..)
+            Outbound::Message(..) | Outbound::Confirmed(..) | Outbound::Frame(..)
         ));
     }
     if undelivered > 0 {
@@ -1755,14 +1783,20 @@ async fn write_loop<W: FrameWriter>(
     }
 }
 
-/// The `sender_id` field to write ahead of `message`, clearing its own.
-fn stamp_prefix<'a>(stamp: Option<&'a [u8]>, message: &mut Message) -> &'a [u8] {
+/// The `sender_id` field to write ahead of `message`, clearing its own, and
+/// the message's `encoded_len` once cleared (`len` is the one before).
+fn stamped<'a>(stamp: Option<&'a [u8]>, message: &mut Message, len: usize) -> (&'a [u8], usize) {
     match stamp {
         Some(stamp) if is_application(message) => {
+            let own = if message.sender_id.is_empty() {
+                0
+            } else {
+                prost::encoding::string::encoded_len(1, &message.sender_id)
+            };
             message.sender_id.clear();
-            stamp
+            (stamp, len - own)
         }
-        _ => &[],
+        _ => (&[], len),
     }
 }
 

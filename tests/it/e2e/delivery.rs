@@ -8,18 +8,19 @@ use publisher_transport::{
     ClientAuth, DisconnectReason, Handled, Handler, Inbound, ServerAuth, TransportError,
     TrySendError, channel_handler,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use super::{
     Harness, Keys, STEP_TIMEOUT, client_config, identity, number_of, numbered, recv, registered,
     server_config,
 };
 
-/// Forwards each message's number, then waits for `gate` before returning:
+/// Forwards each message's number, then takes a permit of `gate` before
+/// returning (permits are never given back, so each opens one message):
 /// a handler that has the message but has not finished with it.
 struct GatedHandler {
     seen: mpsc::UnboundedSender<u64>,
-    gate: Arc<Notify>,
+    gate: Arc<Semaphore>,
 }
 
 impl Handler for GatedHandler {
@@ -27,7 +28,7 @@ impl Handler for GatedHandler {
         let _ = self.seen.send(number_of(&inbound.message));
         let gate = self.gate.clone();
         Handled::Pending(Box::pin(async move {
-            gate.notified().await;
+            let _ = gate.acquire_owned().await.map(|permit| permit.forget());
             Ok(())
         }))
     }
@@ -40,11 +41,11 @@ async fn gated_server<H: Harness>(
     super::Server<H>,
     std::net::SocketAddr,
     mpsc::UnboundedReceiver<u64>,
-    Arc<Notify>,
+    Arc<Semaphore>,
 ) {
     let server = H::server(server_config(), Some(keys.server_auth()));
     let (seen, seen_rx) = mpsc::unbounded_channel();
-    let gate = Arc::new(Notify::new());
+    let gate = Arc::new(Semaphore::new(0));
     server.set_handler(Arc::new(GatedHandler {
         seen,
         gate: gate.clone(),
@@ -142,7 +143,7 @@ pub async fn confirmation_waits_for_the_handler_and_fails_when_the_session_ends<
         !first.is_finished(),
         "confirmed before the handler returned"
     );
-    gate.notify_one();
+    gate.add_permits(1);
     tokio::time::timeout(STEP_TIMEOUT, first)
         .await
         .expect("confirmed once the handler returned")
@@ -168,7 +169,8 @@ pub async fn confirmation_waits_for_the_handler_and_fails_when_the_session_ends<
     }
     let err = client.send_confirmed(numbered(3)).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
-    gate.notify_waiters();
+    // Let every held or later message through.
+    gate.add_permits(Semaphore::MAX_PERMITS / 2);
     server.stop().await.unwrap();
 }
 
@@ -268,12 +270,12 @@ pub async fn try_send_hands_back_what_a_full_queue_cannot_take<H: Harness>() {
     for expected in 0..queued {
         let got = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
         assert_eq!(got.unwrap(), Some(expected));
-        gate.notify_one();
+        gate.add_permits(1);
     }
     client.send(*handed_back).await.unwrap();
     let got = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv()).await;
     assert_eq!(got.unwrap(), Some(queued));
-    gate.notify_one();
+    gate.add_permits(1);
     client.disconnect().await.unwrap();
     server.stop().await.unwrap();
 }
@@ -316,6 +318,7 @@ pub async fn a_peer_that_stops_acknowledging_is_disconnected<H: Harness>() {
         }
         other => panic!("expected Unconfirmed, got {other:?}"),
     }
-    gate.notify_waiters();
+    // Let every held or later message through.
+    gate.add_permits(Semaphore::MAX_PERMITS / 2);
     server.stop().await.unwrap();
 }
