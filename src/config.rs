@@ -348,7 +348,7 @@ pub struct ServerAuth {
     /// Signed-frame negotiation.
     pub signed_frames: SignedFramesPolicy,
     /// Accept delivery acknowledgements from extended clients that offer
-    /// them (what [`Connection::send_confirmed`](crate::Connection::send_confirmed)
+    /// them (what [`Connection::send_confirmed`](crate::session::Connection::send_confirmed)
     /// needs). On by default.
     pub delivery_acks: bool,
     /// Crypto implementation.

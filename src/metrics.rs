@@ -145,7 +145,7 @@ struct PerKind {
 /// The metrics of one server or client.
 pub struct Metrics {
     registry: Registry,
-    /// `connections_total{state}`: opened, closed, refused_<reason>, handshake_failed.
+    /// `connections_total{state}`: opened, closed, `refused_<reason>`, handshake_failed.
     pub connections_total: IntCounterVec,
     /// `connections_active`.
     pub connections_active: IntGauge,

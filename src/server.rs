@@ -329,7 +329,7 @@ impl<B: Backend> TransportServer<B> {
     }
 
     /// Sends `message` to `peer` and waits until it confirms delivery to its
-    /// handler; see [`Connection::send_confirmed`].
+    /// handler; see [`Connection::send_confirmed`](session::Connection::send_confirmed).
     pub async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError> {
         self.peer(peer)?.send_confirmed(message).await
     }
