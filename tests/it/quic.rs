@@ -3,6 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::e2e::{next_event, recv};
+
 use publisher_transport::{
     ClientAuth, ClientConfig, ConnectionEvent, DisconnectReason, Inbound, Message, QuicBackend,
     QuicClient, QuicOptions, QuicServer, SecretKey, ServerAuth, ServerConfig, TransportError,
@@ -10,10 +12,7 @@ use publisher_transport::{
     proto::{Payload, rollup::v1::Vote},
     tls::{self, CertificateAuthority, ClientTrust, Identity, ServerTrust, Validity},
 };
-use tokio::{
-    sync::{broadcast, mpsc},
-    time::timeout,
-};
+use tokio::{sync::mpsc, time::timeout};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -72,32 +71,6 @@ fn vote() -> Message {
             ..Default::default()
         })),
     }
-}
-
-async fn recv(rx: &mut mpsc::Receiver<Inbound>, what: &str) -> Inbound {
-    timeout(STEP, rx.recv())
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .unwrap()
-}
-
-async fn next_event(
-    events: &mut broadcast::Receiver<ConnectionEvent>,
-    what: &str,
-    wanted: impl Fn(&ConnectionEvent) -> bool,
-) -> ConnectionEvent {
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Ok(event) if wanted(&event) => return event,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed"),
-            }
-        }
-    };
-    timeout(STEP, wait)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// A server on `backend` with a message channel, and the address to dial.
