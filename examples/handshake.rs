@@ -35,7 +35,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // client pins the server's key.
     let trust = Arc::new(TrustStore::new());
     trust.add(CLIENT_ID, client_key.public_key().clone())?;
-    let server = ServerHandshake::new(ServerHandshakeConfig::new(trust, Some(server_key.clone())));
+    let server = ServerHandshake::new(ServerHandshakeConfig::new(
+        trust.clone(),
+        Some(server_key.clone()),
+    ));
     let mut client_config = ClientHandshakeConfig::new(client_key.clone(), CLIENT_ID);
     client_config.expected_server_key = Some(server_key.public_key().clone());
 
@@ -157,16 +160,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(err) => println!("replayed frame refused: {err}"),
     }
 
-    // Go mode: the request is byte-for-byte the Go client's, so the server
-    // answers like the Go server (no proof of its key, no signed frames).
-    let mut go_config = ClientHandshakeConfig::new(client_key, CLIENT_ID);
+    // Go mode: the request is byte-for-byte the Go client's. A key trusted
+    // the default way is refused in Go mode, since the request could be an
+    // extended one whose extension was stripped on the path.
+    let mut go_config = ClientHandshakeConfig::new(client_key.clone(), CLIENT_ID);
     go_config.extensions = false;
     let now = SystemTime::now();
-    let go_client = ClientHandshake::start(go_config, now, rand::random(), 0);
     let floors = SequenceFloors {
         unicast: server_unicast.floor(),
         broadcast: Some(server_broadcast.floor()),
     };
+    let go_client = ClientHandshake::start(go_config.clone(), now, rand::random(), 0);
+    match server.respond(go_client.request(), now, floors) {
+        ServerVerdict::Reject { error, .. } => {
+            println!("go-mode handshake, key trusted for the extended handshake only: {error}")
+        }
+        _ => return Err("a Go-mode handshake was accepted for an extended-only key".into()),
+    }
+    // Marked Go-compatible, the key may connect like a Go client, and the
+    // server answers like the Go server (no proof of its key, no signed frames).
+    trust.add_go_compatible(CLIENT_ID, client_key.public_key().clone())?;
+    let go_client = ClientHandshake::start(go_config, now, rand::random(), 0);
     let response = match server.respond(go_client.request(), now, floors) {
         ServerVerdict::Accept { response, .. } => response,
         ServerVerdict::Reject { error, .. } => return Err(error.into()),

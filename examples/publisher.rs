@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! cargo run --example publisher -- --listen 127.0.0.1:8080 --key-file publisher.key \
-//!     --trust seq-a=02ab… --trust seq-b=03cd… [--backend tcp|grpc|quic] [--tls]
+//!     --trust seq-a=02ab… --trust-go seq-b=03cd… [--backend tcp|grpc|quic] [--tls]
 //! ```
+//!
+//! `--trust` keys must use the extended handshake; `--trust-go` keys may also
+//! use the Go package's handshake, unsigned (a sequencer running the Go SDK).
 //!
 //! Prints `listening on IP:PORT` and `public key <hex>` on stdout, then
 //! `metrics on http://IP:PORT/metrics` with `--metrics-listen`, then `tls
@@ -22,7 +25,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use clap::Parser;
 use common::backend::{self, BackendArgs};
 use publisher_transport::{
-    PublicKey, SecretKey, ServerAuth, ServerConfig, TrustStore, channel_handler,
+    PublicKey, SecretKey, ServerAuth, ServerConfig, TrustMode, TrustStore, channel_handler,
 };
 use tracing::{info, warn};
 
@@ -44,10 +47,15 @@ struct Args {
     /// Without it the key is ephemeral.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
-    /// Trust a sequencer's key under an identity (repeatable). The key is a
-    /// 33-byte compressed or 65-byte uncompressed secp256k1 key in hex.
+    /// Trust a sequencer's key under an identity, for the extended handshake
+    /// only (repeatable). The key is a 33-byte compressed or 65-byte
+    /// uncompressed secp256k1 key in hex.
     #[arg(long = "trust", value_name = "ID=PUBKEY", value_parser = parse_trust)]
     trust: Vec<(String, PublicKey)>,
+    /// Trust a sequencer running the Go package: like --trust, but its Go-mode
+    /// handshake is accepted too, and its session is unsigned (repeatable).
+    #[arg(long = "trust-go", value_name = "ID=PUBKEY", value_parser = parse_trust)]
+    trust_go: Vec<(String, PublicKey)>,
     /// Go's auth-disabled mode: no handshake, no signatures.
     #[arg(long)]
     no_auth: bool,
@@ -85,6 +93,16 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), backend::BoxError> {
     // Bad back-end flags are reported before anything else happens.
     args.transport.validate()?;
+    let flag_trust: Vec<(String, PublicKey, TrustMode)> = args
+        .trust
+        .iter()
+        .map(|(id, key)| (id.clone(), key.clone(), TrustMode::ExtendedOnly))
+        .chain(
+            args.trust_go
+                .iter()
+                .map(|(id, key)| (id.clone(), key.clone(), TrustMode::GoCompatible)),
+        )
+        .collect();
     let file = args
         .config
         .as_deref()
@@ -107,19 +125,19 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
         (None, _) => SecretKey::generate(),
     });
     let auth = if args.no_auth
-        || (args.config.is_some() && file_auth.is_none() && args.trust.is_empty())
+        || (args.config.is_some() && file_auth.is_none() && flag_trust.is_empty())
     {
-        if !args.trust.is_empty() {
-            warn!("--no-auth: the --trust keys are not used");
+        if !flag_trust.is_empty() {
+            warn!("--no-auth: the --trust and --trust-go keys are not used");
         }
         None
     } else {
         let mut auth =
             file_auth.unwrap_or_else(|| ServerAuth::new(key.clone(), Arc::new(TrustStore::new())));
         auth.key = Some(key.clone());
-        for (id, public) in &args.trust {
+        for (id, public, mode) in &flag_trust {
             auth.trust
-                .add(id.clone(), public.clone())
+                .add_with_mode(id.clone(), public.clone(), *mode)
                 .map_err(|err| format!("--trust {id}=…: {err}"))?;
         }
         if auth.trust.is_empty() {
@@ -160,7 +178,7 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
     info!(backend = server.backend_name(), "publisher running");
 
     match (&args.config, trust) {
-        (Some(path), Some(trust)) => reload_on_sighup(path, &trust, &args.trust).await,
+        (Some(path), Some(trust)) => reload_on_sighup(path, &trust, &flag_trust).await,
         _ => common::shutdown_signal().await,
     }
     info!("shutting down");
@@ -177,7 +195,7 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
 async fn reload_on_sighup(
     path: &std::path::Path,
     trust: &TrustStore,
-    flags: &[(String, PublicKey)],
+    flags: &[(String, PublicKey, TrustMode)],
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -200,13 +218,13 @@ async fn reload_on_sighup(
         };
         let wanted = settings.auth.trusted_sequencers;
         for id in trust.identities() {
-            if !wanted.contains_key(&id) && !flags.iter().any(|(flag_id, _)| *flag_id == id) {
+            if !wanted.contains_key(&id) && !flags.iter().any(|(flag_id, ..)| *flag_id == id) {
                 trust.remove(&id);
                 info!(identity = %id, "reload: no longer trusted");
             }
         }
-        for (id, key) in wanted {
-            match trust.add(id.clone(), key) {
+        for (id, entry) in wanted {
+            match trust.add_with_mode(id.clone(), entry.key, entry.mode) {
                 Ok(Some(old)) if trust.key_of(&id).as_ref() != Some(&old) => {
                     info!(identity = %id, "reload: key rotated")
                 }

@@ -16,7 +16,8 @@
 //! private_key_file = "publisher.key"
 //!
 //! [auth.trusted_sequencers]
-//! optimism = "02ab…"
+//! optimism = "02ab…"                                  # extended handshake only
+//! legacy = { key = "03cd…", go_compatible = true }    # a Go peer: unsigned session
 //! ```
 //!
 //! Rules:
@@ -54,7 +55,7 @@ use tracing::warn;
 
 use crate::{
     config::{ClientAuth, ClientConfig, ServerAuth, ServerConfig},
-    crypto::{CryptoBackend, PublicKey, SecretKey, TrustStore},
+    crypto::{CryptoBackend, PublicKey, SecretKey, TrustMode, TrustStore},
     error::{KeyError, TransportError},
     handshake::{DEFAULT_MAX_CLOCK_SKEW, SignedFramesPolicy},
 };
@@ -190,9 +191,11 @@ pub struct PublisherAuthSettings {
     /// Create `private_key_file` with a fresh key if it does not exist.
     #[serde(default)]
     pub generate_key_if_missing: bool,
-    /// Trusted sequencers: identity → public key (33 or 65 bytes, hex).
-    #[serde(default, deserialize_with = "public_keys")]
-    pub trusted_sequencers: BTreeMap<String, PublicKey>,
+    /// Trusted sequencers: identity → public key (33 or 65 bytes, hex), or
+    /// identity → `{ key = "…", go_compatible = true }` for a sequencer
+    /// running the Go package (see [`TrustMode::GoCompatible`]).
+    #[serde(default)]
+    pub trusted_sequencers: BTreeMap<String, TrustedKey>,
     /// Signed frames: `off`, `offer` or `require` (needs a key).
     #[serde(default)]
     pub signed_frames: SignedFramesPolicy,
@@ -396,9 +399,9 @@ impl PublisherSettings {
             auth.generate_key_if_missing,
         )?;
         let trust = TrustStore::new();
-        for (id, public) in &auth.trusted_sequencers {
+        for (id, trusted) in &auth.trusted_sequencers {
             trust
-                .add(id.clone(), public.clone())
+                .add_with_mode(id.clone(), trusted.key.clone(), trusted.mode)
                 .map_err(|source| ConfigError::Key {
                     path: path.clone(),
                     field: format!("auth.trusted_sequencers.{id}"),
@@ -888,9 +891,54 @@ fn public_key<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Publi
     Ok(Option::<HexPublicKey>::deserialize(deserializer)?.map(|key| key.0))
 }
 
-fn public_keys<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<BTreeMap<String, PublicKey>, D::Error> {
-    let keys = BTreeMap::<String, HexPublicKey>::deserialize(deserializer)?;
-    Ok(keys.into_iter().map(|(id, key)| (id, key.0)).collect())
+/// A trusted sequencer's entry in `auth.trusted_sequencers`.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey {
+    /// Its public key.
+    pub key: PublicKey,
+    /// Which handshakes it may use.
+    pub mode: TrustMode,
+}
+
+impl<'de> Deserialize<'de> for TrustedKey {
+    /// A hex key (extended handshake only), or a table with `key` and
+    /// `go_compatible`.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Entry {
+            key: HexPublicKey,
+            #[serde(default)]
+            go_compatible: bool,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TrustedKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a public key in hex, or a table with `key` and `go_compatible`")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<TrustedKey, E> {
+                Ok(TrustedKey {
+                    key: PublicKey::from_hex(text).map_err(E::custom)?,
+                    mode: TrustMode::ExtendedOnly,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TrustedKey, A::Error> {
+                let entry = Entry::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(TrustedKey {
+                    key: entry.key.0,
+                    mode: if entry.go_compatible {
+                        TrustMode::GoCompatible
+                    } else {
+                        TrustMode::ExtendedOnly
+                    },
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }

@@ -180,6 +180,9 @@ pub enum KeyError {
         /// The name given.
         name: String,
     },
+    /// A trust entry with an empty identity.
+    #[error("a trusted identity must not be empty")]
+    EmptyIdentity,
     /// A trust-store change would map one key to two identities.
     #[error("public key is already trusted as {existing:?}")]
     KeyAlreadyTrusted {
@@ -222,9 +225,25 @@ pub enum HandshakeError {
         /// The offending key, compressed, hex.
         public_key: String,
     },
+    /// A Go-mode request for a key trusted for the extended handshake only
+    /// (the extension fields may have been stripped on the path).
+    #[error(
+        "Go-mode handshake refused for {identity:?}: its key is trusted for the extended handshake only{}",
+        if *.server_has_key { " (mark it Go-compatible to serve a Go peer)" } else { ", which a server without a key of its own cannot serve" }
+    )]
+    GoModeRefused {
+        /// The identity the key is trusted as.
+        identity: String,
+        /// Whether this server could have served the extended handshake.
+        server_has_key: bool,
+    },
     /// The nonce was already used by this key within the clock window.
     #[error("handshake replayed: nonce already seen")]
     Replayed,
+    /// The nonce memory is full of unexpired nonces of this key: it refuses
+    /// new handshakes from it rather than forget one that could be replayed.
+    #[error("handshake refused: too many recent handshakes from this key")]
+    TooManyHandshakes,
     /// The request is addressed to another server (its expected key is not ours).
     #[error("handshake addressed to another server")]
     WrongAudience,
@@ -277,7 +296,9 @@ impl HandshakeError {
             Self::TimestampTooOld { .. } => "timestamp_old",
             Self::BadSignature(_) => "bad_signature",
             Self::UntrustedKey { .. } => "untrusted_key",
+            Self::GoModeRefused { .. } => "go_mode_refused",
             Self::Replayed => "replayed",
+            Self::TooManyHandshakes => "too_many_handshakes",
             Self::WrongAudience => "wrong_audience",
             Self::FeatureRequired { .. } => "feature_required",
             Self::Rejected { .. } => "rejected",

@@ -10,7 +10,7 @@
 //! of the request, and negotiation of signed frames.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -19,7 +19,10 @@ use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 
 use crate::{
-    crypto::{CryptoBackend, Keccak, PublicKey, SecretKey, Signature, TrustStore, recover},
+    crypto::{
+        COMPRESSED_KEY_LEN, CryptoBackend, Keccak, PublicKey, SecretKey, Signature, TrustStore,
+        TrustedPeer, recover,
+    },
     error::{DisconnectReason, HandshakeError},
     proto::{
         Message, Payload,
@@ -45,6 +48,12 @@ pub const SERVER_TRANSCRIPT_DOMAIN: &[u8] = b"publisher-transport/v1/handshake/s
 /// Most request nonces remembered for replay protection.
 pub const DEFAULT_NONCE_CACHE_CAPACITY: usize = 100_000;
 
+/// Unexpired nonces one key may hold in the replay memory: far more than an
+/// honest client's reconnects within 2 × skew.
+pub const MAX_NONCES_PER_KEY: usize = 1024;
+
+/// Go's answer to an untrusted key.
+const UNTRUSTED_KEY_TEXT: &str = "untrusted public key - connection rejected";
 const MAX_NONCE_LEN: usize = 64;
 const MAX_CLIENT_ID_LEN: usize = 256;
 
@@ -261,9 +270,15 @@ pub enum ServerVerdict {
     },
 }
 
-/// The server half: stateless per connection, except for the shared nonce memory.
-#[derive(Debug)]
+/// The server half: stateless per connection, except for the shared nonce
+/// memory. Cheap to clone; clones share the nonce memory.
+#[derive(Debug, Clone)]
 pub struct ServerHandshake {
+    shared: Arc<ServerShared>,
+}
+
+#[derive(Debug)]
+struct ServerShared {
     config: ServerHandshakeConfig,
     nonces: NonceCache,
 }
@@ -272,12 +287,14 @@ impl ServerHandshake {
     /// A server handshake with its own nonce memory.
     pub fn new(config: ServerHandshakeConfig) -> Self {
         let nonces = NonceCache::new(config.nonce_cache_capacity);
-        Self { config, nonces }
+        Self {
+            shared: Arc::new(ServerShared { config, nonces }),
+        }
     }
 
     /// The settings.
     pub fn config(&self) -> &ServerHandshakeConfig {
-        &self.config
+        &self.shared.config
     }
 
     /// Answers the request in `request_body`, received at `now`. `local_floors`
@@ -294,14 +311,21 @@ impl ServerHandshake {
                 client: Box::new(client),
             },
             Err(error) => {
+                // A trusted key with a bad signature is answered like an
+                // untrusted one, so that the answer tells a stranger nothing
+                // about which keys are trusted (the key is looked up first).
+                let text = match &error {
+                    HandshakeError::BadSignature(_) => UNTRUSTED_KEY_TEXT.to_owned(),
+                    error => error.to_string(),
+                };
                 let response = HandshakeResponse {
                     accepted: false,
-                    error: error.to_string(),
+                    error: text.clone(),
                     session_id: String::new(),
                 }
                 .encode_to_vec()
                 .into();
-                let disconnect = disconnect_body(error.disconnect_reason(), error.to_string());
+                let disconnect = disconnect_body(error.disconnect_reason(), text);
                 ServerVerdict::Reject {
                     response,
                     disconnect,
@@ -321,10 +345,12 @@ impl ServerHandshake {
         let request = HandshakeRequest::decode(body).map_err(malformed("HandshakeRequest"))?;
         let ext = HandshakeRequestExt::decode(body).map_err(malformed("HandshakeRequestExt"))?;
 
-        // Go's checks, in Go's order: clock, signature, trust.
+        // Go's checks (clock, signature, trust), except that the key is
+        // looked up before any curve arithmetic: a stranger's request costs
+        // a hash-map look-up, not a key decompression and a recovery.
         let now_nanos = unix_nanos(now);
         let skew = i128::from(request.timestamp) - i128::from(now_nanos);
-        let max_skew = self.config.max_clock_skew.as_nanos() as i128;
+        let max_skew = self.shared.config.max_clock_skew.as_nanos() as i128;
         if skew > max_skew {
             return Err(HandshakeError::TimestampInFuture { skew_nanos: skew });
         }
@@ -338,36 +364,46 @@ impl ServerHandshake {
                 },
             ));
         }
-        let claimed =
-            PublicKey::from_slice(&request.public_key).map_err(HandshakeError::BadSignature)?;
+        let Some(TrustedPeer {
+            identity,
+            key: claimed,
+            mode,
+        }) = self.shared.config.trust.lookup(&request.public_key)
+        else {
+            return Err(HandshakeError::UntrustedKey {
+                public_key: hex::encode(&request.public_key[..request.public_key.len().min(65)]),
+            });
+        };
         let signature =
             Signature::from_slice(&request.signature).map_err(HandshakeError::BadSignature)?;
         let digest = go_request_digest(request.timestamp, &request.nonce);
-        let recovered = recover(self.config.backend, &digest, &signature)
+        let recovered = recover(self.shared.config.backend, &digest, &signature)
             .map_err(HandshakeError::BadSignature)?;
         if recovered != claimed {
             return Err(HandshakeError::BadSignature(
                 crate::error::KeyError::VerificationFailed,
             ));
         }
-        let identity = self.config.trust.identity_of(&claimed).ok_or_else(|| {
-            HandshakeError::UntrustedKey {
-                public_key: claimed.to_string(),
-            }
-        })?;
 
-        let extended = ext.ext_version >= EXT_VERSION && self.config.key.is_some();
+        let extended = ext.ext_version >= EXT_VERSION && self.shared.config.key.is_some();
+        if !extended && !mode.allows_go_mode() {
+            return Err(HandshakeError::GoModeRefused {
+                identity,
+                server_has_key: self.shared.config.key.is_some(),
+            });
+        }
         if extended {
             let ext_signature =
                 Signature::from_slice(&ext.ext_signature).map_err(HandshakeError::BadSignature)?;
             claimed
                 .verify_recoverable_with(
-                    self.config.backend,
+                    self.shared.config.backend,
                     &client_transcript_digest(&request, &ext),
                     &ext_signature,
                 )
                 .map_err(HandshakeError::BadSignature)?;
             let own_key = self
+                .shared
                 .config
                 .key
                 .as_ref()
@@ -380,7 +416,7 @@ impl ServerHandshake {
             }
         }
         let client_offers_signed = extended && has_feature(ext.features, Feature::SignedFrames);
-        let signed = match self.config.signed_frames {
+        let signed = match self.shared.config.signed_frames {
             SignedFramesPolicy::Off => false,
             SignedFramesPolicy::Offer => client_offers_signed,
             SignedFramesPolicy::Require if client_offers_signed => true,
@@ -393,14 +429,12 @@ impl ServerHandshake {
 
         // Only requests from trusted keys with valid signatures reach the nonce
         // memory, so strangers cannot flush it.
-        if !self.nonces.insert_if_new(
+        self.shared.nonces.insert_if_new(
             &claimed,
             &request.nonce,
             now_nanos,
-            self.config.max_clock_skew,
-        ) {
-            return Err(HandshakeError::Replayed);
-        }
+            self.shared.config.max_clock_skew,
+        )?;
 
         let session_id = format!("{identity}-{now_nanos}");
         let response = HandshakeResponse {
@@ -424,9 +458,14 @@ impl ServerHandshake {
             ));
         }
 
-        let server_key = self.config.key.as_ref().expect("extended implies a key");
+        let server_key = self
+            .shared
+            .config
+            .key
+            .as_ref()
+            .expect("extended implies a key");
         let mut features = Feature::MutualAuth as u32;
-        if self.config.delivery_acks && has_feature(ext.features, Feature::DeliveryAcks) {
+        if self.shared.config.delivery_acks && has_feature(ext.features, Feature::DeliveryAcks) {
             features |= Feature::DeliveryAcks as u32;
             accepted.delivery_acks = true;
         }
@@ -458,7 +497,7 @@ impl ServerHandshake {
             server_signature: Bytes::new(),
         };
         let proof = server_key.sign_digest_with(
-            self.config.backend,
+            self.shared.config.backend,
             &server_transcript_digest(body, &response, &response_ext),
         );
         response_ext.server_signature = Bytes::copy_from_slice(proof.as_bytes());
@@ -471,7 +510,9 @@ impl ServerHandshake {
 }
 
 /// Remembers request nonces for the clock window, so a captured request
-/// cannot be replayed while its timestamp is still accepted.
+/// cannot be replayed while its timestamp is still accepted. An unexpired
+/// nonce is never forgotten: when the memory is full, or one key holds
+/// [`MAX_NONCES_PER_KEY`] of it, new handshakes are refused instead.
 #[derive(Debug)]
 struct NonceCache {
     capacity: usize,
@@ -481,8 +522,10 @@ struct NonceCache {
 #[derive(Debug, Default)]
 struct NonceCacheInner {
     seen: HashSet<[u8; 32]>,
-    /// (forget after, in unix nanos; entry), in insertion order.
-    expiry: VecDeque<(i64, [u8; 32])>,
+    /// (forget after, in unix nanos; entry; key), in insertion order.
+    expiry: VecDeque<(i64, [u8; 32], [u8; COMPRESSED_KEY_LEN])>,
+    /// Unexpired nonces per key.
+    per_key: HashMap<[u8; COMPRESSED_KEY_LEN], usize>,
 }
 
 impl NonceCache {
@@ -493,29 +536,53 @@ impl NonceCache {
         }
     }
 
-    /// Records (key, nonce) and returns whether it was new.
-    fn insert_if_new(&self, key: &PublicKey, nonce: &[u8], now_nanos: i64, skew: Duration) -> bool {
+    /// Records (key, nonce): `Ok` if it was new, `Replayed` if seen within
+    /// the window, `TooManyHandshakes` if there is no room for it.
+    fn insert_if_new(
+        &self,
+        key: &PublicKey,
+        nonce: &[u8],
+        now_nanos: i64,
+        skew: Duration,
+    ) -> Result<(), HandshakeError> {
         let mut hasher = Keccak::new();
         hasher.update(key.as_compressed()).update(nonce);
         let entry = hasher.finalize();
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(&(forget_after, old)) = inner.expiry.front() {
-            if forget_after >= now_nanos && inner.seen.len() < self.capacity {
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = &mut *guard;
+        // Expiry times only grow along the queue (a clock stepping back
+        // leaves some entries longer, never shorter, than their window).
+        while let Some(&(forget_after, old, old_key)) = inner.expiry.front() {
+            if forget_after >= now_nanos {
                 break;
             }
             inner.expiry.pop_front();
             inner.seen.remove(&old);
+            if let Some(count) = inner.per_key.get_mut(&old_key) {
+                *count -= 1;
+                if *count == 0 {
+                    inner.per_key.remove(&old_key);
+                }
+            }
         }
-        if !inner.seen.insert(entry) {
-            return false;
+        if inner.seen.contains(&entry) {
+            return Err(HandshakeError::Replayed);
         }
+        let key_bytes = key.to_compressed();
+        let held = inner.per_key.get(&key_bytes).copied().unwrap_or(0);
+        if inner.seen.len() >= self.capacity || held >= MAX_NONCES_PER_KEY {
+            return Err(HandshakeError::TooManyHandshakes);
+        }
+        inner.seen.insert(entry);
+        *inner.per_key.entry(key_bytes).or_default() += 1;
         // A request is accepted while |timestamp - now| ≤ skew, so it is
         // replayable for at most 2 × skew after we first see it.
         let keep = i64::try_from(skew.as_nanos().saturating_mul(2)).unwrap_or(i64::MAX);
-        inner
-            .expiry
-            .push_back((now_nanos.saturating_add(keep), entry));
-        true
+        let forget_after = now_nanos
+            .saturating_add(keep)
+            .max(inner.expiry.back().map_or(i64::MIN, |last| last.0));
+        inner.expiry.push_back((forget_after, entry, key_bytes));
+        Ok(())
     }
 }
 

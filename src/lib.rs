@@ -41,7 +41,9 @@ pub use backend::tcp::{TcpBackend, TcpOptions};
 pub use client::{ClientStats, ConnectionEvent, TransportClient};
 pub use codec::FrameCodec;
 pub use config::{ClientAuth, ClientConfig, RateLimit, ServerAuth, ServerConfig};
-pub use crypto::{Address, CryptoBackend, PublicKey, SecretKey, Signature, TrustStore};
+pub use crypto::{
+    Address, CryptoBackend, PublicKey, SecretKey, Signature, TrustMode, TrustStore, TrustedPeer,
+};
 pub use error::{
     CodecError, DisconnectReason, HandshakeError, KeyError, SignedFrameError, TransportError,
     TrySendError,

@@ -190,6 +190,7 @@ impl<B: Backend> TransportServer<B> {
             tasks.clone(),
         ));
         if let Some(auth) = &self.inner.auth {
+            log_trust_modes(auth);
             let changes = auth.trust.changes();
             tasks.spawn(watch_trust(self.inner.clone(), changes, shutdown.clone()));
         }
@@ -350,6 +351,23 @@ impl<B: Backend> TransportServer<B> {
 
     fn signing_key(&self) -> Option<&Arc<crate::SecretKey>> {
         self.inner.auth.as_ref().and_then(|auth| auth.key.as_ref())
+    }
+}
+
+/// Says at start-up which identities may connect unsigned, in Go mode, and
+/// which cannot connect at all for want of a server key.
+fn log_trust_modes(auth: &ServerAuth) {
+    let go = auth.trust.go_compatible_identities();
+    if !go.is_empty() {
+        warn!(
+            identities = ?go,
+            "Go-compatible identities: their Go-mode sessions are unsigned (no mutual authentication, no signed frames)"
+        );
+    }
+    if auth.key.is_none() && go.len() < auth.trust.len() {
+        warn!(
+            "no server key: identities trusted for the extended handshake only are refused (give the server a key, or mark Go peers Go-compatible)"
+        );
     }
 }
 

@@ -863,8 +863,9 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
     timeout: Duration,
     disconnect_timeout: Duration,
 ) -> Result<(AcceptedClient, Bytes), TransportError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
-    let request = match tokio::time::timeout(timeout, reader.read_frame()).await {
+    let request = match tokio::time::timeout_at(deadline, reader.read_frame()).await {
         Err(_) => return Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
         Ok(None) => {
             return Err(TransportError::Codec(CodecError::Io(io::Error::new(
@@ -885,7 +886,36 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
         }
         Ok(Some(Ok(request))) => request,
     };
-    match handshake.respond(&request, SystemTime::now(), local_floors) {
+    // Recovery, verification and the proof cost 0.1–0.3 ms of ECDSA: done on
+    // the blocking pool, a bounded number at a time, so that a burst of
+    // handshakes never stalls the runtime's workers and their sessions.
+    let verdict = tokio::time::timeout_at(deadline, async {
+        let slot = handshake_crypto_slots()
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?;
+        let handshake = handshake.clone();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            handshake.respond(&request, SystemTime::now(), local_floors)
+        })
+        .await
+        .ok()
+    })
+    .await;
+    let verdict = match verdict {
+        Ok(Some(verdict)) => verdict,
+        Ok(None) => {
+            return Err(TransportError::Io {
+                op: "handshake",
+                addr: String::new(),
+                source: io::Error::other("handshake verification task failed"),
+            });
+        }
+        Err(_) => return Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
+    };
+    match verdict {
         // The response goes out as the session's first frame, once the
         // connection is registered: a client that learns it was accepted can
         // be sent to at once.
@@ -912,6 +942,16 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
             Err(TransportError::Handshake(error))
         }
     }
+}
+
+/// Handshakes whose signatures are being checked at once, process-wide:
+/// twice the cores, so verification keeps every core busy and no more.
+fn handshake_crypto_slots() -> &'static Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        Arc::new(tokio::sync::Semaphore::new(2 * cores))
+    })
 }
 
 /// Refuses a peer whose handshake succeeded but who cannot be served (the
@@ -1243,9 +1283,10 @@ async fn read_loop<R: FrameReader>(
             .metrics
             .bytes(Direction::In, body.len() + codec::LENGTH_PREFIX_LEN);
 
+        let acks = connection.acks.is_some();
         let flow = match opener.as_mut() {
-            None => match Message::decode(body.clone()) {
-                Ok(message) => deliver(connection, message, &body, context, &mut dispatch).await,
+            None => match decode_inbound(&body, acks) {
+                Ok(inbound) => deliver(connection, inbound, &body, context, &mut dispatch).await,
                 Err(err) => Flow::Close(
                     DisconnectReason::ProtocolError,
                     format!("malformed Message: {err}"),
@@ -1254,22 +1295,37 @@ async fn read_loop<R: FrameReader>(
             Some(opener) => match opener.open_bytes(body.clone()) {
                 Ok(encoded) => {
                     dispatch.tally.add(SIGNED_FRAME_KIND, body.len());
-                    let mut flow = Flow::Continue;
-                    for bytes in encoded {
-                        flow = match Message::decode(bytes.clone()) {
-                            Ok(message) => {
-                                deliver(connection, message, &bytes, context, &mut dispatch).await
+                    // Every message is decoded before the first is handled:
+                    // a frame with one undecodable message delivers nothing,
+                    // control messages included (docs/PROTOCOL.md §4.1).
+                    let decoded: Result<Vec<_>, _> = encoded
+                        .iter()
+                        .map(|bytes| decode_inbound(bytes, acks))
+                        .collect();
+                    match decoded {
+                        Ok(decoded) => {
+                            let mut flow = Flow::Continue;
+                            for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
+                                flow = deliver(connection, inbound, bytes, context, &mut dispatch)
+                                    .await;
+                                if !matches!(flow, Flow::Continue) {
+                                    break;
+                                }
                             }
-                            Err(err) => Flow::Close(
-                                DisconnectReason::ProtocolError,
-                                format!("malformed Message in a signed frame: {err}"),
-                            ),
-                        };
-                        if !matches!(flow, Flow::Continue) {
-                            break;
+                            flow
+                        }
+                        Err(err) => {
+                            let err = SignedFrameError::Malformed(format!(
+                                "message does not decode: {err}"
+                            ));
+                            context
+                                .metrics
+                                .signature_failures_total
+                                .with_label_values(&[err.kind()])
+                                .inc();
+                            Flow::Close(err.disconnect_reason(), err.to_string())
                         }
                     }
-                    flow
                 }
                 Err(err) => {
                     warn!(error = %err, kind = err.kind(), "signed frame refused");
@@ -1360,34 +1416,50 @@ fn control(payload: Payload) -> Message {
     }
 }
 
+/// A message as received: decoded, with its extension fields when it may
+/// carry an acknowledgement.
+struct Decoded {
+    message: Message,
+    /// Present for payload-less messages in sessions with acknowledgements.
+    ext: Option<MessageExt>,
+}
+
+/// Decodes one received message. Extensions ride on payload-less messages
+/// (docs/PROTOCOL.md §5.1), and are decoded, and must decode, only then.
+fn decode_inbound(encoded: &Bytes, acks: bool) -> Result<Decoded, prost::DecodeError> {
+    let message = Message::decode(encoded.clone())?;
+    let ext = if acks && message.payload.is_none() {
+        Some(MessageExt::decode(encoded.clone())?)
+    } else {
+        None
+    };
+    Ok(Decoded { message, ext })
+}
+
 /// Handles control messages; hands the rest to the application handler.
 async fn deliver(
     connection: &Connection,
-    message: Message,
+    Decoded { message, ext }: Decoded,
     encoded: &Bytes,
     context: &SessionContext,
     dispatch: &mut Dispatch,
 ) -> Flow {
     let tally = &mut dispatch.tally;
     let size = encoded.len();
-    if message.payload.is_none()
-        && let Some(acks) = &connection.acks
+    if let Some(acks) = &connection.acks
+        && let Some(ext) = ext
+        && (ext.ack.is_some() || ext.ack_request)
     {
-        // Extensions ride on payload-less messages (docs/PROTOCOL.md §5.1).
-        if let Ok(ext) = MessageExt::decode(encoded.clone())
-            && (ext.ack.is_some() || ext.ack_request)
+        tally.add(ACK_KIND, size);
+        if let Some(ack) = ext.ack
+            && let Err(details) = acks.acknowledge(ack.delivered)
         {
-            tally.add(ACK_KIND, size);
-            if let Some(ack) = ext.ack
-                && let Err(details) = acks.acknowledge(ack.delivered)
-            {
-                return Flow::Close(DisconnectReason::ProtocolError, details);
-            }
-            if ext.ack_request {
-                acks.ack_wanted.store(true, Ordering::Relaxed);
-            }
-            return Flow::Continue;
+            return Flow::Close(DisconnectReason::ProtocolError, details);
         }
+        if ext.ack_request {
+            acks.ack_wanted.store(true, Ordering::Relaxed);
+        }
+        return Flow::Continue;
     }
     let kind = kind_index(&message);
     tally.add(kind, size);

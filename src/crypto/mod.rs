@@ -10,7 +10,7 @@ mod keys;
 mod trust;
 
 pub use keys::{Address, PublicKey, SecretKey, Signature, recover};
-pub use trust::TrustStore;
+pub use trust::{TrustMode, TrustStore, TrustedPeer};
 
 use sha3::{Digest as _, Keccak256};
 

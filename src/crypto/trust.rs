@@ -1,20 +1,55 @@
-//! The set of trusted peers: identity ↔ public key.
+//! The set of trusted peers: identity ↔ public key, and how each may
+//! authenticate.
 
 use std::{
     collections::HashMap,
     sync::{PoisonError, RwLock},
 };
 
-use super::{COMPRESSED_KEY_LEN, PublicKey};
+use super::{COMPRESSED_KEY_LEN, PublicKey, UNCOMPRESSED_KEY_LEN};
 use crate::error::KeyError;
+
+/// Which handshakes a trusted key may authenticate with.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TrustMode {
+    /// Only the extended handshake. A Go-mode request for this key is
+    /// refused: it may be an extended request whose extension fields were
+    /// stripped on the path, to open an unsigned session as this peer.
+    #[default]
+    ExtendedOnly,
+    /// Also the Go package's plain handshake (no mutual authentication, no
+    /// signed frames): for peers running the Go package.
+    GoCompatible,
+}
+
+impl TrustMode {
+    /// Whether a Go-mode handshake is accepted for the key.
+    pub fn allows_go_mode(self) -> bool {
+        self == Self::GoCompatible
+    }
+}
+
+/// A trusted key, as [`TrustStore::lookup`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedPeer {
+    /// The identity the key is trusted as.
+    pub identity: String,
+    /// The key.
+    pub key: PublicKey,
+    /// Which handshakes it may use.
+    pub mode: TrustMode,
+}
 
 /// Trusted public keys by identity, safe to share and change while serving.
 ///
-/// Keys are stored compressed, so either form of the same key matches.
+/// Keys are stored compressed, so either form of the same key matches. A key
+/// is trusted for the extended handshake only unless it is added as
+/// [`TrustMode::GoCompatible`].
 #[derive(Debug)]
 pub struct TrustStore {
     inner: RwLock<Inner>,
-    /// Identities whose key changed (added, rotated or removed).
+    /// Identities whose key or mode changed (added, rotated, removed).
     changes: tokio::sync::broadcast::Sender<String>,
 }
 
@@ -29,8 +64,14 @@ impl Default for TrustStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_id: HashMap<String, PublicKey>,
+    by_id: HashMap<String, Entry>,
     by_key: HashMap<[u8; COMPRESSED_KEY_LEN], String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    key: PublicKey,
+    mode: TrustMode,
 }
 
 impl TrustStore {
@@ -39,14 +80,39 @@ impl TrustStore {
         Self::default()
     }
 
-    /// Trusts `key` as `id`. An id that already has a key moves to the new one
-    /// (key rotation) and the old key stops being trusted. Returns the old key.
+    /// Trusts `key` as `id` for the extended handshake only. An id that
+    /// already has a key moves to the new one (key rotation) and the old key
+    /// stops being trusted. Returns the old key.
     pub fn add(
         &self,
         id: impl Into<String>,
         key: PublicKey,
     ) -> Result<Option<PublicKey>, KeyError> {
+        self.add_with_mode(id, key, TrustMode::ExtendedOnly)
+    }
+
+    /// Trusts `key` as `id` for Go-mode handshakes too: an unsigned session
+    /// with a peer running the Go package. See [`TrustMode::GoCompatible`].
+    pub fn add_go_compatible(
+        &self,
+        id: impl Into<String>,
+        key: PublicKey,
+    ) -> Result<Option<PublicKey>, KeyError> {
+        self.add_with_mode(id, key, TrustMode::GoCompatible)
+    }
+
+    /// Trusts `key` as `id` with `mode`, as [`add`](Self::add) does. An
+    /// empty identity is refused: it could not be told from "no identity".
+    pub fn add_with_mode(
+        &self,
+        id: impl Into<String>,
+        key: PublicKey,
+        mode: TrustMode,
+    ) -> Result<Option<PublicKey>, KeyError> {
         let id = id.into();
+        if id.is_empty() {
+            return Err(KeyError::EmptyIdentity);
+        }
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = inner.by_key.get(key.as_compressed())
             && *existing != id
@@ -56,17 +122,21 @@ impl TrustStore {
             });
         }
         inner.by_key.insert(key.to_compressed(), id.clone());
-        let previous = inner.by_id.insert(id.clone(), key.clone());
+        let entry = Entry {
+            key: key.clone(),
+            mode,
+        };
+        let previous = inner.by_id.insert(id.clone(), entry.clone());
         if let Some(old) = &previous
-            && old != &key
+            && old.key != key
         {
-            inner.by_key.remove(old.as_compressed());
+            inner.by_key.remove(old.key.as_compressed());
         }
         drop(inner);
-        if previous.as_ref() != Some(&key) {
+        if previous.as_ref() != Some(&entry) {
             let _ = self.changes.send(id);
         }
-        Ok(previous)
+        Ok(previous.map(|old| old.key))
     }
 
     /// Trusts a key given as 33 or 65 bytes.
@@ -81,14 +151,15 @@ impl TrustStore {
     /// Stops trusting `id`; returns its key if it had one.
     pub fn remove(&self, id: &str) -> Option<PublicKey> {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
-        let key = inner.by_id.remove(id)?;
-        inner.by_key.remove(key.as_compressed());
+        let entry = inner.by_id.remove(id)?;
+        inner.by_key.remove(entry.key.as_compressed());
         drop(inner);
         let _ = self.changes.send(id.to_owned());
-        Some(key)
+        Some(entry.key)
     }
 
-    /// Identities whose key changes from now on (added, rotated, removed). A
+    /// Identities whose key or mode changes from now on (added, rotated,
+    /// removed, made Go-compatible or extended-only). A
     /// lagging receiver should re-check every identity it cares about.
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.changes.subscribe()
@@ -106,7 +177,53 @@ impl TrustStore {
 
     /// The key trusted as `id`.
     pub fn key_of(&self, id: &str) -> Option<PublicKey> {
-        self.read().by_id.get(id).cloned()
+        self.read().by_id.get(id).map(|entry| entry.key.clone())
+    }
+
+    /// How the key trusted as `id` may authenticate.
+    pub fn mode_of(&self, id: &str) -> Option<TrustMode> {
+        self.read().by_id.get(id).map(|entry| entry.mode)
+    }
+
+    /// Finds the trusted key encoded in `bytes` (33 bytes compressed or 65
+    /// uncompressed) without any curve arithmetic, so that a stranger's key
+    /// costs a hash-map look-up and no more. An uncompressed key matches
+    /// only if it is byte for byte the trusted key's encoding.
+    pub fn lookup(&self, bytes: &[u8]) -> Option<TrustedPeer> {
+        let compressed: [u8; COMPRESSED_KEY_LEN] = match bytes.len() {
+            COMPRESSED_KEY_LEN => bytes.try_into().ok()?,
+            UNCOMPRESSED_KEY_LEN if bytes[0] == 0x04 => {
+                let mut compressed = [0; COMPRESSED_KEY_LEN];
+                compressed[0] = 0x02 | (bytes[UNCOMPRESSED_KEY_LEN - 1] & 1);
+                compressed[1..].copy_from_slice(&bytes[1..COMPRESSED_KEY_LEN]);
+                compressed
+            }
+            _ => return None,
+        };
+        let inner = self.read();
+        let identity = inner.by_key.get(&compressed)?;
+        let entry = inner.by_id.get(identity)?;
+        if bytes.len() == UNCOMPRESSED_KEY_LEN && entry.key.to_uncompressed()[..] != bytes[..] {
+            return None;
+        }
+        Some(TrustedPeer {
+            identity: identity.clone(),
+            key: entry.key.clone(),
+            mode: entry.mode,
+        })
+    }
+
+    /// Identities trusted for Go-mode (unsigned) handshakes, sorted.
+    pub fn go_compatible_identities(&self) -> Vec<String> {
+        let mut ids: Vec<_> = self
+            .read()
+            .by_id
+            .iter()
+            .filter(|(_, entry)| entry.mode.allows_go_mode())
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Every trusted identity, sorted.

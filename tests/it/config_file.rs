@@ -8,7 +8,7 @@ use std::{
 
 use publisher_transport::{
     ClientConfig, CryptoBackend, KeyError, SecretKey, ServerConfig, SignedFramesPolicy, TcpClient,
-    TcpServer, channel_handler,
+    TcpServer, TrustMode, channel_handler,
     config_file::{
         ConfigError, Format, PublisherFile, PublisherSettings, SequencerFile, SequencerSettings,
     },
@@ -332,6 +332,46 @@ fn key_problems_name_file_and_key() {
     assert_eq!(
         message(&err),
         "p.toml: auth.trusted_sequencers.b: public key is already trusted as \"a\""
+    );
+}
+
+#[test]
+fn trusted_keys_are_extended_only_unless_marked_go_compatible() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        SecretKey::generate().public_key().clone(),
+        SecretKey::generate().public_key().clone(),
+        SecretKey::generate().public_key().clone(),
+    );
+    let toml = format!(
+        "[auth]\nenabled = true\nprivate_key = \"{}\"\n[auth.trusted_sequencers]\n\
+         a = \"{a}\"\nb = {{ key = \"{b}\", go_compatible = true }}\n\
+         c = {{ key = \"{c}\", go_compatible = false }}\n",
+        "11".repeat(32)
+    );
+    let yaml = format!(
+        "auth:\n  enabled: true\n  private_key: \"{}\"\n  trusted_sequencers:\n    \
+         a: \"{a}\"\n    b: {{ key: \"{b}\", go_compatible: true }}\n    c: {{ key: \"{c}\" }}\n",
+        "11".repeat(32)
+    );
+    for (name, text) in [("p.toml", toml), ("p.yaml", yaml)] {
+        let file = PublisherFile::load(write(dir.path(), name, &text)).unwrap();
+        let trust = file.auth.expect("auth is on").trust;
+        assert_eq!(trust.mode_of("a"), Some(TrustMode::ExtendedOnly), "{name}");
+        assert_eq!(trust.mode_of("b"), Some(TrustMode::GoCompatible), "{name}");
+        assert_eq!(trust.mode_of("c"), Some(TrustMode::ExtendedOnly), "{name}");
+        assert_eq!(trust.key_of("b"), Some(b.clone()), "{name}");
+    }
+    let err = publisher_err(
+        "p.toml",
+        &format!(
+            "[auth]\nenabled = true\n[auth.trusted_sequencers]\na = {{ key = \"{a}\", go = true }}\n"
+        ),
+    );
+    assert!(
+        message(&err).starts_with("p.toml: auth.trusted_sequencers.a.go: unknown field `go`"),
+        "{}",
+        message(&err)
     );
 }
 

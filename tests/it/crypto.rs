@@ -10,7 +10,8 @@ use proptest::prelude::*;
 use publisher_transport::{
     KeyError,
     crypto::{
-        self, Address, CryptoBackend, Keccak, PublicKey, SecretKey, Signature, TrustStore, recover,
+        self, Address, CryptoBackend, Keccak, PublicKey, SecretKey, Signature, TrustMode,
+        TrustStore, recover,
     },
 };
 
@@ -669,6 +670,44 @@ fn trust_store_one_key_one_identity() {
     assert_eq!(store.key_of("b"), Some(other.clone()));
     assert_eq!(store.identity_of(&other).as_deref(), Some("b"));
     assert_eq!(store.identity_of(&shared).as_deref(), Some("a"));
+}
+
+#[test]
+fn trust_store_modes_default_to_extended_only_and_changes_are_announced() {
+    let store = TrustStore::new();
+    let mut changes = store.changes();
+    let key = SecretKey::generate().public_key().clone();
+    store.add("seq", key.clone()).unwrap();
+    assert_eq!(store.mode_of("seq"), Some(TrustMode::ExtendedOnly));
+    assert_eq!(changes.try_recv().unwrap(), "seq");
+    assert!(store.go_compatible_identities().is_empty());
+
+    // Same key, Go-compatible now: a change worth announcing.
+    store.add_go_compatible("seq", key.clone()).unwrap();
+    assert_eq!(store.mode_of("seq"), Some(TrustMode::GoCompatible));
+    assert_eq!(changes.try_recv().unwrap(), "seq");
+    assert_eq!(store.go_compatible_identities(), ["seq"]);
+    // Nothing changed: nothing announced.
+    store.add_go_compatible("seq", key.clone()).unwrap();
+    assert!(changes.try_recv().is_err());
+    store.add("seq", key).unwrap();
+    assert_eq!(store.mode_of("seq"), Some(TrustMode::ExtendedOnly));
+    assert_eq!(changes.try_recv().unwrap(), "seq");
+}
+
+#[test]
+fn trust_store_refuses_an_empty_identity() {
+    let store = TrustStore::new();
+    let key = SecretKey::generate().public_key().clone();
+    assert!(matches!(
+        store.add("", key.clone()),
+        Err(KeyError::EmptyIdentity)
+    ));
+    assert!(matches!(
+        store.add_go_compatible("", key.clone()),
+        Err(KeyError::EmptyIdentity)
+    ));
+    assert!(store.is_empty() && !store.is_trusted(&key));
 }
 
 #[test]

@@ -11,12 +11,13 @@ use std::{
 use bytes::Bytes;
 use prost::Message as _;
 use publisher_transport::{
-    CryptoBackend, HandshakeError, PublicKey, SecretKey, TrustStore,
+    CryptoBackend, HandshakeError, PublicKey, SecretKey, TrustMode, TrustStore,
     crypto::{Signature, keccak256, recover},
     handshake::{
-        AcceptedClient, ClientHandshake, ClientHandshakeConfig, DEFAULT_MAX_CLOCK_SKEW, NONCE_LEN,
-        SequenceFloors, ServerHandshake, ServerHandshakeConfig, ServerSession, ServerVerdict,
-        SignedFrameSession, SignedFramesPolicy, go_request_digest, unix_nanos,
+        AcceptedClient, ClientHandshake, ClientHandshakeConfig, DEFAULT_MAX_CLOCK_SKEW,
+        MAX_NONCES_PER_KEY, NONCE_LEN, SequenceFloors, ServerHandshake, ServerHandshakeConfig,
+        ServerSession, ServerVerdict, SignedFrameSession, SignedFramesPolicy, go_request_digest,
+        unix_nanos,
     },
     proto::{
         Message, Payload,
@@ -34,6 +35,8 @@ use rand::{RngCore, SeedableRng, rngs::StdRng};
 pub(crate) const IDENTITY: &str = "seq-a";
 /// The id the client claims; deliberately not its identity.
 pub(crate) const CLAIMED_ID: &str = "claimed-name";
+/// Go's answer to an untrusted key.
+const GO_UNTRUSTED: &str = "untrusted public key - connection rejected";
 /// The client's signed-frame floor.
 pub(crate) const CLIENT_FLOOR: u64 = 1_000_000;
 /// The server's signed-frame floors.
@@ -71,13 +74,25 @@ fn nonce(n: u8) -> [u8; NONCE_LEN] {
     [n; NONCE_LEN]
 }
 
+/// Trusts the client's key in Go-compatible mode, since most of these tests
+/// exercise the Go-mode wire; the secure default (extended only) is tested
+/// with [`extended_only_trust`].
 fn trust() -> Arc<TrustStore> {
+    let trust = TrustStore::new();
+    trust
+        .add_go_compatible(IDENTITY, client_key().public_key().clone())
+        .unwrap();
+    // A second trusted peer, so that the identity lookup has a choice.
+    trust.add("seq-b", secret(4).public_key().clone()).unwrap();
+    Arc::new(trust)
+}
+
+/// The client's key trusted the default way: extended handshake only.
+fn extended_only_trust() -> Arc<TrustStore> {
     let trust = TrustStore::new();
     trust
         .add(IDENTITY, client_key().public_key().clone())
         .unwrap();
-    // A second trusted peer, so that the identity lookup has a choice.
-    trust.add("seq-b", secret(4).public_key().clone()).unwrap();
     Arc::new(trust)
 }
 
@@ -137,9 +152,15 @@ fn expect_refusal(
     else {
         panic!("expected Reject, got {verdict:?}");
     };
+    // A bad signature is answered like an untrusted key: the answer must not
+    // tell a stranger which keys are trusted.
+    let text = match &error {
+        HandshakeError::BadSignature(_) => GO_UNTRUSTED.to_owned(),
+        error => error.to_string(),
+    };
     let decoded = HandshakeResponse::decode(response.clone()).unwrap();
     assert!(!decoded.accepted);
-    assert_eq!(decoded.error, error.to_string());
+    assert_eq!(decoded.error, text);
     assert_eq!(decoded.session_id, "");
     // A refusal carries only Go's fields.
     assert_eq!(decoded.encode_to_vec(), response.to_vec());
@@ -149,10 +170,10 @@ fn expect_refusal(
         panic!("expected a Disconnect payload, got {message:?}");
     };
     assert_eq!(disconnect.reason, reason as i32, "{error}");
-    assert_eq!(disconnect.details, error.to_string());
+    assert_eq!(disconnect.details, text);
 
     match client.finish(&response) {
-        Err(HandshakeError::Rejected { reason }) => assert_eq!(reason, error.to_string()),
+        Err(HandshakeError::Rejected { reason }) => assert_eq!(reason, text),
         other => panic!("client should report the server's reason, got {other:?}"),
     }
     error
@@ -480,7 +501,7 @@ fn untrusted_key_is_refused_with_go_string() {
 
 // PROTOCOL.md §2.2
 #[test]
-fn checks_run_in_go_order_clock_then_signature_then_trust() {
+fn checks_run_clock_then_trust_then_signature() {
     for &backend in CryptoBackend::available() {
         let server = ext_server(backend);
         let mut untrusted = go_client_config(backend);
@@ -504,12 +525,45 @@ fn checks_run_in_go_order_clock_then_signature_then_trust() {
             HandshakeError::TimestampInFuture { .. }
         ));
 
-        // Untrusted and badly signed: the signature before the trust store.
+        // Untrusted and badly signed: the trust store before the signature,
+        // so that a stranger's request costs no curve arithmetic.
         let client = start(untrusted, t0(), 3);
         let (mut request, _) = decode_request(client.request());
         request.nonce = Bytes::copy_from_slice(&nonce(99));
-        assert_bad_signature(client, &server, &request.encode_to_vec());
+        let verdict = server.respond(&request.encode_to_vec(), t0(), SERVER_FLOORS);
+        assert!(matches!(
+            expect_refusal(client, verdict, Reason::AuthFailure),
+            HandshakeError::UntrustedKey { .. }
+        ));
+
+        // A stranger's key that is not even a point is refused the same way.
+        let client = start(go_client_config(backend), t0(), 4);
+        let (mut request, _) = decode_request(client.request());
+        request.public_key = Bytes::from_static(&[0x02; 33]);
+        let verdict = server.respond(&request.encode_to_vec(), t0(), SERVER_FLOORS);
+        assert!(matches!(
+            expect_refusal(client, verdict, Reason::AuthFailure),
+            HandshakeError::UntrustedKey { .. }
+        ));
     }
+}
+
+// PROTOCOL.md §2.2
+#[test]
+fn a_trusted_key_is_found_in_either_encoding_but_only_exactly() {
+    let key = client_key().public_key().clone();
+    let trust = extended_only_trust();
+    let found = trust.lookup(key.as_compressed()).expect("compressed");
+    assert_eq!(found.identity, IDENTITY);
+    assert_eq!(found.mode, TrustMode::ExtendedOnly);
+    let uncompressed = key.to_uncompressed();
+    assert_eq!(trust.lookup(&uncompressed), Some(found));
+    // Same x and parity, another y: not the trusted key's encoding.
+    let mut forged = uncompressed;
+    forged[40] ^= 0x10;
+    assert_eq!(trust.lookup(&forged), None);
+    assert_eq!(trust.lookup(&uncompressed[..64]), None);
+    assert_eq!(trust.lookup(&[]), None);
 }
 
 // PROTOCOL.md §2.3
@@ -895,14 +949,42 @@ fn tampered_request_extension_is_refused() {
 
 // PROTOCOL.md §3.3
 #[test]
-fn stripping_the_extension_downgrades_to_go_mode_which_a_key_expecting_client_refuses() {
+fn stripping_the_extension_is_refused_for_a_default_key() {
+    for &backend in CryptoBackend::available() {
+        let mut config = ServerHandshakeConfig::new(extended_only_trust(), Some(server_key()));
+        config.backend = backend;
+        let server = ServerHandshake::new(config);
+        let client = start(client_config(backend), t0(), 1);
+        let (request, _) = decode_request(client.request());
+        // The Go part alone is a valid Go request, signed by the client: an
+        // on-path attacker could otherwise open an unsigned session with it.
+        let verdict = server.respond(&request.encode_to_vec(), t0(), SERVER_FLOORS);
+        let error = expect_refusal(client, verdict, Reason::AuthFailure);
+        assert!(
+            matches!(&error, HandshakeError::GoModeRefused { identity, server_has_key: true } if identity == IDENTITY),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("extended handshake only"),
+            "{error}"
+        );
+        // The request with its extension is served as usual.
+        let (accepted, session) = handshake(&server, client_config(backend), t0(), 2);
+        assert!(accepted.extended && accepted.signed_frames.is_some());
+        assert!(session.signed_frames.is_some());
+    }
+}
+
+// PROTOCOL.md §3.3
+#[test]
+fn stripping_the_extension_of_a_go_compatible_key_yields_go_mode_which_a_key_expecting_client_refuses()
+ {
     for &backend in CryptoBackend::available() {
         let server = ext_server(backend);
         let mut config = client_config(backend);
         config.expected_server_key = Some(server_key().public_key().clone());
         let client = start(config, t0(), 1);
         let (request, _) = decode_request(client.request());
-        // The Go part alone is a valid Go request, so the server serves it as Go.
         let (response, accepted) =
             expect_accept(server.respond(&request.encode_to_vec(), t0(), SERVER_FLOORS));
         assert!(!accepted.extended);
@@ -912,6 +994,90 @@ fn stripping_the_extension_downgrades_to_go_mode_which_a_key_expecting_client_re
             Err(HandshakeError::ServerNotAuthenticated)
         ));
     }
+}
+
+// PROTOCOL.md §3.3
+#[test]
+fn a_server_without_a_key_refuses_a_default_key_and_says_why() {
+    for &backend in CryptoBackend::available() {
+        let mut config = ServerHandshakeConfig::new(extended_only_trust(), None);
+        config.backend = backend;
+        let server = ServerHandshake::new(config);
+        for (n, client_config) in [(1, client_config(backend)), (2, go_client_config(backend))] {
+            let client = start(client_config, t0(), n);
+            let verdict = server.respond(client.request(), t0(), SERVER_FLOORS);
+            let error = expect_refusal(client, verdict, Reason::AuthFailure);
+            assert!(
+                matches!(
+                    error,
+                    HandshakeError::GoModeRefused {
+                        server_has_key: false,
+                        ..
+                    }
+                ),
+                "{error:?}"
+            );
+            assert!(error.to_string().contains("without a key"), "{error}");
+        }
+    }
+}
+
+// PROTOCOL.md §3.4
+#[test]
+fn the_nonce_memory_refuses_rather_than_forgets_an_unexpired_nonce() {
+    let backend = CryptoBackend::default();
+    let mut config = ServerHandshakeConfig::new(trust(), Some(server_key()));
+    config.nonce_cache_capacity = 2;
+    let server = ServerHandshake::new(config);
+    let first = start(client_config(backend), t0(), 1);
+    let first_request = first.request().clone();
+    handshake(&server, client_config(backend), t0(), 1);
+    handshake(&server, client_config(backend), t0(), 2);
+    // Full of unexpired nonces: a new one is refused, the old ones still are.
+    let client = start(client_config(backend), t0(), 3);
+    let verdict = server.respond(client.request(), t0(), SERVER_FLOORS);
+    assert!(matches!(
+        expect_refusal(client, verdict, Reason::AuthFailure),
+        HandshakeError::TooManyHandshakes
+    ));
+    let verdict = server.respond(&first_request, t0() + secs(1), SERVER_FLOORS);
+    assert!(matches!(
+        expect_refusal(first, verdict, Reason::AuthFailure),
+        HandshakeError::Replayed
+    ));
+    // Once the window has passed they expire and make room.
+    let later = t0() + secs(61);
+    handshake(&server, client_config(backend), later, 4);
+}
+
+// PROTOCOL.md §3.4
+#[test]
+fn one_key_cannot_fill_the_nonce_memory() {
+    let backend = CryptoBackend::default();
+    let server = ext_server(backend);
+    let config = go_client_config(backend);
+    let mut refused = None;
+    for n in 0..=MAX_NONCES_PER_KEY as u32 {
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[..4].copy_from_slice(&n.to_be_bytes());
+        let client = ClientHandshake::start(config.clone(), t0(), nonce, CLIENT_FLOOR);
+        if let ServerVerdict::Reject { error, .. } =
+            server.respond(client.request(), t0(), SERVER_FLOORS)
+        {
+            refused = Some((n, error));
+            break;
+        }
+    }
+    let (n, error) = refused.expect("the key's share of the nonce memory runs out");
+    assert_eq!(n as usize, MAX_NONCES_PER_KEY);
+    assert!(
+        matches!(error, HandshakeError::TooManyHandshakes),
+        "{error:?}"
+    );
+    // Another trusted key is still served.
+    let mut other = ClientHandshakeConfig::new(secret(4), "seq-b");
+    other.backend = backend;
+    handshake(&server, other, t0(), 1);
 }
 
 // PROTOCOL.md §3.3

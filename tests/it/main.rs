@@ -15,6 +15,7 @@ mod netns;
 mod ops;
 #[cfg(feature = "quic")]
 mod quic;
+mod refused_frames;
 mod restart;
 mod sighup;
 mod signed;

@@ -73,10 +73,13 @@ fn client_key() -> (SecretKey, String) {
     }
 }
 
-/// Authentication trusting `client` as [`IDENTITY`].
+/// Authentication trusting `client` as [`IDENTITY`], Go-compatible: the
+/// third-party clients speak the Go-mode handshake.
 fn server_auth(client: &SecretKey) -> ServerAuth {
     let trust = Arc::new(TrustStore::new());
-    trust.add(IDENTITY, client.public_key().clone()).unwrap();
+    trust
+        .add_go_compatible(IDENTITY, client.public_key().clone())
+        .unwrap();
     ServerAuth::new(Arc::new(SecretKey::generate()), trust)
 }
 

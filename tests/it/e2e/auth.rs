@@ -23,7 +23,7 @@ fn keyless(keys: &Keys) -> ServerAuth {
 /// A client that speaks exactly Go's handshake: it is known by the identity
 /// its key is trusted as, and frames are not signed.
 pub async fn go_mode_client_against_extended_server<H: Harness>() {
-    let keys = Keys::new(1);
+    let keys = Keys::go_compatible(1);
     let server = H::server(server_config(), Some(keys.server_auth()));
     let (handler, mut inbound) = channel_handler(16);
     server.set_handler(handler);
@@ -58,9 +58,10 @@ pub async fn go_mode_client_against_extended_server<H: Harness>() {
     server.stop().await.unwrap();
 }
 
-/// A key-less server answers a default (extended) client in Go mode.
+/// A key-less server answers a default (extended) client in Go mode, when
+/// the client's key is trusted as Go-compatible.
 pub async fn go_mode_server_against_default_client<H: Harness>() {
-    let keys = Keys::new(1);
+    let keys = Keys::go_compatible(1);
     let server = H::server(server_config(), Some(keyless(&keys)));
     let (handler, mut inbound) = channel_handler(16);
     server.set_handler(handler);
@@ -92,10 +93,43 @@ pub async fn go_mode_server_against_default_client<H: Harness>() {
     server.stop().await.unwrap();
 }
 
+/// A Go-mode handshake with a key trusted the default way (extended only) is
+/// refused with a reason: otherwise an on-path attacker could strip an
+/// extended client's extension and speak unsigned in its name. A key-less
+/// server refuses such a key in either mode.
+pub async fn go_mode_is_refused_for_a_default_key<H: Harness>() {
+    let keys = Keys::new(1);
+    for (case, server_auth) in [
+        ("server with a key", keys.server_auth()),
+        ("key-less server", keyless(&keys)),
+    ] {
+        let server = H::server(server_config(), Some(server_auth));
+        let addr = server.start().await.unwrap();
+        let go_client = H::client(
+            client_config("a"),
+            Some(ClientAuth {
+                extensions: false,
+                ..ClientAuth::new(keys.clients[0].clone())
+            }),
+        );
+        match go_client.connect(&H::dial_addr(addr)).await {
+            Err(TransportError::Handshake(HandshakeError::Rejected { reason })) => {
+                assert!(
+                    reason.contains("extended handshake only"),
+                    "{case}: {reason}"
+                );
+            }
+            other => panic!("{case}: expected a refusal, got {other:?}"),
+        }
+        assert!(server.connections().is_empty(), "{case}");
+        server.stop().await.unwrap();
+    }
+}
+
 /// A client that requires the server's key refuses a server that cannot
 /// prove any key.
 pub async fn client_requiring_server_key_refuses_go_mode_server<H: Harness>() {
-    let keys = Keys::new(1);
+    let keys = Keys::go_compatible(1);
     let server = H::server(server_config(), Some(keyless(&keys)));
     let addr = server.start().await.unwrap();
     let client = H::client(client_config("a"), Some(keys.client_auth(0)));

@@ -177,7 +177,7 @@ pub async fn confirmation_waits_for_the_handler_and_fails_when_the_session_ends<
 /// Sessions that did not negotiate acknowledgements refuse `send_confirmed`
 /// with a typed error, and plain `send` still works there.
 pub async fn sessions_without_acks_refuse_confirmation<H: Harness>() {
-    let keys = Keys::new(1);
+    let keys = Keys::go_compatible(1);
     let cases: [(&str, Option<ServerAuth>, Option<ClientAuth>); 4] = [
         (
             "go-mode client",

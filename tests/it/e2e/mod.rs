@@ -24,7 +24,7 @@ use std::{
 use bytes::Bytes;
 use publisher_transport::{
     BroadcastReport, ClientAuth, ClientConfig, ConnectionEvent, Inbound, Message, SecretKey,
-    ServerAuth, ServerConfig, TcpBackend, TransportClient, TransportServer, TrustStore,
+    ServerAuth, ServerConfig, TcpBackend, TransportClient, TransportServer, TrustMode, TrustStore,
     backend::Backend,
     proto::{
         Payload,
@@ -106,6 +106,7 @@ macro_rules! e2e_suite {
                 api::client_setters_apply_to_future_sessions,
                 auth::go_mode_client_against_extended_server,
                 auth::go_mode_server_against_default_client,
+                auth::go_mode_is_refused_for_a_default_key,
                 auth::client_requiring_server_key_refuses_go_mode_server,
                 auth::server_refuses_request_for_another_server,
                 auth::untrusted_client_key_is_refused_with_go_string,
@@ -240,13 +241,24 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// Fresh keys.
+    /// Fresh keys, trusted the default way (extended handshake only).
     pub fn new(n: usize) -> Self {
+        Self::with_mode(n, TrustMode::ExtendedOnly)
+    }
+
+    /// Fresh keys whose Go-mode handshakes are accepted too.
+    pub fn go_compatible(n: usize) -> Self {
+        Self::with_mode(n, TrustMode::GoCompatible)
+    }
+
+    fn with_mode(n: usize, mode: TrustMode) -> Self {
         let trust = Arc::new(TrustStore::new());
         let clients = (0..n)
             .map(|i| {
                 let key = Arc::new(SecretKey::generate());
-                trust.add(identity(i), key.public_key().clone()).unwrap();
+                trust
+                    .add_with_mode(identity(i), key.public_key().clone(), mode)
+                    .unwrap();
                 key
             })
             .collect();

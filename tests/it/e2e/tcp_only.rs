@@ -315,7 +315,7 @@ async fn handwritten_go_peer_speaks_with_the_server() {
     bounded(async {
         let keys = Keys::new(0);
         let (go_key, go_public) = go_key();
-        keys.trust.add("seq-go", go_public).unwrap();
+        keys.trust.add_go_compatible("seq-go", go_public).unwrap();
         let server = TcpServer::tcp(server_config(), Some(keys.server_auth()));
         let (handler, mut inbound) = channel_handler(16);
         server.set_handler(handler);
@@ -392,7 +392,7 @@ async fn handwritten_go_peer_sees_go_refusals() {
     bounded(async {
         let trust = Arc::new(TrustStore::new());
         let (trusted, trusted_public) = go_key();
-        trust.add("seq-go", trusted_public).unwrap();
+        trust.add_go_compatible("seq-go", trusted_public).unwrap();
         let (stranger, _) = go_key();
         let server = TcpServer::tcp(
             server_config(),
