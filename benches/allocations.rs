@@ -86,7 +86,9 @@ async fn run(signed: bool) -> Row {
     let trust = Arc::new(TrustStore::new());
     trust.add("bench", client_key.public_key().clone()).unwrap();
     let server = TcpServer::tcp(
-        ServerConfig::default().with_listen_addr("127.0.0.1:0"),
+        ServerConfig::default()
+            .with_listen_addr("127.0.0.1:0")
+            .with_inbound_limit(None),
         signed.then(|| ServerAuth::new(server_key.clone(), trust)),
     );
     let received = Arc::new(AtomicU64::new(0));

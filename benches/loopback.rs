@@ -77,7 +77,8 @@ async fn connect(kind: BackendKind, tls: bool) -> Loopback {
         &args,
         ServerConfig::default()
             .with_listen_addr("127.0.0.1:0")
-            .with_rate_limit(None),
+            .with_rate_limit(None)
+            .with_inbound_limit(None),
         None,
     )
     .expect("server");

@@ -552,6 +552,8 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
     let config = ServerConfig::default()
         .with_listen_addr("127.0.0.1:0")
         .with_rate_limit(None)
+        // Measures raw capacity: no per-connection inbound limit either.
+        .with_inbound_limit(None)
         .with_max_connections((args.clients as usize).max(1000));
     let server_setup = backend::server(&setup.transport, config, server_auth)?;
     let server = server_setup.server;

@@ -39,6 +39,12 @@ impl Default for RateLimit {
 /// Per-connection limit on what a peer may send: token buckets of frames
 /// and bytes per second, each holding one second's worth. A peer over either
 /// is disconnected with `THROTTLED`.
+///
+/// The default (50,000 frames and 128 MiB a second) is far above what an
+/// honest sequencer sends, since writers coalesce and a signed batch is one
+/// frame, and it bounds what one peer can make the server verify and parse
+/// (a signed frame costs a signature check). Benchmarks that measure raw
+/// throughput turn it off.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundLimit {
@@ -46,6 +52,15 @@ pub struct InboundLimit {
     pub frames_per_second: f64,
     /// Bytes per second, length prefixes included.
     pub bytes_per_second: f64,
+}
+
+impl Default for InboundLimit {
+    fn default() -> Self {
+        Self {
+            frames_per_second: 50_000.0,
+            bytes_per_second: 128.0 * 1024.0 * 1024.0,
+        }
+    }
 }
 
 /// Server settings.
@@ -93,7 +108,8 @@ pub struct ServerConfig {
     /// frees up, except one at a time that may finish its frame (so frames
     /// always complete). Frames up to 64 KiB never wait.
     pub read_budget: usize,
-    /// Per-connection inbound rate limit; `None` for none.
+    /// Per-connection inbound rate limit (on by default, see
+    /// [`InboundLimit`]); `None` for none.
     pub inbound_limit: Option<InboundLimit>,
 }
 
@@ -115,7 +131,7 @@ impl Default for ServerConfig {
             rate_limit: Some(RateLimit::default()),
             stop_timeout: Duration::from_secs(5),
             read_budget: 256 * 1024 * 1024,
-            inbound_limit: None,
+            inbound_limit: Some(InboundLimit::default()),
         }
     }
 }
@@ -130,6 +146,12 @@ impl ServerConfig {
     /// Sets the per-IP rate limit (`None` disables it).
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
         self.rate_limit = limit;
+        self
+    }
+
+    /// Sets the per-connection inbound limit (`None` disables it).
+    pub fn with_inbound_limit(mut self, limit: Option<InboundLimit>) -> Self {
+        self.inbound_limit = limit;
         self
     }
 
