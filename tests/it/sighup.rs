@@ -140,3 +140,79 @@ async fn sighup_applies_trust_changes_to_live_connections() {
     .await
     .expect("test timed out");
 }
+
+/// `--trust` keys must use the extended handshake; `--trust-go` keys may
+/// also connect in Go mode, and the publisher names them at start-up.
+#[tokio::test]
+async fn trust_go_flags_mark_go_peers_and_trust_flags_refuse_go_mode() {
+    let binary = publisher_binary();
+    assert!(binary.exists(), "{} is missing", binary.display());
+    timeout(Duration::from_secs(60), async {
+        let (extended, go) = (
+            Arc::new(SecretKey::generate()),
+            Arc::new(SecretKey::generate()),
+        );
+        let mut publisher = Command::new(&binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--trust")
+            .arg(format!("seq-a={}", extended.public_key()))
+            .arg("--trust-go")
+            .arg(format!("seq-go={}", go.public_key()))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(publisher.stdout.take().unwrap()).lines();
+        let addr = lines.next_line().await.unwrap().unwrap();
+        let addr = addr.strip_prefix("listening on ").unwrap().to_owned();
+        let mut logs = BufReader::new(publisher.stderr.take().unwrap()).lines();
+        let mut announced = None;
+        for _ in 0..100 {
+            let Some(line) = logs.next_line().await.unwrap() else {
+                break;
+            };
+            if line.contains("Go-compatible identities") {
+                announced = Some(line);
+                break;
+            }
+        }
+        let announced = announced.expect("the Go-compatible identities are logged");
+        assert!(
+            announced.contains("seq-go") && !announced.contains("seq-a"),
+            "{announced}"
+        );
+
+        let go_mode = |key: &Arc<SecretKey>| {
+            let mut config = ClientConfig::default().with_client_id("go");
+            config.auto_reconnect = false;
+            TcpClient::tcp(
+                config,
+                Some(ClientAuth {
+                    extensions: false,
+                    ..ClientAuth::new(key.clone())
+                }),
+            )
+        };
+        let go_peer = go_mode(&go);
+        go_peer
+            .connect(&addr)
+            .await
+            .expect("a --trust-go key connects in Go mode");
+        assert!(!go_peer.stats().connection.unwrap().signed_frames);
+        let err = go_mode(&extended)
+            .connect(&addr)
+            .await
+            .expect_err("a --trust key is refused in Go mode");
+        assert!(err.to_string().contains("extended handshake only"), "{err}");
+        let mut config = ClientConfig::default().with_client_id("a");
+        config.auto_reconnect = false;
+        let extended_peer = TcpClient::tcp(config, Some(ClientAuth::new(extended.clone())));
+        extended_peer.connect(&addr).await.unwrap();
+        assert!(extended_peer.stats().connection.unwrap().signed_frames);
+        publisher.kill().await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
