@@ -107,13 +107,14 @@ pub fn other_key() -> &'static Arc<SecretKey> {
     KEY.get_or_init(|| Arc::new(scalar_key(3)))
 }
 
-/// The server's trust store: client key as `seq-a`, key 3 as `seq-b`.
+/// The server's trust store: client key as `seq-a`, Go-compatible so that
+/// Go-mode requests reach every check, and key 3 as `seq-b`, extended only.
 pub fn trust() -> &'static Arc<TrustStore> {
     static TRUST: OnceLock<Arc<TrustStore>> = OnceLock::new();
     TRUST.get_or_init(|| {
         let trust = TrustStore::new();
         trust
-            .add(CLIENT_IDENTITY, client_key().public_key().clone())
+            .add_go_compatible(CLIENT_IDENTITY, client_key().public_key().clone())
             .expect("fresh store");
         trust
             .add(OTHER_IDENTITY, other_key().public_key().clone())
@@ -434,6 +435,7 @@ fn check_reject(data: &[u8], response: &[u8], disconnect: &[u8], error: &Handsha
         "timestamp_old",
         "bad_signature",
         "untrusted_key",
+        "go_mode_refused",
         "wrong_audience",
         "feature_required",
     ];
@@ -455,7 +457,11 @@ fn check_reject(data: &[u8], response: &[u8], disconnect: &[u8], error: &Handsha
             body.len()
         );
     }
-    let text = error.to_string();
+    // A bad signature is answered like an untrusted key (PROTOCOL.md §2.2).
+    let text = match error {
+        HandshakeError::BadSignature(_) => "untrusted public key - connection rejected".to_owned(),
+        error => error.to_string(),
+    };
     let refusal = HandshakeResponse::decode(response).expect("refusal decodes");
     assert_eq!(
         refusal,
