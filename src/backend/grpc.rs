@@ -26,7 +26,7 @@ use tonic::{
 };
 use tracing::{debug, warn};
 
-use super::{Backend, Listener, Pipe};
+use super::{Backend, Listener, Pipe, grpc_codec};
 use crate::{
     codec::{self, LENGTH_PREFIX_LEN},
     error::{CodecError, DisconnectReason, TransportError},
@@ -231,7 +231,11 @@ impl FrameReader for GrpcReader {
             match self.stream.as_mut()?.next().await? {
                 Ok(batch) => self.pending.extend(batch.frames),
                 Err(status) if status.code() == Code::Ok => return None,
-                Err(status) => return Some(Err(CodecError::Io(status_to_io(&status)))),
+                Err(status) => {
+                    let err = grpc_codec::codec_error(&status)
+                        .unwrap_or_else(|| CodecError::Io(status_to_io(&status)));
+                    return Some(Err(err));
+                }
             }
         }
     }

@@ -4,6 +4,8 @@
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "grpc")]
+pub(crate) mod grpc_codec;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod tcp;
