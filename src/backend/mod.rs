@@ -6,6 +6,8 @@
 pub mod grpc;
 #[cfg(feature = "grpc")]
 pub(crate) mod grpc_codec;
+#[cfg(feature = "grpc")]
+mod grpc_inbound;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod tcp;
