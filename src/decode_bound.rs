@@ -234,6 +234,41 @@ fn varint(buf: &mut &[u8]) -> Result<u64, Stop> {
     Err(Stop::Malformed("invalid varint"))
 }
 
+/// Reads a field key: its wire type and field number.
+fn key(buf: &mut &[u8]) -> Result<(u64, u64), Stop> {
+    let key = varint(buf)?;
+    if key > u64::from(u32::MAX) {
+        return Err(Stop::Malformed("invalid key value"));
+    }
+    if key >> 3 == 0 {
+        return Err(Stop::Malformed("invalid field number 0"));
+    }
+    Ok((key & 7, key >> 3))
+}
+
+/// Skips a group up to its end tag, as prost does.
+fn skip_group(buf: &mut &[u8], number: u64, depth: u32) -> Result<(), Stop> {
+    if depth >= MAX_DEPTH {
+        return Err(Stop::Malformed("recursion limit reached"));
+    }
+    while !buf.is_empty() {
+        match key(buf)? {
+            (0, _) => drop(varint(buf)?),
+            (1, _) => drop(take(buf, 8)?),
+            (5, _) => drop(take(buf, 4)?),
+            (2, _) => {
+                let len = varint(buf)?;
+                take(buf, len)?;
+            }
+            (3, inner) => skip_group(buf, inner, depth + 1)?,
+            (4, end) if end == number => return Ok(()),
+            (4, _) => return Err(Stop::Malformed("unexpected end group tag")),
+            _ => return Err(Stop::Malformed("invalid wire type")),
+        }
+    }
+    Err(Stop::Malformed("buffer underflow"))
+}
+
 fn take<'a>(buf: &mut &'a [u8], len: u64) -> Result<&'a [u8], Stop> {
     let len = usize::try_from(len)
         .ok()
@@ -275,14 +310,7 @@ impl Scan {
         // Occurrences of each field in this instance (elements, if repeated).
         let mut counts = [0u64; MAX_FIELDS];
         while !buf.is_empty() {
-            let key = varint(&mut buf)?;
-            if key > u64::from(u32::MAX) {
-                return Err(Stop::Malformed("invalid key value"));
-            }
-            let (wire_type, number) = (key & 7, key >> 3);
-            if number == 0 {
-                return Err(Stop::Malformed("invalid field number 0"));
-            }
+            let (wire_type, number) = key(&mut buf)?;
             let field = fields
                 .iter()
                 .position(|field| field.number == number)
@@ -306,7 +334,13 @@ impl Scan {
                     }
                     continue;
                 }
-                3 | 4 => return Err(Stop::Malformed("groups are not supported")),
+                // A group (proto2) allocates nothing: prost skips it, or
+                // refuses it for a known field.
+                3 => {
+                    skip_group(&mut buf, number, depth + 1)?;
+                    continue;
+                }
+                4 => return Err(Stop::Malformed("unexpected end group tag")),
                 _ => return Err(Stop::Malformed("invalid wire type")),
             }
             // A scalar, unpacked. (A wire type the field does not have fails

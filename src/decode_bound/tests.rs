@@ -377,10 +377,12 @@ fn handshake_messages_decode_to_at_most_their_length() {
 
 #[test]
 fn malformed_input_is_refused_by_the_scan() {
-    let cases: [(&[u8], &str); 5] = [
+    let cases: [(&[u8], &str); 7] = [
         (&[0x3a, 0x05, 0x01], "buffer underflow"),
         (&[0x08], "invalid varint"),
-        (&[0x0b], "groups are not supported"),
+        (&[0x0b], "buffer underflow"),
+        (&[0x0b, 0x14], "unexpected end group tag"),
+        (&[0x0c], "unexpected end group tag"),
         (&[0x0e, 0x00], "invalid wire type"),
         (&[0x00, 0x00], "invalid field number 0"),
     ];
@@ -393,5 +395,12 @@ fn malformed_input_is_refused_by_the_scan() {
                 reason
             }
         );
+        assert!(Message::decode(body).is_err(), "prost refuses {body:?} too");
     }
+    // Groups of unknown fields, nested, are skipped as prost skips them.
+    let groups = [
+        0xbb, 0x3e, 0xc3, 0x3e, 0x08, 0x01, 0xc4, 0x3e, 0xbc, 0x3e, 0x72, 0x00,
+    ];
+    assert_eq!(estimate::<Message>(&groups, Source::Shared), Some(0));
+    assert!(Message::decode(&groups[..]).is_ok());
 }
