@@ -113,6 +113,10 @@ pub enum CodecError {
         /// The protobuf error.
         source: prost::DecodeError,
     },
+    /// Decoding the frame would allocate more than its bound, or the
+    /// pre-scan found it malformed.
+    #[error("{0}")]
+    DecodeBound(#[from] crate::decode_bound::DecodeBoundError),
     /// The underlying pipe failed.
     #[error("i/o: {0}")]
     Io(#[from] io::Error),

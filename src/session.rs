@@ -31,6 +31,7 @@ use crate::{
     codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
     config::InboundLimit,
     crypto::{CryptoBackend, PublicKey, SecretKey},
+    decode_bound::{DecodeAllowance, DecodeBoundError},
     error::{
         CodecError, DisconnectReason, HandshakeError, SignedFrameError, TransportError,
         TrySendError,
@@ -1285,22 +1286,27 @@ async fn read_loop<R: FrameReader>(
 
         let acks = connection.acks.is_some();
         let flow = match opener.as_mut() {
-            None => match decode_inbound(&body, acks) {
-                Ok(inbound) => deliver(connection, inbound, &body, context, &mut dispatch).await,
-                Err(err) => Flow::Close(
-                    DisconnectReason::ProtocolError,
-                    format!("malformed Message: {err}"),
-                ),
-            },
+            None => {
+                match decode_inbound(&body, acks, &mut DecodeAllowance::for_frame(body.len())) {
+                    Ok(inbound) => {
+                        deliver(connection, inbound, &body, context, &mut dispatch).await
+                    }
+                    Err(err) => Flow::Close(
+                        DisconnectReason::ProtocolError,
+                        format!("malformed Message: {err}"),
+                    ),
+                }
+            }
             Some(opener) => match opener.open_bytes(body.clone()) {
                 Ok(encoded) => {
                     dispatch.tally.add(SIGNED_FRAME_KIND, body.len());
                     // Every message is decoded before the first is handled:
                     // a frame with one undecodable message delivers nothing,
                     // control messages included (docs/PROTOCOL.md §4.1).
+                    let mut allowance = DecodeAllowance::for_frame(body.len());
                     let decoded: Result<Vec<_>, _> = encoded
                         .iter()
-                        .map(|bytes| decode_inbound(bytes, acks))
+                        .map(|bytes| decode_inbound(bytes, acks, &mut allowance))
                         .collect();
                     match decoded {
                         Ok(decoded) => {
@@ -1426,10 +1432,20 @@ struct Decoded {
 
 /// Decodes one received message. Extensions ride on payload-less messages
 /// (docs/PROTOCOL.md §5.1), and are decoded, and must decode, only then.
-fn decode_inbound(encoded: &Bytes, acks: bool) -> Result<Decoded, prost::DecodeError> {
-    let message = Message::decode(encoded.clone())?;
+fn decode_inbound(
+    encoded: &Bytes,
+    acks: bool,
+    allowance: &mut DecodeAllowance,
+) -> Result<Decoded, DecodeBoundError> {
+    let message = allowance.decode::<Message>(encoded.clone())?;
     let ext = if acks && message.payload.is_none() {
-        Some(MessageExt::decode(encoded.clone())?)
+        // Allocates nothing: an inline `Ack` and a flag.
+        let ext =
+            MessageExt::decode(encoded.clone()).map_err(|source| DecodeBoundError::Decode {
+                what: "transport.v1.MessageExt",
+                source,
+            })?;
+        Some(ext)
     } else {
         None
     };

@@ -17,6 +17,7 @@ use prost::Message as _;
 
 use crate::{
     crypto::{CryptoBackend, Keccak, PublicKey, SecretKey},
+    decode_bound::{self, DecodeAllowance},
     error::SignedFrameError,
     handshake::{SignedFrameSession, unix_nanos},
     proto::{
@@ -276,6 +277,9 @@ impl FrameOpener {
     /// Like [`open`](Self::open), without copying: the returned messages
     /// are slices of `body`.
     pub fn open_bytes(&mut self, body: Bytes) -> Result<Vec<Bytes>, SignedFrameError> {
+        // Before decoding, so before the signature is checked: bounded.
+        decode_bound::check_signed_frame(&body)
+            .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
         let frame = SignedFrame::decode(body)
             .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
         if frame.messages.is_empty() {
@@ -329,10 +333,13 @@ impl FrameOpener {
 
     /// Verifies a signed frame body and decodes its messages.
     pub fn open_messages(&mut self, body: &[u8]) -> Result<Vec<Message>, SignedFrameError> {
+        let mut allowance = DecodeAllowance::for_frame(body.len());
         self.open(body)?
             .into_iter()
             .map(|bytes| {
-                Message::decode(bytes).map_err(|err| SignedFrameError::Malformed(err.to_string()))
+                allowance
+                    .decode(bytes)
+                    .map_err(|err| SignedFrameError::Malformed(err.to_string()))
             })
             .collect()
     }

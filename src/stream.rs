@@ -60,6 +60,18 @@ impl ReadBudget {
     pub fn total(&self) -> usize {
         self.total
     }
+
+    /// The shared bytes.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) fn bytes(&self) -> Arc<Semaphore> {
+        self.bytes.clone()
+    }
+
+    /// The permit to finish one frame without budget.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub(crate) fn overdraft(&self) -> Arc<Semaphore> {
+        self.overdraft.clone()
+    }
 }
 
 /// Frame reader over a byte stream.

@@ -22,6 +22,7 @@ use publisher_transport::{
     SignedFramesPolicy, TrustStore,
     codec::{DEFAULT_MAX_FRAME_SIZE, FrameCodec, HANDSHAKE_MAX_FRAME_SIZE, frame_body},
     crypto::recover,
+    decode_bound::{self, BoundedMessage, Source},
     handshake::{
         ClientHandshake, ClientHandshakeConfig, SequenceFloors, ServerHandshake,
         ServerHandshakeConfig, ServerVerdict, SignedFrameSession, client_transcript_digest,
@@ -308,8 +309,12 @@ fn check_codec_error(err: &CodecError, rest: &[u8], max: usize) {
 
 /// Every body type the transport parses from untrusted bytes: decoding from
 /// a slice and from `Bytes` agree, and whatever decodes re-encodes to bytes
-/// that decode to an equal value and re-encode identically.
+/// that decode to an equal value and re-encode identically. The decode
+/// bound's pre-scan never panics and accepts whatever prost decodes.
 pub fn check_message_decode(data: &[u8]) {
+    scanned::<Message>(data);
+    scanned::<SignedFrame>(data);
+    scanned::<FrameBatch>(data);
     if let Some(message) = round_trip::<Message>(data) {
         // Used in logs and metric labels for anything that decodes.
         let _ = publisher_transport::proto::payload_kind(&message);
@@ -321,6 +326,21 @@ pub fn check_message_decode(data: &[u8]) {
     round_trip::<SignedFrame>(data);
     round_trip::<FrameBatch>(data);
     round_trip::<DisconnectMessage>(data);
+}
+
+fn scanned<M: BoundedMessage>(data: &[u8]) {
+    let name = std::any::type_name::<M>();
+    let shared = decode_bound::estimate::<M>(data, Source::Shared);
+    let copied = decode_bound::estimate::<M>(data, Source::Copied);
+    if M::decode(data).is_ok() {
+        let (Some(shared), Some(copied)) = (shared, copied) else {
+            panic!("{name}: prost decodes what the decode bound's scan refuses");
+        };
+        assert!(
+            shared <= copied,
+            "{name}: sharing bytes costs more than copying"
+        );
+    }
 }
 
 fn round_trip<M>(data: &[u8]) -> Option<M>

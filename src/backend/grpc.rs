@@ -26,7 +26,10 @@ use tonic::{
 };
 use tracing::{debug, warn};
 
-use super::{Backend, Listener, Pipe};
+use super::{
+    Backend, Listener, Pipe, grpc_codec,
+    grpc_inbound::{InboundLimits, LimitInbound},
+};
 use crate::{
     codec::{self, LENGTH_PREFIX_LEN},
     error::{CodecError, DisconnectReason, TransportError},
@@ -187,6 +190,8 @@ pub struct GrpcReader {
     stream: Option<Streaming<FrameBatch>>,
     pending: VecDeque<Bytes>,
     max_frame_size: usize,
+    /// Server side: the limits the request body applies as items arrive.
+    limits: Option<Arc<InboundLimits>>,
     /// Client side: drain the response rather than reset it when dropped.
     drain_on_drop: bool,
 }
@@ -231,13 +236,26 @@ impl FrameReader for GrpcReader {
             match self.stream.as_mut()?.next().await? {
                 Ok(batch) => self.pending.extend(batch.frames),
                 Err(status) if status.code() == Code::Ok => return None,
-                Err(status) => return Some(Err(CodecError::Io(status_to_io(&status)))),
+                Err(status) => {
+                    let err = grpc_codec::codec_error(&status)
+                        .unwrap_or_else(|| CodecError::Io(status_to_io(&status)));
+                    return Some(Err(err));
+                }
             }
         }
     }
 
     fn set_max_frame_size(&mut self, max: usize) {
         self.max_frame_size = max;
+        if let Some(limits) = &self.limits {
+            limits.set_max_frame_size(max);
+        }
+    }
+
+    fn set_read_budget(&mut self, budget: Arc<crate::stream::ReadBudget>) {
+        if let Some(limits) = &self.limits {
+            limits.set_read_budget(budget);
+        }
     }
 
     fn has_buffered_frame(&self) -> bool {
@@ -368,6 +386,7 @@ impl FrameService for Service {
         request: Request<Streaming<FrameBatch>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let remote_addr = request.remote_addr();
+        let limits = request.extensions().get::<Arc<InboundLimits>>().cloned();
         if let Some(client_id) = request.metadata().get(CLIENT_ID_METADATA) {
             debug!(client_id = ?client_id, ?remote_addr, "gRPC session opened");
         }
@@ -377,6 +396,7 @@ impl FrameService for Service {
                 stream: Some(request.into_inner()),
                 pending: VecDeque::new(),
                 max_frame_size: codec::HANDSHAKE_MAX_FRAME_SIZE.min(self.max_frame_size),
+                limits,
                 drain_on_drop: false,
             },
             writer: GrpcWriter {
@@ -475,7 +495,12 @@ impl GrpcBackend {
             .http2_keepalive_interval(self.options.keep_alive)
             .http2_keepalive_timeout(Some(self.options.keep_alive_timeout))
             .tcp_nodelay(self.options.nodelay);
-        server.add_service(InterceptedService::new(service, BearerCheck(token)))
+        // Items are limited to a handshake until the session raises it.
+        let initial = codec::HANDSHAKE_MAX_FRAME_SIZE.min(self.options.max_frame_size);
+        server.add_service(LimitInbound::new(
+            InterceptedService::new(service, BearerCheck(token)),
+            initial,
+        ))
     }
 }
 
@@ -669,6 +694,7 @@ impl GrpcBackend {
                 stream: Some(response.into_inner()),
                 pending: VecDeque::new(),
                 max_frame_size: codec::HANDSHAKE_MAX_FRAME_SIZE,
+                limits: None,
                 drain_on_drop: true,
             },
             writer: GrpcWriter {

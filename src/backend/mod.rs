@@ -4,6 +4,10 @@
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "grpc")]
+pub(crate) mod grpc_codec;
+#[cfg(feature = "grpc")]
+mod grpc_inbound;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod tcp;

@@ -48,7 +48,7 @@ const ISOLATED_ENV: &str = "PUBLISHER_TRANSPORT_ISOLATED_TEST";
 
 /// Runs the `#[ignore]`d test `name` of this binary alone in a child process
 /// and fails if it fails.
-async fn isolated(name: &str) {
+pub(crate) async fn isolated(name: &str) {
     let exe = std::env::current_exe().expect("the test binary's path");
     let run = tokio::process::Command::new(exe)
         .args([
@@ -74,7 +74,7 @@ async fn isolated(name: &str) {
 
 /// Whether this process was started by [`isolated`] to run `name`; anywhere
 /// else the measurement would be meaningless, so the test only says so.
-fn in_isolation(name: &str) -> bool {
+pub(crate) fn in_isolation(name: &str) -> bool {
     let isolated = std::env::var(ISOLATED_ENV).is_ok_and(|wanted| wanted == name);
     if !isolated {
         println!("{name} runs only in a process of its own, started by its parent test");
@@ -98,16 +98,16 @@ fn proc_status_bytes(field: &str) -> usize {
 }
 
 /// Resident memory now.
-fn rss() -> usize {
+pub(crate) fn rss() -> usize {
     proc_status_bytes("VmRSS:")
 }
 
 /// Peak resident memory so far.
-fn peak_rss() -> usize {
+pub(crate) fn peak_rss() -> usize {
     proc_status_bytes("VmHWM:")
 }
 
-fn mib(bytes: usize) -> f64 {
+pub(crate) fn mib(bytes: usize) -> f64 {
     bytes as f64 / MIB as f64
 }
 

@@ -7,7 +7,9 @@ use bytes::Bytes;
 use publisher_transport::{
     ClientAuth, ClientConfig, DisconnectReason, GrpcClient, GrpcServer, Message, SecretKey,
     ServerAuth, ServerConfig, TransportError, TrustStore,
-    backend::grpc::{DISCONNECT_REASON_TRAILER, GrpcBackend, GrpcOptions},
+    backend::grpc::{
+        DISCONNECT_DETAILS_TRAILER, DISCONNECT_REASON_TRAILER, GrpcBackend, GrpcOptions,
+    },
     channel_handler,
     proto::{
         Payload,
@@ -262,5 +264,169 @@ async fn opening_retries_while_the_server_is_unavailable() {
         .unwrap();
     assert!(client.is_connected());
     client.disconnect().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+/// The details a server's trailers give for why it ended a raw stream.
+async fn ending(stream: &mut tonic::Streaming<FrameBatch>) -> (String, String) {
+    let ended = timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return stream.trailers().await.unwrap().unwrap_or_default(),
+                Err(status) => return status.metadata().clone(),
+            }
+        }
+    })
+    .await
+    .expect("the server ends the stream");
+    let text = |key| {
+        ended
+            .get(key)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (
+        text(DISCONNECT_REASON_TRAILER),
+        text(DISCONNECT_DETAILS_TRAILER),
+    )
+}
+
+/// Before authentication, the server refuses a 9 MiB first item from its
+/// header, with the handshake's limit, and does not buffer it. The client,
+/// in the same process, holds the whole encoded item; beyond that, resident
+/// memory grows by less than an HTTP/2 window and a half (buffering the
+/// item before refusing it measured +11.5 MiB in all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_9_mib_first_item_is_refused_before_authentication() {
+    crate::dos::isolated("grpc::isolated_9_mib_first_item").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run in its own process by a_9_mib_first_item_is_refused_before_authentication"]
+async fn isolated_9_mib_first_item() {
+    use crate::dos::{in_isolation, mib, peak_rss, rss};
+    const ITEM: usize = 9 * 1024 * 1024;
+    if !in_isolation("grpc::isolated_9_mib_first_item") {
+        return;
+    }
+    let keys = keys();
+    let server = GrpcServer::grpc(
+        server_config(),
+        GrpcBackend::new(GrpcOptions::default()),
+        Some(ServerAuth::new(keys.server.clone(), keys.trust.clone())),
+    );
+    let addr = server.start().await.unwrap();
+    let mut client = FrameServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_encoding_message_size(2 * ITEM);
+    let item = FrameBatch {
+        frames: vec![Bytes::from(vec![0x5a; ITEM])],
+    };
+    let announced = prost::Message::encoded_len(&item);
+    let before = rss();
+    let mut stream = client
+        .session(tokio_stream::iter(vec![item]))
+        .await
+        .unwrap()
+        .into_inner();
+    let (reason, details) = ending(&mut stream).await;
+    let grew = peak_rss().saturating_sub(before);
+    println!(
+        "9 MiB first item: {reason}: {details}; RSS {:.1} MiB, peak +{:.1} MiB",
+        mib(before),
+        mib(grew)
+    );
+    assert_eq!(reason, "protocol_error", "{details}");
+    // The handshake's limit (16 KiB and room for the batch), from the header.
+    assert!(
+        details.contains(&format!("message size {announced} exceeds max 17408")),
+        "{details}"
+    );
+    assert!(
+        grew < ITEM + 3 * 1024 * 1024 / 2,
+        "peak resident memory grew by {:.1} MiB",
+        mib(grew)
+    );
+    server.stop().await.unwrap();
+}
+
+/// After authentication, a 9 MiB message passes, drawing on a read budget
+/// far smaller than itself.
+#[tokio::test]
+async fn a_9_mib_message_passes_after_authentication_within_a_small_budget() {
+    let keys = keys();
+    let mut config = server_config();
+    config.read_budget = 1024 * 1024;
+    let server = GrpcServer::grpc(
+        config,
+        GrpcBackend::new(GrpcOptions::default()),
+        Some(ServerAuth::new(keys.server.clone(), keys.trust.clone())),
+    );
+    let (handler, mut inbound) = channel_handler(4);
+    server.set_handler(handler);
+    let addr = server.start().await.unwrap();
+    let client = GrpcClient::grpc(
+        ClientConfig::default().with_client_id("seq-a"),
+        GrpcBackend::new(GrpcOptions::default()),
+        Some(
+            ClientAuth::new(keys.client.clone()).with_server_key(keys.server.public_key().clone()),
+        ),
+    );
+    client.connect(&addr.to_string()).await.unwrap();
+    for n in 0..2u8 {
+        let big = Message {
+            sender_id: String::new(),
+            payload: Some(Payload::Block(Block {
+                block_data: Bytes::from(vec![n; 9 * 1024 * 1024]),
+                ..Default::default()
+            })),
+        };
+        client.send(big).await.unwrap();
+        let got = timeout(Duration::from_secs(20), inbound.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match got.message.payload {
+            Some(Payload::Block(block)) => {
+                assert_eq!(block.block_data.len(), 9 * 1024 * 1024);
+                assert!(block.block_data.iter().all(|&byte| byte == n));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    client.disconnect().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+/// A `FrameBatch` of millions of empty frames is refused before it is decoded.
+#[tokio::test]
+async fn a_frame_batch_of_empty_frames_is_refused() {
+    let server = GrpcServer::grpc(
+        server_config(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    let addr = server.start().await.unwrap();
+    let mut client = FrameServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_encoding_message_size(16 * 1024 * 1024);
+    let item = FrameBatch {
+        frames: vec![Bytes::new(); 4 * 1024 * 1024],
+    };
+    let mut stream = client
+        .session(tokio_stream::iter(vec![item]))
+        .await
+        .unwrap()
+        .into_inner();
+    let (reason, details) = ending(&mut stream).await;
+    assert_eq!(reason, "protocol_error", "{details}");
+    assert!(
+        details.contains("transport.v1.FrameBatch") && details.contains("would decode to over"),
+        "{details}"
+    );
     server.stop().await.unwrap();
 }

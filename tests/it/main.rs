@@ -3,6 +3,7 @@
 mod codec_props;
 mod config_file;
 mod crypto;
+mod decode_bombs;
 mod dos;
 mod e2e;
 mod fuzz_regressions;
