@@ -607,7 +607,7 @@ async fn supervise<B: Backend>(
                 }
                 Err(err) => {
                     let retry_in = policy.base_delay(attempt + 1);
-                    warn!(%addr, attempt, error = %err, "reconnect failed");
+                    warn!(%addr, attempt, error = %crate::log_safe(&err.to_string()), "reconnect failed");
                     let _ = inner.events.send(ConnectionEvent::ReconnectFailed {
                         attempt,
                         error: err.to_string(),

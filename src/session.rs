@@ -1166,7 +1166,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             metrics.connection("closed");
             metrics.connections_active.dec();
             metrics.connection_duration.observe(started.elapsed().as_secs_f64());
-            info!(reason = %end.reason, details = %end.details, by_peer = end.by_peer, "disconnected");
+            info!(reason = %end.reason, details = %crate::log_safe(&end.details), by_peer = end.by_peer, "disconnected");
             end
         }
         .instrument(span),
@@ -1491,7 +1491,7 @@ async fn deliver(
         Some(Payload::Pong(_)) => Flow::Continue,
         Some(Payload::Disconnect(disconnect)) => {
             let reason = DisconnectReason::from_proto(disconnect.reason);
-            info!(%reason, details = %disconnect.details, "peer disconnected");
+            info!(%reason, details = %crate::log_safe(&disconnect.details), "peer disconnected");
             connection.finish(SessionEnd {
                 reason,
                 details: disconnect.details.clone(),

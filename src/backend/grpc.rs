@@ -393,7 +393,8 @@ impl FrameService for Service {
         let remote_addr = request.remote_addr();
         let limits = request.extensions().get::<Arc<InboundLimits>>().cloned();
         if let Some(client_id) = request.metadata().get(CLIENT_ID_METADATA) {
-            debug!(client_id = ?client_id, ?remote_addr, "gRPC session opened");
+            let client_id = String::from_utf8_lossy(client_id.as_bytes());
+            debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let pipe = Pipe {
