@@ -23,4 +23,5 @@ mod signed;
 mod smoke;
 mod third_party;
 mod tls;
+mod tls_versions;
 mod trust_live;
