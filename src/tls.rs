@@ -132,7 +132,14 @@ impl Identity {
         key_path: impl AsRef<Path>,
     ) -> Result<Self, TlsError> {
         let cert_pem = read(cert_path.as_ref())?;
-        let key_pem = read(key_path.as_ref())?;
+        // Warns if the key file is readable by other users.
+        let key_pem =
+            crate::crypto::key_file::read_private(key_path.as_ref()).map_err(|source| {
+                TlsError::Io {
+                    path: key_path.as_ref().display().to_string(),
+                    source,
+                }
+            })?;
         let chain = certs_from_pem(&cert_pem, &cert_path.as_ref().display().to_string())?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| TlsError::Pem {
             what: key_path.as_ref().display().to_string(),

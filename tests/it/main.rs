@@ -10,6 +10,7 @@ mod fuzz_regressions;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
+mod key_files;
 mod metrics;
 mod multi;
 mod netns;
