@@ -1153,7 +1153,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             if let Some(acks) = &reader_connection.acks {
                 let unconfirmed = acks.fail_waiting();
                 if unconfirmed > 0 {
-                    context.metrics.error("unconfirmed", "write");
+                    context.metrics.errors("unconfirmed", "write", unconfirmed as u64);
                     warn!(unconfirmed, "connection closed before the peer confirmed delivery");
                 }
             }
@@ -1716,6 +1716,8 @@ async fn write_loop<W: FrameWriter>(
     // Application messages encoded so far: the position of the next one, less 1.
     let mut written: u64 = 0;
     let mut last_ack: u64 = 0;
+    // Application messages of batches that never fully left.
+    let mut lost: u64 = 0;
     let closed = connection.closed.cancelled();
     tokio::pin!(closed);
     loop {
@@ -1786,6 +1788,9 @@ async fn write_loop<W: FrameWriter>(
         }
         batch.seal(signer);
         if batch.failed {
+            lost += batch.messages;
+            batch.tally.discard();
+            pool.give(std::mem::take(&mut batch.buffer));
             connection.abort(
                 DisconnectReason::InternalError,
                 "a signed batch could not be encoded",
@@ -1804,16 +1809,22 @@ async fn write_loop<W: FrameWriter>(
         };
         let written = batch.buffer.len();
         let result = if written == 0 {
-            Ok(Ok(()))
+            Some(Ok(Ok(())))
         } else {
             // An aborted connection (too slow, replaced, stopped) stops even a
             // write that is blocked on a peer which does not read.
             tokio::select! {
-                result = tokio::time::timeout(limit, writer.write_frames(&batch.buffer)) => result,
-                _ = &mut closed => break,
+                result = tokio::time::timeout(limit, writer.write_frames(&batch.buffer)) => Some(result),
+                _ = &mut closed => None,
             }
         };
         pool.give(std::mem::take(&mut batch.buffer));
+        if !matches!(result, Some(Ok(Ok(())))) {
+            // Not (fully) written: lost, and not counted as sent.
+            lost += batch.messages;
+            batch.tally.discard();
+        }
+        let Some(result) = result else { break };
         if queue.is_empty() {
             // Going idle: hold no buffer while waiting.
             batch.scratch = BytesMut::new();
@@ -1856,18 +1867,22 @@ async fn write_loop<W: FrameWriter>(
     let end = connection.end.get();
     let reason = end.map(|end| (end.reason, end.details.as_str()));
     let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown(reason)).await;
-    // Whatever is still queued will never be written: say so.
+    // Whatever is still queued will never be written: say so, counting
+    // application messages one by one, those of the batch cut off included.
     queue.close();
-    let mut undelivered = 0usize;
+    let mut undelivered = lost;
     while let Ok(item) = queue.try_recv() {
-        undelivered += usize::from(matches!(
-            item,
-            Outbound::Message(..) | Outbound::Confirmed(..) | Outbound::Frame(..)
-        ));
+        undelivered += u64::from(match &item {
+            Outbound::Message(message, _) | Outbound::Confirmed(message, ..) => {
+                is_application(message)
+            }
+            Outbound::Frame(_, kind) => is_application_kind(*kind),
+            Outbound::Ack | Outbound::Close(..) => false,
+        });
     }
     if undelivered > 0 {
-        context.metrics.error("undelivered", "write");
-        warn!(undelivered, "connection closed with queued messages unsent");
+        context.metrics.errors("undelivered", "write", undelivered);
+        warn!(undelivered, "connection closed with messages unsent");
     }
 }
 

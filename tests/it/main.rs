@@ -11,6 +11,7 @@ mod fuzz_regressions;
 mod grpc;
 mod handshake;
 mod key_files;
+mod lost_messages;
 mod metrics;
 mod multi;
 mod netns;

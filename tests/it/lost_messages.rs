@@ -1,0 +1,111 @@
+//! Messages lost with a connection are counted one by one, those of the
+//! batch being written when it is cut off included, and that batch's pooled
+//! buffer goes back to the pool.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use publisher_transport::{
+    Message, ServerConfig, TcpServer,
+    proto::{Payload, rollup::v1::Block},
+};
+use tokio::{net::TcpStream, time::timeout};
+
+const STEP: Duration = Duration::from_secs(10);
+/// Far more than loopback socket buffers hold (a few MiB each way), so the
+/// writer is blocked on a peer that does not read when the server stops.
+const MESSAGES: u64 = 300;
+const MESSAGE_BYTES: usize = 64 * 1024;
+
+fn undelivered(server: &TcpServer) -> u64 {
+    server
+        .metrics()
+        .errors_total
+        .with_label_values(&["undelivered", "write"])
+        .get()
+}
+
+fn blocks_written(server: &TcpServer) -> u64 {
+    server
+        .metrics()
+        .messages_total
+        .with_label_values(&["block", "out"])
+        .get()
+}
+
+/// Share of the write-buffer pool lent out, as the metric reports it.
+fn write_buffers_in_use(server: &TcpServer) -> f64 {
+    let metrics = server.metrics();
+    metrics.render();
+    metrics
+        .buffer_utilization
+        .with_label_values(&["write"])
+        .get()
+}
+
+#[tokio::test]
+async fn every_message_lost_with_a_cut_connection_is_counted_and_its_buffer_returned() {
+    let server = TcpServer::tcp(
+        ServerConfig {
+            stop_timeout: Duration::from_millis(300),
+            disconnect_timeout: Duration::from_millis(300),
+            ping_interval: None,
+            ..ServerConfig::default()
+                .with_listen_addr("127.0.0.1:0")
+                .with_rate_limit(None)
+        },
+        None,
+    );
+    let addr = server.start().await.unwrap();
+    assert_eq!(write_buffers_in_use(&server), 0.0);
+
+    // A peer that connects and never reads.
+    let _peer = TcpStream::connect(addr).await.unwrap();
+    let identity = timeout(STEP, async {
+        loop {
+            if let Some(info) = server.connections().pop() {
+                return info.identity;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+
+    let block = Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Block(Block {
+            block_data: Bytes::from(vec![7u8; MESSAGE_BYTES]),
+            ..Default::default()
+        })),
+    };
+    for _ in 0..MESSAGES {
+        server.try_send(&identity, block.clone()).unwrap();
+    }
+    // Cut off by the stop timeout while blocked on the peer.
+    timeout(STEP, server.stop()).await.unwrap().unwrap();
+    let lost = timeout(STEP, async {
+        loop {
+            let lost = undelivered(&server);
+            if lost > 0 {
+                return lost;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the writer reports what it lost");
+
+    let written = blocks_written(&server);
+    assert_eq!(
+        lost + written,
+        MESSAGES,
+        "{lost} counted lost, {written} written of {MESSAGES}"
+    );
+    assert!(lost > 1, "lost messages counted per connection: {lost}");
+    assert_eq!(
+        write_buffers_in_use(&server),
+        0.0,
+        "the cut batch's buffer was not returned"
+    );
+}
