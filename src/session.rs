@@ -1143,7 +1143,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             let mut writer_done = false;
             if !reader_connection.closed.is_cancelled() {
                 // A `Disconnect` is queued (`close`): let the writer send it.
-                let grace = context.config.disconnect_timeout * 2;
+                let grace = context.config.disconnect_timeout.saturating_mul(2);
                 writer_done = tokio::time::timeout(grace, &mut writer_task).await.is_ok();
             }
             reader_connection.closed.cancel();

@@ -2,6 +2,7 @@
 
 mod codec_props;
 mod config_file;
+mod config_props;
 mod crypto;
 mod decode_bombs;
 mod dos;
