@@ -20,6 +20,7 @@ pub mod codec;
 pub mod config;
 pub mod config_file;
 pub mod crypto;
+mod deadline;
 pub mod decode_bound;
 pub mod error;
 pub mod handshake;

@@ -864,7 +864,7 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
     timeout: Duration,
     disconnect_timeout: Duration,
 ) -> Result<(AcceptedClient, Bytes), TransportError> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::deadline::deadline_after(timeout);
     reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
     let request = match tokio::time::timeout_at(deadline, reader.read_frame()).await {
         Err(_) => return Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
