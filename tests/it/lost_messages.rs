@@ -12,9 +12,10 @@ use publisher_transport::{
 use tokio::{net::TcpStream, time::timeout};
 
 const STEP: Duration = Duration::from_secs(10);
-/// Far more than loopback socket buffers hold (a few MiB each way), so the
-/// writer is blocked on a peer that does not read when the server stops.
-const MESSAGES: u64 = 300;
+/// 64 MiB: more than the socket buffers of both ends can hold (Linux allows
+/// up to 4 MiB sending and 32 MiB receiving by default), so the writer is
+/// blocked on a peer that does not read when the server stops.
+const MESSAGES: u64 = 1000;
 const MESSAGE_BYTES: usize = 64 * 1024;
 
 fn undelivered(server: &TcpServer) -> u64 {
