@@ -11,8 +11,9 @@ use subtle::ConstantTimeEq;
 const REDACTED: &str = "[redacted]";
 
 /// A bearer token. `Debug` and `Serialize` print `[redacted]`; it is read
-/// from configuration as a plain string.
-#[derive(Clone, PartialEq, Eq)]
+/// from configuration as a plain string. No `PartialEq`: compare with
+/// [`matches`](Self::matches), which takes constant time.
+#[derive(Clone)]
 pub struct BearerToken(Arc<str>);
 
 impl BearerToken {
