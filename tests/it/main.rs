@@ -12,6 +12,7 @@ mod fuzz_regressions;
 mod grpc;
 mod handshake;
 mod key_files;
+mod log_text;
 mod lost_messages;
 mod metrics;
 mod multi;
