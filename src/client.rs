@@ -543,7 +543,7 @@ async fn supervise<B: Backend>(
                 let grace = client.upgrade().map_or(Duration::from_secs(1), |inner| {
                     inner.config.read().unwrap_or_else(PoisonError::into_inner).disconnect_timeout
                 });
-                let end = match tokio::time::timeout(grace * 2, &mut task).await {
+                let end = match tokio::time::timeout(grace.saturating_mul(2), &mut task).await {
                     Ok(end) => end,
                     Err(_) => {
                         connection.abort(DisconnectReason::Requested, "client disconnect");
@@ -607,7 +607,7 @@ async fn supervise<B: Backend>(
                 }
                 Err(err) => {
                     let retry_in = policy.base_delay(attempt + 1);
-                    warn!(%addr, attempt, error = %err, "reconnect failed");
+                    warn!(%addr, attempt, error = %crate::log_safe(&err.to_string()), "reconnect failed");
                     let _ = inner.events.send(ConnectionEvent::ReconnectFailed {
                         attempt,
                         error: err.to_string(),

@@ -166,6 +166,7 @@ impl ServerConfig {
         common_checks(
             self.max_message_size,
             self.send_queue_capacity,
+            &self.tcp,
             [
                 ("read_timeout", self.read_timeout),
                 ("write_timeout", self.write_timeout),
@@ -175,8 +176,11 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return invalid("max_connections", "must be at least 1");
         }
-        if self.max_pending_handshakes == 0 {
-            return invalid("max_pending_handshakes", "must be at least 1");
+        if self.max_pending_handshakes == 0 || self.max_pending_handshakes > MAX_COUNT {
+            return invalid(
+                "max_pending_handshakes",
+                &format!("must be between 1 and {MAX_COUNT}"),
+            );
         }
         if let Some(limit) = self.rate_limit
             && (limit.burst == 0 || !limit.per_second.is_finite() || limit.per_second < 0.0)
@@ -187,15 +191,21 @@ impl ServerConfig {
             );
         }
         if let Some(limit) = self.inbound_limit
-            && !(limit.frames_per_second > 0.0 && limit.bytes_per_second > 0.0)
+            && !(limit.frames_per_second > 0.0
+                && limit.bytes_per_second > 0.0
+                && limit.frames_per_second.is_finite()
+                && limit.bytes_per_second.is_finite())
         {
             return invalid(
                 "inbound_limit",
-                "frames_per_second and bytes_per_second must be > 0",
+                "frames_per_second and bytes_per_second must be finite numbers > 0",
             );
         }
-        if self.read_budget < 64 * 1024 {
-            return invalid("read_budget", "must be at least 64 KiB");
+        if self.read_budget < 64 * 1024 || self.read_budget > MAX_COUNT {
+            return invalid(
+                "read_budget",
+                &format!("must be between 64 KiB and {MAX_COUNT} bytes"),
+            );
         }
         Ok(())
     }
@@ -213,15 +223,30 @@ impl ServerConfig {
     }
 }
 
+/// Largest count a setting backed by a semaphore or bounded channel may hold
+/// (tokio's `Semaphore::MAX_PERMITS`, about 2.3 × 10¹⁸ on 64-bit targets).
+pub const MAX_COUNT: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 fn invalid(field: &str, problem: &str) -> Result<(), TransportError> {
     Err(TransportError::Config(format!("{field}: {problem}")))
 }
 
+/// Range of TCP keep-alive times the kernel takes (whole seconds; Linux caps
+/// `TCP_KEEPIDLE` and `TCP_KEEPINTVL` at 32767).
+const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(32_767);
+
 fn common_checks<const N: usize>(
     max_message_size: usize,
     send_queue_capacity: usize,
+    tcp: &TcpOptions,
     timeouts: [(&str, Duration); N],
 ) -> Result<(), TransportError> {
+    if let Some(keep_alive) = tcp.keep_alive
+        && !KEEP_ALIVE_RANGE.contains(&keep_alive)
+    {
+        return invalid("tcp.keep_alive", "must be between 1 s and 32767 s");
+    }
     if max_message_size < HANDSHAKE_MAX_FRAME_SIZE || max_message_size > u32::MAX as usize {
         return invalid(
             "max_message_size",
@@ -231,8 +256,11 @@ fn common_checks<const N: usize>(
             ),
         );
     }
-    if send_queue_capacity == 0 {
-        return invalid("send_queue_capacity", "must be at least 1");
+    if send_queue_capacity == 0 || send_queue_capacity > MAX_COUNT {
+        return invalid(
+            "send_queue_capacity",
+            &format!("must be between 1 and {MAX_COUNT}"),
+        );
     }
     for (field, timeout) in timeouts {
         if timeout.is_zero() {
@@ -332,6 +360,7 @@ impl ClientConfig {
         common_checks(
             self.max_message_size,
             self.send_queue_capacity,
+            &self.tcp,
             [
                 ("connect_timeout", self.connect_timeout),
                 ("read_timeout", self.read_timeout),

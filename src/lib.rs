@@ -20,9 +20,11 @@ pub mod codec;
 pub mod config;
 pub mod config_file;
 pub mod crypto;
+mod deadline;
 pub mod decode_bound;
 pub mod error;
 pub mod handshake;
+mod log_safe;
 pub mod manager;
 pub mod metrics;
 pub mod multi;
@@ -50,6 +52,7 @@ pub use error::{
     TrySendError,
 };
 pub use handshake::SignedFramesPolicy;
+pub(crate) use log_safe::log_safe;
 pub use manager::BroadcastReport;
 pub use proto::Message;
 pub use retry::RetryPolicy;

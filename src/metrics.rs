@@ -110,6 +110,18 @@ impl MessageTally {
         self.pending = true;
     }
 
+    /// Forgets what was counted since the last flush (a batch that never
+    /// went out is not counted as sent).
+    pub(crate) fn discard(&mut self) {
+        if !std::mem::take(&mut self.pending) {
+            return;
+        }
+        for (_, (count, sizes)) in &self.slots {
+            count.reset();
+            sizes.clear();
+        }
+    }
+
     /// Publishes what was counted since the last flush.
     pub(crate) fn flush(&mut self) {
         if !std::mem::take(&mut self.pending) {
@@ -424,9 +436,14 @@ impl Metrics {
     }
 
     pub(crate) fn error(&self, kind: &str, operation: &str) {
+        self.errors(kind, operation, 1);
+    }
+
+    /// Counts `count` errors at once (e.g. each message lost with a connection).
+    pub(crate) fn errors(&self, kind: &str, operation: &str, count: u64) {
         self.errors_total
             .with_label_values(&[kind, operation])
-            .inc();
+            .inc_by(count);
     }
 
     pub(crate) fn connection(&self, state: &str) {

@@ -82,7 +82,10 @@ impl RetryPolicy {
         let exponent = retry.saturating_sub(1).min(64) as i32;
         let factor = self.multiplier.max(1.0).powi(exponent);
         let secs = (self.initial.as_secs_f64() * factor).min(self.max_delay.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        // Durations near `Duration::MAX` round up past it as `f64`.
+        Duration::try_from_secs_f64(secs.max(0.0))
+            .unwrap_or(Duration::MAX)
+            .min(self.max_delay)
     }
 
     /// The wait before retry `retry` (1-based), jitter included.
@@ -96,7 +99,7 @@ impl RetryPolicy {
         if spread.is_zero() {
             return base;
         }
-        base + rand::rng().random_range(Duration::ZERO..spread)
+        base.saturating_add(rand::rng().random_range(Duration::ZERO..spread))
     }
 
     /// Runs `operation` until it succeeds, fails with an error `retryable`

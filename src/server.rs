@@ -577,7 +577,7 @@ async fn serve<B: Backend>(
             metrics.handshake("accepted", if client.extended { "extended" } else { "go" });
             info!(
                 identity = %client.identity,
-                client_id = %client.client_id,
+                client_id = %crate::log_safe(&client.client_id),
                 extended = client.extended,
                 signed_frames = client.signed_frames.is_some(),
                 "handshake accepted"

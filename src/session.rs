@@ -864,7 +864,7 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
     timeout: Duration,
     disconnect_timeout: Duration,
 ) -> Result<(AcceptedClient, Bytes), TransportError> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::deadline::deadline_after(timeout);
     reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
     let request = match tokio::time::timeout_at(deadline, reader.read_frame()).await {
         Err(_) => return Err(TransportError::Handshake(HandshakeError::Timeout(timeout))),
@@ -1143,7 +1143,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             let mut writer_done = false;
             if !reader_connection.closed.is_cancelled() {
                 // A `Disconnect` is queued (`close`): let the writer send it.
-                let grace = context.config.disconnect_timeout * 2;
+                let grace = context.config.disconnect_timeout.saturating_mul(2);
                 writer_done = tokio::time::timeout(grace, &mut writer_task).await.is_ok();
             }
             reader_connection.closed.cancel();
@@ -1153,7 +1153,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             if let Some(acks) = &reader_connection.acks {
                 let unconfirmed = acks.fail_waiting();
                 if unconfirmed > 0 {
-                    context.metrics.error("unconfirmed", "write");
+                    context.metrics.errors("unconfirmed", "write", unconfirmed as u64);
                     warn!(unconfirmed, "connection closed before the peer confirmed delivery");
                 }
             }
@@ -1166,7 +1166,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             metrics.connection("closed");
             metrics.connections_active.dec();
             metrics.connection_duration.observe(started.elapsed().as_secs_f64());
-            info!(reason = %end.reason, details = %end.details, by_peer = end.by_peer, "disconnected");
+            info!(reason = %end.reason, details = %crate::log_safe(&end.details), by_peer = end.by_peer, "disconnected");
             end
         }
         .instrument(span),
@@ -1491,7 +1491,7 @@ async fn deliver(
         Some(Payload::Pong(_)) => Flow::Continue,
         Some(Payload::Disconnect(disconnect)) => {
             let reason = DisconnectReason::from_proto(disconnect.reason);
-            info!(%reason, details = %disconnect.details, "peer disconnected");
+            info!(%reason, details = %crate::log_safe(&disconnect.details), "peer disconnected");
             connection.finish(SessionEnd {
                 reason,
                 details: disconnect.details.clone(),
@@ -1716,6 +1716,8 @@ async fn write_loop<W: FrameWriter>(
     // Application messages encoded so far: the position of the next one, less 1.
     let mut written: u64 = 0;
     let mut last_ack: u64 = 0;
+    // Application messages of batches that never fully left.
+    let mut lost: u64 = 0;
     let closed = connection.closed.cancelled();
     tokio::pin!(closed);
     loop {
@@ -1786,6 +1788,9 @@ async fn write_loop<W: FrameWriter>(
         }
         batch.seal(signer);
         if batch.failed {
+            lost += batch.messages;
+            batch.tally.discard();
+            pool.give(std::mem::take(&mut batch.buffer));
             connection.abort(
                 DisconnectReason::InternalError,
                 "a signed batch could not be encoded",
@@ -1804,16 +1809,22 @@ async fn write_loop<W: FrameWriter>(
         };
         let written = batch.buffer.len();
         let result = if written == 0 {
-            Ok(Ok(()))
+            Some(Ok(Ok(())))
         } else {
             // An aborted connection (too slow, replaced, stopped) stops even a
             // write that is blocked on a peer which does not read.
             tokio::select! {
-                result = tokio::time::timeout(limit, writer.write_frames(&batch.buffer)) => result,
-                _ = &mut closed => break,
+                result = tokio::time::timeout(limit, writer.write_frames(&batch.buffer)) => Some(result),
+                _ = &mut closed => None,
             }
         };
         pool.give(std::mem::take(&mut batch.buffer));
+        if !matches!(result, Some(Ok(Ok(())))) {
+            // Not (fully) written: lost, and not counted as sent.
+            lost += batch.messages;
+            batch.tally.discard();
+        }
+        let Some(result) = result else { break };
         if queue.is_empty() {
             // Going idle: hold no buffer while waiting.
             batch.scratch = BytesMut::new();
@@ -1856,18 +1867,22 @@ async fn write_loop<W: FrameWriter>(
     let end = connection.end.get();
     let reason = end.map(|end| (end.reason, end.details.as_str()));
     let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown(reason)).await;
-    // Whatever is still queued will never be written: say so.
+    // Whatever is still queued will never be written: say so, counting
+    // application messages one by one, those of the batch cut off included.
     queue.close();
-    let mut undelivered = 0usize;
+    let mut undelivered = lost;
     while let Ok(item) = queue.try_recv() {
-        undelivered += usize::from(matches!(
-            item,
-            Outbound::Message(..) | Outbound::Confirmed(..) | Outbound::Frame(..)
-        ));
+        undelivered += u64::from(match &item {
+            Outbound::Message(message, _) | Outbound::Confirmed(message, ..) => {
+                is_application(message)
+            }
+            Outbound::Frame(_, kind) => is_application_kind(*kind),
+            Outbound::Ack | Outbound::Close(..) => false,
+        });
     }
     if undelivered > 0 {
-        context.metrics.error("undelivered", "write");
-        warn!(undelivered, "connection closed with queued messages unsent");
+        context.metrics.errors("undelivered", "write", undelivered);
+        warn!(undelivered, "connection closed with messages unsent");
     }
 }
 

@@ -132,7 +132,14 @@ impl Identity {
         key_path: impl AsRef<Path>,
     ) -> Result<Self, TlsError> {
         let cert_pem = read(cert_path.as_ref())?;
-        let key_pem = read(key_path.as_ref())?;
+        // Warns if the key file is readable by other users.
+        let key_pem =
+            crate::crypto::key_file::read_private(key_path.as_ref()).map_err(|source| {
+                TlsError::Io {
+                    path: key_path.as_ref().display().to_string(),
+                    source,
+                }
+            })?;
         let chain = certs_from_pem(&cert_pem, &cert_path.as_ref().display().to_string())?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| TlsError::Pem {
             what: key_path.as_ref().display().to_string(),
@@ -283,6 +290,8 @@ pub struct ServerTrust {
     pub pins: Vec<Fingerprint>,
     /// Our certificate for mutual TLS, if the server asks for one.
     pub identity: Option<Identity>,
+    /// Also speak TLS 1.2 (default: TLS 1.3 only). QUIC is always TLS 1.3.
+    pub allow_tls12: bool,
 }
 
 impl ServerTrust {
@@ -316,6 +325,20 @@ pub struct ClientTrust {
     pub roots: Vec<CertificateDer<'static>>,
     /// Accepted SHA-256 fingerprints of a client's leaf certificate.
     pub pins: Vec<Fingerprint>,
+    /// Also accept TLS 1.2 clients (default: TLS 1.3 only). QUIC is always
+    /// TLS 1.3.
+    pub allow_tls12: bool,
+}
+
+/// TLS 1.3 only unless TLS 1.2 is asked for: 1.3 has no downgradable cipher
+/// suites or renegotiation, and every supported peer speaks it.
+fn protocol_versions(allow_tls12: bool) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    if allow_tls12 {
+        rustls::ALL_VERSIONS
+    } else {
+        &TLS13_ONLY
+    }
 }
 
 /// A rustls client config verifying the server by `trust`, offering `alpn`.
@@ -333,7 +356,7 @@ pub fn client_config(
         provider.clone(),
     )?);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(protocol_versions(trust.allow_tls12))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match &trust.identity {
@@ -354,7 +377,7 @@ pub fn server_config(
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+        .with_protocol_versions(protocol_versions(clients.allow_tls12))?;
     let builder = if clients.roots.is_empty() && clients.pins.is_empty() {
         builder.with_no_client_auth()
     } else {

@@ -79,6 +79,9 @@ pub struct BackendArgs {
     /// repeatable): the server's on a client, a client's on a server.
     #[arg(long = "pin-sha256", value_name = "HEX")]
     pub pin_sha256: Vec<String>,
+    /// Also speak TLS 1.2 on the tcp and grpc back-ends (default: TLS 1.3 only).
+    #[arg(long)]
+    pub tls12: bool,
 }
 
 impl BackendArgs {
@@ -92,6 +95,7 @@ impl BackendArgs {
             tls_key: None,
             tls_ca: None,
             pin_sha256: Vec::new(),
+            tls12: false,
         }
     }
 
@@ -104,8 +108,10 @@ impl BackendArgs {
     /// build lacks.
     pub fn validate(&self) -> Result<(), BoxError> {
         self.backend.ensure_available()?;
-        let tls_flags =
-            self.tls_cert.is_some() || self.tls_ca.is_some() || !self.pin_sha256.is_empty();
+        let tls_flags = self.tls_cert.is_some()
+            || self.tls_ca.is_some()
+            || !self.pin_sha256.is_empty()
+            || self.tls12;
         if tls_flags && !self.uses_tls() {
             return Err(format!(
                 "TLS flags given but --backend {} runs without TLS: add --tls",
@@ -352,6 +358,7 @@ mod tls {
                     None => Vec::new(),
                 },
                 pins: parse_pins(&args.pin_sha256)?,
+                allow_tls12: args.tls12,
             };
             Ok(Self {
                 identity,
@@ -373,6 +380,7 @@ mod tls {
                 (Some(cert), Some(key)) => Some(Identity::from_pem_files(cert, key)?),
                 _ => None,
             },
+            allow_tls12: args.tls12,
         };
         if trust.roots.is_empty() && trust.pins.is_empty() {
             return Err(format!(

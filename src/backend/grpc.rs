@@ -26,8 +26,11 @@ use tonic::{
 };
 use tracing::{debug, warn};
 
+pub use super::bearer::BearerToken;
 use super::{
-    Backend, Listener, Pipe, grpc_codec,
+    Backend, Listener, Pipe,
+    bearer::TokenDigest,
+    grpc_codec,
     grpc_inbound::{InboundLimits, LimitInbound},
 };
 use crate::{
@@ -73,7 +76,9 @@ pub struct GrpcOptions {
     #[serde(with = "humantime_serde")]
     pub call_deadline: Duration,
     /// Bearer token: required from clients by a server, sent by a client.
-    pub bearer_token: Option<String>,
+    /// Never serialized (a configuration written back out omits it).
+    #[serde(skip_serializing)]
+    pub bearer_token: Option<BearerToken>,
     /// Client id sent as `x-client-id` metadata.
     pub client_id: Option<String>,
     /// Retry of `UNAVAILABLE` (and failed connects) when opening a stream.
@@ -388,7 +393,8 @@ impl FrameService for Service {
         let remote_addr = request.remote_addr();
         let limits = request.extensions().get::<Arc<InboundLimits>>().cloned();
         if let Some(client_id) = request.metadata().get(CLIENT_ID_METADATA) {
-            debug!(client_id = ?client_id, ?remote_addr, "gRPC session opened");
+            let client_id = String::from_utf8_lossy(client_id.as_bytes());
+            debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let pipe = Pipe {
@@ -414,7 +420,7 @@ impl FrameService for Service {
 
 /// Checks `authorization: Bearer <token>` when a token is configured.
 #[derive(Clone)]
-struct BearerCheck(Option<Arc<str>>);
+struct BearerCheck(Option<TokenDigest>);
 
 impl tonic::service::Interceptor for BearerCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
@@ -427,15 +433,11 @@ impl tonic::service::Interceptor for BearerCheck {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "));
         match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(request),
+            Some(token) if expected.matches(token) => Ok(request),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
             None => Err(Status::unauthenticated("missing bearer token")),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Accepted gRPC sessions, as frame pipes.
@@ -490,7 +492,11 @@ impl GrpcBackend {
         })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-        let token = self.options.bearer_token.as_deref().map(Arc::from);
+        let token = self
+            .options
+            .bearer_token
+            .as_ref()
+            .map(|token| TokenDigest::of(token.expose()));
         let mut server = Server::builder()
             .http2_keepalive_interval(self.options.keep_alive)
             .http2_keepalive_timeout(Some(self.options.keep_alive_timeout))
@@ -676,7 +682,7 @@ impl GrpcBackend {
             request.metadata_mut().insert(CLIENT_ID_METADATA, value);
         }
         if let Some(token) = &self.options.bearer_token {
-            let value = format!("Bearer {token}")
+            let value = format!("Bearer {}", token.expose())
                 .parse()
                 .map_err(|_| TransportError::Config("bearer token is not valid metadata".into()))?;
             request.metadata_mut().insert("authorization", value);

@@ -3,6 +3,8 @@
 //! [`crate::session`] and work the same over every back-end.
 
 #[cfg(feature = "grpc")]
+mod bearer;
+#[cfg(feature = "grpc")]
 pub mod grpc;
 #[cfg(feature = "grpc")]
 pub(crate) mod grpc_codec;

@@ -1,13 +1,15 @@
 //! Private and public keys, signatures, addresses and key files.
 
-use std::{fmt, io::Write, path::Path};
+use std::{fmt, path::Path};
 
 use k256::{
     ecdsa::{RecoveryId, SigningKey, VerifyingKey, signature::hazmat::PrehashVerifier},
     elliptic_curve::ops::Reduce,
 };
 
-use super::{COMPRESSED_KEY_LEN, CryptoBackend, SIGNATURE_LEN, UNCOMPRESSED_KEY_LEN, keccak256};
+use super::{
+    COMPRESSED_KEY_LEN, CryptoBackend, SIGNATURE_LEN, UNCOMPRESSED_KEY_LEN, keccak256, key_file,
+};
 use crate::error::KeyError;
 
 /// A secp256k1 private key. Its `Debug` output shows only the public key.
@@ -66,7 +68,7 @@ impl SecretKey {
     /// Loads a key file: 64 hex characters (optional `0x`, trailing newline allowed).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, KeyError> {
         let path = path.as_ref();
-        let raw = std::fs::read(path).map_err(|source| KeyError::KeyFileIo {
+        let raw = key_file::read_private(path).map_err(|source| KeyError::KeyFileIo {
             path: path.to_owned(),
             source,
         })?;
@@ -84,48 +86,45 @@ impl SecretKey {
         })
     }
 
-    /// Writes the key as 64 hex characters to a new or existing file, readable
-    /// by the owner only (mode 0600 on Unix).
+    /// Writes the key as 64 hex characters, readable by the owner only (mode
+    /// 0600 on Unix), replacing any file at `path`. The key goes to a
+    /// temporary file first and is renamed into place: a symlink at `path` is
+    /// replaced, never written through, and no reader sees half a key.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), KeyError> {
         let path = path.as_ref();
-        let io_err = |source| KeyError::KeyFileIo {
-            path: path.to_owned(),
-            source,
-        };
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-            options.mode(0o600);
-            let file = options.open(path).map_err(io_err)?;
-            // `mode` applies only to new files; tighten an existing one too.
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(io_err)?;
-            write_hex_key(file, &self.k256.to_bytes()).map_err(io_err)
-        }
-        #[cfg(not(unix))]
-        {
-            let file = options.open(path).map_err(io_err)?;
-            write_hex_key(file, &self.k256.to_bytes()).map_err(io_err)
+        key_file::write_replacing(path, self.to_hex().as_bytes()).map_err(|source| {
+            KeyError::KeyFileIo {
+                path: path.to_owned(),
+                source,
+            }
+        })
+    }
+
+    /// Loads the key at `path`, or creates and saves a fresh one if there is
+    /// no file. Creation never replaces a file: when several processes start
+    /// at once, one key is written and every one of them loads it.
+    pub fn load_or_generate(path: impl AsRef<Path>) -> Result<Self, KeyError> {
+        let path = path.as_ref();
+        match Self::load(path) {
+            Err(KeyError::KeyFileIo { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                let key = Self::generate();
+                let created =
+                    key_file::write_new(path, key.to_hex().as_bytes()).map_err(|source| {
+                        KeyError::KeyFileIo {
+                            path: path.to_owned(),
+                            source,
+                        }
+                    })?;
+                if created { Ok(key) } else { Self::load(path) }
+            }
+            other => other,
         }
     }
 
-    /// Loads the key at `path`, or creates and saves a fresh one if the file does not exist.
-    pub fn load_or_generate(path: impl AsRef<Path>) -> Result<Self, KeyError> {
-        let path = path.as_ref();
-        match std::fs::metadata(path) {
-            Ok(_) => Self::load(path),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                let key = Self::generate();
-                key.save(path)?;
-                Ok(key)
-            }
-            Err(source) => Err(KeyError::KeyFileIo {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+    fn to_hex(&self) -> String {
+        hex::encode(self.k256.to_bytes())
     }
 
     /// The matching public key.
@@ -190,11 +189,6 @@ fn parse_hex_key(text: &str) -> Result<[u8; 32], &'static str> {
     let mut bytes = [0u8; 32];
     hex::decode_to_slice(text, &mut bytes).map_err(|_| "not hexadecimal")?;
     Ok(bytes)
-}
-
-fn write_hex_key(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
-    file.write_all(hex::encode(bytes).as_bytes())?;
-    file.sync_all()
 }
 
 /// A secp256k1 public key. Equality and hashing use its compressed form.

@@ -6,6 +6,7 @@
 //! always available) and libsecp256k1 (the `libsecp256k1` feature), chosen per
 //! call with [`CryptoBackend`] or by default with [`CryptoBackend::default`].
 
+pub(crate) mod key_file;
 mod keys;
 mod trust;
 

@@ -139,22 +139,66 @@ async fn bearer_token_is_checked_by_the_server() {
         }
         other => panic!("expected UNAUTHENTICATED, got {other:?}"),
     }
+    // A prefix of the right token (same bytes, shorter) is refused too.
+    let prefix = GrpcClient::grpc(
+        ClientConfig::default(),
+        GrpcBackend::new(GrpcOptions {
+            bearer_token: Some("s3cre".into()),
+            ..GrpcOptions::default()
+        }),
+        None,
+    );
+    match timeout(Duration::from_secs(10), prefix.connect(&addr))
+        .await
+        .unwrap()
+    {
+        Err(TransportError::Refused { reason, details }) => {
+            assert_eq!(reason, DisconnectReason::AuthFailure);
+            assert_eq!(details, "invalid bearer token");
+        }
+        other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+    }
     let missing = GrpcClient::grpc(
         ClientConfig::default(),
         GrpcBackend::new(GrpcOptions::default()),
         None,
     );
     assert!(matches!(
-        missing.connect(&addr).await,
+        timeout(Duration::from_secs(10), missing.connect(&addr))
+            .await
+            .unwrap(),
         Err(TransportError::Refused {
             reason: DisconnectReason::AuthFailure,
             ..
         })
     ));
     let right = GrpcClient::grpc(ClientConfig::default(), GrpcBackend::new(options), None);
-    right.connect(&addr).await.unwrap();
+    timeout(Duration::from_secs(10), right.connect(&addr))
+        .await
+        .unwrap()
+        .unwrap();
     right.disconnect().await.unwrap();
     server.stop().await.unwrap();
+}
+
+#[test]
+fn bearer_token_is_in_no_debug_or_serialized_output() {
+    let options = GrpcOptions {
+        bearer_token: Some("tok-9f8e7d6c".into()),
+        ..GrpcOptions::default()
+    };
+    let backend = GrpcBackend::new(options.clone());
+    for text in [
+        format!("{options:?}"),
+        format!("{backend:?}"),
+        serde_json::to_string(&options).unwrap(),
+    ] {
+        assert!(!text.contains("tok-9f8e7d6c"), "token leaked: {text}");
+    }
+    assert!(format!("{options:?}").contains("[redacted]"));
+    // Read from configuration as a plain string.
+    let read: GrpcOptions = serde_json::from_str(r#"{"bearer_token": "tok-9f8e7d6c"}"#).unwrap();
+    assert_eq!(read.bearer_token.unwrap().expose(), "tok-9f8e7d6c");
 }
 
 #[tokio::test]

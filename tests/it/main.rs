@@ -2,6 +2,7 @@
 
 mod codec_props;
 mod config_file;
+mod config_props;
 mod crypto;
 mod decode_bombs;
 mod dos;
@@ -10,6 +11,9 @@ mod fuzz_regressions;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
+mod key_files;
+mod log_text;
+mod lost_messages;
 mod metrics;
 mod multi;
 mod netns;
@@ -23,4 +27,5 @@ mod signed;
 mod smoke;
 mod third_party;
 mod tls;
+mod tls_versions;
 mod trust_live;

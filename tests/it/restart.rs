@@ -259,7 +259,7 @@ async fn restart_under_load_loses_only_what_was_queued_when_sessions_died() {
             .sum();
         println!(
             "sent ok {sent_ok}, received {got}, lost_in_queue {lost_in_queue} (at {lossy_clients} \
-             clients; {undelivered_reports} sessions reported closing with messages queued), \
+             clients; {undelivered_reports} reported undelivered), \
              failed sends {failed}"
         );
         assert_eq!(got, sent_ok - lost_in_queue);
