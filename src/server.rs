@@ -2,7 +2,7 @@
 //! connection and handshake caps), one task per connection, broadcast.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -12,17 +12,19 @@ use std::{
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
+    admission::{
+        ChargeUnlessAuthenticated, PendingHandshakes, PendingRefusal, Prefix, RateLimiter,
+    },
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
     error::{CodecError, DisconnectReason, TransportError, TrySendError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
-    manager::{BroadcastReport, ConnectionManager, RateLimiter},
+    manager::{BroadcastReport, ConnectionManager},
     metrics::{Metrics, kind_index},
     proto::Message,
     session::{
@@ -58,7 +60,7 @@ struct Inner<B: Backend> {
     broadcasts: SequenceCounter,
     next_id: AtomicU64,
     rate_limiter: Option<RateLimiter>,
-    handshakes: Arc<Semaphore>,
+    handshakes: Arc<PendingHandshakes>,
     running: Mutex<Option<Running>>,
 }
 
@@ -90,7 +92,10 @@ impl<B: Backend> TransportServer<B> {
         let inner = Arc::new(Inner {
             backend,
             rate_limiter: config.rate_limit.map(RateLimiter::new),
-            handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes.max(1))),
+            handshakes: PendingHandshakes::new(
+                config.max_pending_handshakes,
+                config.max_pending_handshakes_per_prefix,
+            ),
             config,
             auth,
             handshake,
@@ -151,7 +156,11 @@ impl<B: Backend> TransportServer<B> {
         if let Some(auth) = &self.inner.auth {
             auth.validate()?;
         }
-        let listener = self.inner.backend.bind(addr).await?;
+        let mut listener = self.inner.backend.bind(addr).await?;
+        if self.inner.auth.is_some() {
+            // A client always speaks first when authenticating.
+            listener.set_first_byte_timeout(self.inner.config.first_byte_timeout);
+        }
         let local_addr = listener.local_addr().map_err(|source| TransportError::Io {
             op: "bind",
             addr: addr.to_owned(),
@@ -443,6 +452,35 @@ async fn accept_loop<B: Backend>(
     }
 }
 
+/// Refuses a connection before establishing it. Where the pipe costs
+/// nothing (plain TCP, gRPC) the peer is told why: with authentication on as
+/// a refused handshake is (a refusing `HandshakeResponse`, then the
+/// `Disconnect`), so every client can report it; otherwise with a bare
+/// `Disconnect`. Over TLS and QUIC the connection is closed (QUIC: refused)
+/// before its transport handshake, without a message: no work is spent on it.
+async fn refuse_early<B: Backend>(
+    inner: &Inner<B>,
+    connecting: <B::Listener as Listener>::Connecting,
+    reason: DisconnectReason,
+    details: &str,
+) {
+    let config = &inner.config;
+    info!(%reason, details, "connection refused");
+    inner
+        .context
+        .metrics
+        .connection(&format!("refused_{reason}"));
+    let Ok(Pipe { mut writer, .. }) = B::Listener::pipe_now(connecting) else {
+        return;
+    };
+    if inner.handshake.is_some() {
+        session::refuse_after_handshake(&mut writer, reason, details, config.disconnect_timeout)
+            .await;
+    } else {
+        send_disconnect(&mut writer, reason, details, config.disconnect_timeout).await;
+    }
+}
+
 /// Admits, authenticates and runs one connection.
 async fn serve<B: Backend>(
     inner: Arc<Inner<B>>,
@@ -453,13 +491,49 @@ async fn serve<B: Backend>(
     let config = &inner.config;
     let metrics = &inner.context.metrics;
     metrics.connection("accepted");
-    let throttled = match (&inner.rate_limiter, remote_addr) {
-        (Some(limiter), Some(addr)) => !limiter.allow(addr.ip()),
-        _ => false,
+    // Admission comes first, before any work on the peer's behalf: the
+    // transport's handshake (TLS, QUIC) only starts once it is admitted.
+    let prefix = Prefix::of(remote_addr.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip()));
+    let authenticating = inner.handshake.is_some();
+    if let Some(limiter) = &inner.rate_limiter {
+        // With authentication only failures are charged (below).
+        let admitted = if authenticating {
+            limiter.admits(prefix)
+        } else {
+            limiter.charge(prefix)
+        };
+        if !admitted {
+            let details = "throttled: connection rate limit";
+            return refuse_early::<B>(&inner, connecting, DisconnectReason::Throttled, details)
+                .await;
+        }
+    }
+    let slot = match inner.handshakes.acquire(prefix) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let details = match refusal {
+                PendingRefusal::PrefixFull => "too many pending handshakes from this address",
+                PendingRefusal::PoolFull => "too many pending handshakes",
+            };
+            return refuse_early::<B>(&inner, connecting, DisconnectReason::TooManyPeers, details)
+                .await;
+        }
     };
-    // The transport's own handshake (TLS, QUIC) shares the handshake deadline
-    // and runs here, in the connection's task.
-    let pipe = match tokio::time::timeout(config.handshake_timeout, connecting).await {
+    let mut charge = ChargeUnlessAuthenticated::new(
+        inner.rate_limiter.as_ref().filter(|_| authenticating),
+        prefix,
+    );
+    // One deadline for the transport's handshake and ours.
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let established = tokio::select! {
+        () = slot.evicted() => {
+            info!("pending connection displaced by a newcomer");
+            metrics.connection("displaced");
+            return;
+        }
+        established = tokio::time::timeout_at(deadline, connecting) => established,
+    };
+    let pipe = match established {
         Ok(Ok(pipe)) => pipe,
         Ok(Err(err)) => {
             warn!(error = %err, "transport handshake failed");
@@ -478,28 +552,18 @@ async fn serve<B: Backend>(
         remote_addr: pipe_addr,
     } = pipe;
     let remote_addr = pipe_addr.or(remote_addr);
-    let refuse = async |writer: &mut B::Writer, reason: DisconnectReason, details: &str| {
-        info!(%reason, details, "connection refused");
-        metrics.connection(&format!("refused_{reason}"));
-        send_disconnect(writer, reason, details, config.disconnect_timeout).await;
-    };
-    if throttled {
-        return refuse(
-            &mut writer,
-            DisconnectReason::Throttled,
-            "connection rate limit",
-        )
-        .await;
-    }
     // With authentication the limit is applied once the identity is known, so
     // a peer reconnecting at capacity replaces its old session.
-    if inner.handshake.is_none() && inner.manager.len() >= config.max_connections {
-        return refuse(
-            &mut writer,
-            DisconnectReason::TooManyPeers,
-            "connection limit reached",
-        )
-        .await;
+    let mut slot = Some(slot);
+    if !authenticating {
+        slot = None;
+        if inner.manager.len() >= config.max_connections {
+            let (reason, details) = (DisconnectReason::TooManyPeers, "connection limit reached");
+            info!(%reason, details, "connection refused");
+            metrics.connection(&format!("refused_{reason}"));
+            send_disconnect(&mut writer, reason, details, config.disconnect_timeout).await;
+            return;
+        }
     }
 
     let (setup, response) = match &inner.handshake {
@@ -518,29 +582,30 @@ async fn serve<B: Backend>(
             None,
         ),
         Some(handshake) => {
-            let Ok(_permit) = inner.handshakes.clone().try_acquire_owned() else {
-                return refuse(
-                    &mut writer,
-                    DisconnectReason::TooManyPeers,
-                    "too many pending handshakes",
-                )
-                .await;
-            };
+            let Some(slot) = slot else { return };
             let unicast = SequenceCounter::from_clock(SystemTime::now());
             let floors = SequenceFloors {
                 unicast: unicast.floor(),
                 broadcast: Some(inner.broadcasts.floor()),
             };
-            let (client, response) = match server_handshake(
+            let exchange = server_handshake(
                 &mut reader,
                 &mut writer,
                 handshake,
                 floors,
-                config.handshake_timeout,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
                 config.disconnect_timeout,
-            )
-            .await
-            {
+            );
+            let outcome = tokio::select! {
+                () = slot.evicted() => {
+                    info!("pending handshake displaced by a newcomer");
+                    metrics.connection("displaced");
+                    return;
+                }
+                outcome = exchange => outcome,
+            };
+            drop(slot);
+            let (client, response) = match outcome {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     let reason = match &err {
@@ -558,6 +623,7 @@ async fn serve<B: Backend>(
                     return;
                 }
             };
+            charge.disarm();
             // The identity is known now: a peer replacing its own session is
             // always let in; anyone else only below the connection limit.
             if inner.manager.get(&client.identity).is_none()
@@ -613,11 +679,22 @@ async fn serve<B: Backend>(
     let replaces = inner.manager.get(connection.identity()).is_some();
     if !replaces && inner.manager.len() >= config.max_connections {
         connection.close(DisconnectReason::TooManyPeers, "connection limit reached");
-    } else if let Some(old) = inner.manager.insert(connection.clone()) {
-        info!(
-            old_id = old.id(),
-            "replaced an older connection of the same identity"
-        );
+    } else {
+        if let Some(old) = inner.manager.insert(connection.clone()) {
+            info!(
+                old_id = old.id(),
+                "replaced an older connection of the same identity"
+            );
+        }
+        // A trust change between the handshake's check and the insert was
+        // not seen by `watch_trust` (it only looks at registered
+        // connections): look again now that this one is registered.
+        if let (Some(auth), Some(key)) = (&inner.auth, connection.peer_key())
+            && auth.trust.key_of(connection.identity()).as_ref() != Some(key)
+        {
+            warn!(identity = %connection.identity(), "closing connection: its key is no longer trusted");
+            connection.close(DisconnectReason::AuthFailure, "key no longer trusted");
+        }
     }
     let _ = task.await;
     inner.manager.remove(&connection);

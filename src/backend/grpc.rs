@@ -475,6 +475,15 @@ impl Listener for GrpcListener {
         Ok(self.local_addr)
     }
 
+    fn pipe_now(
+        connecting: Self::Connecting,
+    ) -> Result<Pipe<GrpcReader, GrpcWriter>, Self::Connecting> {
+        // The stream is already open: a refusal can always say why.
+        connecting
+            .into_inner()
+            .map_err(|err| std::future::ready(Err(err)))
+    }
+
     fn is_fatal(error: &io::Error) -> bool {
         error.kind() == io::ErrorKind::NotConnected
     }

@@ -14,7 +14,7 @@ mod grpc_inbound;
 pub mod quic;
 pub mod tcp;
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use crate::{
     error::TransportError,
@@ -38,9 +38,13 @@ pub trait Listener: Send + 'static {
     type Reader: FrameReader;
     /// Writing half of an accepted pipe.
     type Writer: FrameWriter;
-    /// What is left of establishing an accepted connection (a TLS or QUIC
-    /// handshake). The server awaits it in the connection's own task, under
-    /// the handshake deadline, so a slow peer never holds up accepting.
+    /// What is left of establishing an accepted connection: waiting for the
+    /// peer's first bytes, then a TLS or QUIC handshake. It must do no work
+    /// until first polled: the server admits the connection (rate limit,
+    /// pending-handshake slot) first, and refuses it by dropping this, which
+    /// closes the connection (QUIC: refuses it) before any handshake work.
+    /// The server awaits it in the connection's own task, under the
+    /// handshake deadline, so a slow peer never holds up accepting.
     type Connecting: Future<Output = std::io::Result<Pipe<Self::Reader, Self::Writer>>>
         + Send
         + 'static;
@@ -54,6 +58,20 @@ pub trait Listener: Send + 'static {
 
     /// The bound address (the real port when bound to port 0).
     fn local_addr(&self) -> std::io::Result<SocketAddr>;
+
+    /// Bounds how long an accepted connection may stay silent before its
+    /// first bytes (the server sets it when authentication is on, where the
+    /// client always speaks first). Default: not applied.
+    fn set_first_byte_timeout(&mut self, _timeout: Duration) {}
+
+    /// The pipe of `connecting` at no cost, where establishing it costs
+    /// nothing (plain TCP; a gRPC stream already open), so that a refusal
+    /// can tell the peer why; otherwise `connecting` back, to be dropped.
+    fn pipe_now(
+        connecting: Self::Connecting,
+    ) -> Result<Pipe<Self::Reader, Self::Writer>, Self::Connecting> {
+        Err(connecting)
+    }
 
     /// Whether an accept error means the listener itself is broken.
     fn is_fatal(_error: &std::io::Error) -> bool {
