@@ -608,6 +608,9 @@ async fn serve<B: Backend>(
             let (client, response) = match outcome {
                 Ok(accepted) => accepted,
                 Err(err) => {
+                    // Charged before it is counted, so the count says the
+                    // charge is done.
+                    drop(charge);
                     let reason = match &err {
                         TransportError::Handshake(err) => err.kind(),
                         TransportError::Codec(CodecError::Io(_)) => "io",

@@ -103,13 +103,15 @@ fn silent(after: Duration) -> io::Error {
     )
 }
 
-/// Waits until `stream` has something to read (or has ended), for at most
+/// Waits until `stream` has bytes to read (or has ended), for at most
 /// `deadline` when one is set.
 async fn first_bytes(stream: &TcpStream, deadline: Option<Duration>) -> io::Result<()> {
     match deadline {
-        Some(after) => tokio::time::timeout(after, stream.readable())
+        // Peeked, not merely readable: readiness may be spurious.
+        Some(after) => tokio::time::timeout(after, stream.peek(&mut [0u8; 1]))
             .await
-            .map_err(|_| silent(after))?,
+            .map_err(|_| silent(after))?
+            .map(drop),
         None => Ok(()),
     }
 }
@@ -133,8 +135,12 @@ impl Future for TcpConnecting {
             return Poll::Ready(Err(io::Error::other("polled after completion")));
         };
         if let Some(after) = this.first_byte {
-            match stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {}
+            // Readiness alone may be spurious on a fresh socket: peek.
+            let mut byte = [0u8; 1];
+            let mut peeked = tokio::io::ReadBuf::new(&mut byte);
+            match stream.poll_peek(cx, &mut peeked) {
+                // Data, or the end of the stream (the handshake reports it).
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => {
                     let deadline = this

@@ -1,0 +1,348 @@
+//! Admission under floods, over every back-end: silent connections from many
+//! loopback addresses (Linux routes all of 127/8 to `lo`) take what the
+//! per-prefix caps let them, and a trusted client still completes its
+//! handshake within a second; the connection rate limit charges failures,
+//! not trusted peers; a trust change racing a handshake never leaves the
+//! revoked key connected.
+
+use std::{
+    any::Any,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::future::join_all;
+use publisher_transport::{
+    ClientAuth, DisconnectReason, SecretKey, ServerConfig, TcpClient, TcpServer, TransportClient,
+    TransportError, TransportServer, backend::Backend,
+};
+use tokio::{io::AsyncReadExt, net::TcpSocket};
+
+use crate::e2e::{
+    Keys, STEP_TIMEOUT, bounded, client_config, eventually, identity, registered, server_config,
+};
+
+/// Source addresses of the flood: 127.0.0.2 ….
+const FLOOD_ADDRESSES: u8 = 32;
+/// Silent connections per flood address.
+const PER_ADDRESS: usize = 8;
+/// The pool of pending handshakes, and one address's share of it.
+const POOL: usize = 64;
+const SHARE: usize = 4;
+
+fn flood_address(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + n)
+}
+
+/// A server whose silent peers would stay pending for the whole test: only
+/// admission can make room.
+fn flood_config() -> ServerConfig {
+    let mut config = server_config();
+    config.max_pending_handshakes = POOL;
+    config.max_pending_handshakes_per_prefix = SHARE;
+    config.handshake_timeout = Duration::from_secs(25);
+    config.first_byte_timeout = Duration::from_secs(25);
+    config
+}
+
+fn counted<B: Backend>(server: &TransportServer<B>, label: &str) -> u64 {
+    server
+        .metrics()
+        .connections_total
+        .with_label_values(&[label])
+        .get()
+}
+
+/// A TCP connection from `from` that never sends anything.
+async fn silent_tcp(from: Ipv4Addr, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Floods `server` with `silent` connections from [`FLOOD_ADDRESSES`]
+/// addresses, checks they hold no more than the pool, then times a trusted
+/// client's connect.
+async fn flood_then_connect<B, F, Fut>(
+    server: &TransportServer<B>,
+    client: &TransportClient<B>,
+    dial: &str,
+    silent: F,
+) -> Vec<Box<dyn Any + Send>>
+where
+    B: Backend,
+    F: Fn(Ipv4Addr) -> Fut,
+    Fut: Future<Output = Box<dyn Any + Send>>,
+{
+    let mut held = Vec::new();
+    for n in 0..FLOOD_ADDRESSES {
+        for _ in 0..PER_ADDRESS {
+            held.push(silent(flood_address(n)).await);
+        }
+    }
+    let attempts = held.len() as u64;
+    eventually("every silent connection accepted", || {
+        counted(server, "accepted") >= attempts
+    })
+    .await;
+    // The pool is full and each attempt beyond it was refused or displaced
+    // an earlier one.
+    eventually("the flood holds the pool and no more", || {
+        counted(server, "refused_too_many_peers") + counted(server, "displaced")
+            == attempts - POOL as u64
+    })
+    .await;
+    let displaced = counted(server, "displaced");
+
+    let started = Instant::now();
+    client.connect(dial).await.unwrap();
+    let took = started.elapsed();
+    println!(
+        "{} with {attempts} silent connections from {FLOOD_ADDRESSES} addresses: handshake in {took:?}",
+        server.backend_name()
+    );
+    assert!(took < Duration::from_secs(1), "handshake took {took:?}");
+    registered(server, &identity(0)).await;
+    // Room was made by displacing one of the flood's, not by a timeout.
+    assert_eq!(counted(server, "displaced"), displaced + 1);
+    assert_eq!(counted(server, "handshake_failed"), 0);
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_flood_from_many_addresses_leaves_room_over_tcp() {
+    bounded(async {
+        let keys = Keys::new(1);
+        let server = TcpServer::tcp(flood_config(), Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+        let client = TcpClient::tcp(client_config("legit"), Some(keys.client_auth(0)));
+        let held = flood_then_connect(&server, &client, &addr.to_string(), |from| async move {
+            Box::new(silent_tcp(from, addr).await) as Box<dyn Any + Send>
+        })
+        .await;
+        drop(held);
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_flood_from_many_addresses_leaves_room_over_tls() {
+    use publisher_transport::{
+        TcpOptions,
+        backend::tcp::tls::TcpTlsBackend,
+        tls::{self, ALPN, ClientTrust, Identity, ServerTrust},
+    };
+    bounded(async {
+        let keys = Keys::new(1);
+        let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let server_tls = tls::server_config(&identity, &ClientTrust::default(), &[ALPN]).unwrap();
+        let client_tls =
+            tls::client_config(&ServerTrust::pinned(identity.fingerprint()), &[ALPN]).unwrap();
+        let server = TransportServer::new(
+            TcpTlsBackend::new(TcpOptions::default(), Some(server_tls), None),
+            flood_config(),
+            Some(keys.server_auth()),
+        );
+        let addr = server.start().await.unwrap();
+        let client = TransportClient::new(
+            TcpTlsBackend::new(TcpOptions::default(), None, Some(client_tls)),
+            client_config("legit"),
+            Some(keys.client_auth(0)),
+        );
+        // Silent before the TLS ClientHello: each holds a slot, no TLS work.
+        let held = flood_then_connect(&server, &client, &addr.to_string(), |from| async move {
+            Box::new(silent_tcp(from, addr).await) as Box<dyn Any + Send>
+        })
+        .await;
+        drop(held);
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// Over QUIC a silent connection completes the QUIC handshake and then opens
+/// no stream (an Initial that never completes never reaches the server's
+/// accept: quinn holds it, bounded by its own handshake timeout).
+#[cfg(feature = "quic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_flood_from_many_addresses_leaves_room_over_quic() {
+    use publisher_transport::{
+        QuicBackend,
+        tls::{self, ALPN, Identity, ServerTrust},
+    };
+    bounded(async {
+        let keys = Keys::new(1);
+        let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let (server_backend, client_backend) =
+            QuicBackend::pinned_pair(&identity, Default::default()).unwrap();
+        let server = TransportServer::new(server_backend, flood_config(), Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+        let client = TransportClient::new(
+            client_backend,
+            client_config("legit"),
+            Some(keys.client_auth(0)),
+        );
+        let tls =
+            tls::client_config(&ServerTrust::pinned(identity.fingerprint()), &[ALPN]).unwrap();
+        let quic_client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        let held = flood_then_connect(&server, &client, &addr.to_string(), |from| {
+            let quic_client = quic_client.clone();
+            async move {
+                let mut endpoint =
+                    quinn::Endpoint::client(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
+                endpoint.set_default_client_config(quic_client);
+                // Refused or displaced ones fail; either way the endpoint is kept.
+                let connection = tokio::time::timeout(
+                    STEP_TIMEOUT,
+                    endpoint.connect(addr, "127.0.0.1").unwrap(),
+                )
+                .await
+                .expect("the QUIC handshake ends")
+                .ok();
+                Box::new((endpoint, connection)) as Box<dyn Any + Send>
+            }
+        })
+        .await;
+        drop(held);
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// With authentication on, a connection that sends nothing is closed at the
+/// first-byte deadline, long before the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_at_the_first_byte_deadline() {
+    bounded(async {
+        let keys = Keys::new(1);
+        let mut config = server_config();
+        config.handshake_timeout = Duration::from_secs(60);
+        config.first_byte_timeout = Duration::from_millis(200);
+        let server = TcpServer::tcp(config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+        let mut silent = silent_tcp(Ipv4Addr::LOCALHOST, addr).await;
+        let mut rest = Vec::new();
+        // Closed without a word: the server reads nothing, so it says nothing.
+        let read = tokio::time::timeout(STEP_TIMEOUT, silent.read_to_end(&mut rest))
+            .await
+            .expect("closed well before the 60 s handshake timeout");
+        assert!(read.is_err() || rest.is_empty(), "{read:?} {rest:?}");
+        assert_eq!(counted(&server, "transport_failed"), 1);
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// 100 trusted sequencers behind one address (a publisher restart with
+/// everyone behind one NAT) all connect at once with the default settings,
+/// rate limit included: successful handshakes are never charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_trusted_clients_from_one_address_all_connect_at_once() {
+    bounded(async {
+        const CLIENTS: usize = 100;
+        let keys = Keys::new(CLIENTS);
+        let config = ServerConfig::default().with_listen_addr("127.0.0.1:0");
+        assert!(
+            config.rate_limit.is_some(),
+            "the default rate limit applies"
+        );
+        let server = TcpServer::tcp(config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap().to_string();
+        let clients: Vec<TcpClient> = (0..CLIENTS)
+            .map(|i| TcpClient::tcp(client_config(&format!("c{i}")), Some(keys.client_auth(i))))
+            .collect();
+        let results = join_all(clients.iter().map(|client| client.connect(&addr))).await;
+        for (i, result) in results.iter().enumerate() {
+            assert!(result.is_ok(), "client {i}: {result:?}");
+        }
+        eventually("all registered", || server.connections().len() == CLIENTS).await;
+        assert_eq!(counted(&server, "refused_throttled"), 0);
+        for client in &clients {
+            client.disconnect().await.unwrap();
+        }
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// 100 attempts with untrusted keys from one address: the first ones fail
+/// authentication and use up the bucket (burst 20), the rest are throttled,
+/// each told so in a refusing `HandshakeResponse` and the `Disconnect`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
+    bounded(async {
+        let keys = Keys::new(1);
+        let config = ServerConfig::default().with_listen_addr("127.0.0.1:0");
+        let server = TcpServer::tcp(config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap().to_string();
+        let (mut throttled, mut failed) = (0, 0);
+        for _ in 0..100 {
+            let stranger = TcpClient::tcp(
+                client_config("stranger"),
+                Some(ClientAuth::new(Arc::new(SecretKey::generate()))),
+            );
+            match stranger.connect(&addr).await {
+                Err(TransportError::Refused {
+                    reason: DisconnectReason::Throttled,
+                    details,
+                }) => {
+                    assert!(details.starts_with("throttled"), "{details}");
+                    throttled += 1;
+                }
+                Err(_) => failed += 1,
+                Ok(()) => panic!("an untrusted key got in"),
+            }
+        }
+        println!("100 untrusted attempts: {failed} failed authentication, {throttled} throttled");
+        // Burst 20 plus what 5/s refills while they run.
+        assert!(failed >= 20, "{failed} failed");
+        assert!(throttled >= 50, "only {throttled} throttled");
+        assert_eq!(counted(&server, "refused_throttled"), throttled);
+        assert!(server.connections().is_empty());
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A key removed while its handshake is in flight never stays connected:
+/// either the handshake fails, or the registered connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_removal_racing_a_handshake_leaves_no_connection() {
+    bounded(async {
+        const ROUNDS: usize = 30;
+        let keys = Keys::new(0);
+        let server = TcpServer::tcp(server_config(), Some(keys.server_auth()));
+        let addr = server.start().await.unwrap().to_string();
+        let mut connected = 0;
+        for round in 0..ROUNDS {
+            let id = format!("racer-{round}");
+            let key = Arc::new(SecretKey::generate());
+            keys.trust.add(&id, key.public_key().clone()).unwrap();
+            let client = TcpClient::tcp(
+                client_config(&id),
+                Some(ClientAuth::new(key).with_server_key(keys.server.public_key().clone())),
+            );
+            // Spread the removal over the handshake's course.
+            let delay = Duration::from_micros(100 * round as u64);
+            let (result, _) = tokio::join!(client.connect(&addr), async {
+                tokio::time::sleep(delay).await;
+                keys.trust.remove(&id)
+            });
+            connected += usize::from(result.is_ok());
+            eventually("the revoked key disconnected", || {
+                server.manager().get(&id).is_none()
+            })
+            .await;
+        }
+        println!("{connected} of {ROUNDS} racing handshakes completed before the removal");
+        server.stop().await.unwrap();
+    })
+    .await;
+}
