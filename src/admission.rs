@@ -304,6 +304,11 @@ impl PendingSlot {
     pub(crate) async fn evicted(&self) {
         self.evicted.cancelled().await;
     }
+
+    /// Cancelled once a newcomer has taken this slot over.
+    pub(crate) fn evicted_token(&self) -> CancellationToken {
+        self.evicted.clone()
+    }
 }
 
 impl Drop for PendingSlot {

@@ -34,6 +34,7 @@ use super::{
     grpc_inbound::{InboundLimits, LimitInbound},
 };
 use crate::{
+    admission::{PendingHandshakes, PendingSlot, Prefix},
     codec::{self, LENGTH_PREFIX_LEN},
     error::{CodecError, DisconnectReason, TransportError},
     proto::transport::v1::{
@@ -87,6 +88,21 @@ pub struct GrpcOptions {
     pub max_frame_size: usize,
     /// TCP_NODELAY on the HTTP/2 connection.
     pub nodelay: bool,
+    /// HTTP/2 connections a server serves at once; a TCP connection beyond
+    /// it is closed at once, before any TLS or HTTP/2 work.
+    pub max_connections: usize,
+    /// Server: connections that have not opened their stream yet (TLS and
+    /// the HTTP/2 preface included); beyond it a newcomer displaces the
+    /// oldest of the address prefix holding the most, as pending handshakes
+    /// do, or is closed.
+    pub max_pending_connections: usize,
+    /// Server: of those, what one address prefix (an IPv4 address, an IPv6
+    /// /64) may hold.
+    pub max_pending_connections_per_prefix: usize,
+    /// Server: a connection must open its stream within this (TLS, the
+    /// HTTP/2 preface and the call); otherwise it is closed.
+    #[serde(with = "humantime_serde")]
+    pub stream_deadline: Duration,
 }
 
 impl Default for GrpcOptions {
@@ -108,6 +124,10 @@ impl Default for GrpcOptions {
             },
             max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
             nodelay: true,
+            max_connections: 5120,
+            max_pending_connections: 4096,
+            max_pending_connections_per_prefix: 128,
+            stream_deadline: crate::handshake::DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -390,8 +410,12 @@ impl FrameService for Service {
         &self,
         request: Request<Streaming<FrameBatch>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let remote_addr = request.remote_addr();
         let limits = request.extensions().get::<Arc<InboundLimits>>().cloned();
+        let admitted = request.extensions().get::<AdmittedInfo>().cloned();
+        let remote_addr = admitted.as_ref().map(|info| info.remote_addr);
+        if let Some(info) = &admitted {
+            info.gate.opened();
+        }
         if let Some(client_id) = request.metadata().get(CLIENT_ID_METADATA) {
             let client_id = String::from_utf8_lossy(client_id.as_bytes());
             debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
@@ -509,7 +533,10 @@ impl GrpcBackend {
         let mut server = Server::builder()
             .http2_keepalive_interval(self.options.keep_alive)
             .http2_keepalive_timeout(Some(self.options.keep_alive_timeout))
-            .tcp_nodelay(self.options.nodelay);
+            .tcp_nodelay(self.options.nodelay)
+            // Each connection carries one `Session` stream.
+            .max_concurrent_streams(Some(1))
+            .concurrency_limit_per_connection(1);
         // Items are limited to a handshake until the session raises it.
         let initial = codec::HANDSHAKE_MAX_FRAME_SIZE.min(self.options.max_frame_size);
         server.add_service(LimitInbound::new(
@@ -519,14 +546,37 @@ impl GrpcBackend {
     }
 }
 
+/// What the listener admits connections by.
+struct Admission {
+    connections: Arc<tokio::sync::Semaphore>,
+    pending: Arc<PendingHandshakes>,
+    deadline: Duration,
+}
+
+impl Admission {
+    fn new(options: &GrpcOptions) -> Self {
+        Self {
+            connections: Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1))),
+            pending: PendingHandshakes::new(
+                options.max_pending_connections,
+                options.max_pending_connections_per_prefix,
+            ),
+            deadline: options.stream_deadline,
+        }
+    }
+}
+
 /// Accepts TCP (and TLS) connections concurrently and hands them to tonic,
-/// so one slow TLS handshake never delays the others.
+/// so one slow TLS handshake never delays the others. Admission comes
+/// first: the connection cap, and a pending slot for the address prefix;
+/// a connection refused either is closed before any TLS or HTTP/2 work.
 fn incoming<IO, F, Fut>(
     listener: tokio::net::TcpListener,
     nodelay: bool,
     shutdown: CancellationToken,
+    admission: Admission,
     upgrade: F,
-) -> ReceiverStream<io::Result<IO>>
+) -> ReceiverStream<io::Result<AdmittedIo<IO>>>
 where
     IO: Send + 'static,
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
@@ -541,15 +591,35 @@ where
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, remote_addr)) => {
+                    let Ok(permit) = admission.connections.clone().try_acquire_owned() else {
+                        debug!(%remote_addr, "gRPC connection refused: connection cap reached");
+                        continue;
+                    };
+                    let slot = match admission.pending.acquire(Prefix::of(remote_addr.ip())) {
+                        Ok(slot) => slot,
+                        Err(refusal) => {
+                            debug!(%remote_addr, ?refusal, "gRPC connection refused: too many pending");
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(nodelay);
+                    let deadline = tokio::time::Instant::now() + admission.deadline;
                     let (tx, upgrade) = (tx.clone(), upgrade.clone());
                     tokio::spawn(async move {
-                        let io =
-                            tokio::time::timeout(Duration::from_secs(10), upgrade(stream)).await;
+                        let evicted = slot.evicted_token();
+                        let io = tokio::select! {
+                            () = evicted.cancelled() => {
+                                debug!(%remote_addr, "gRPC connection displaced before its TLS handshake ended");
+                                return;
+                            }
+                            io = tokio::time::timeout_at(deadline, upgrade(stream)) => io,
+                        };
                         match io {
                             Ok(Ok(io)) => {
-                                let _ = tx.send(Ok(io)).await;
+                                let admitted =
+                                    AdmittedIo::new(io, remote_addr, slot, permit, deadline);
+                                let _ = tx.send(Ok(admitted)).await;
                             }
                             Ok(Err(err)) => warn!(error = %err, "gRPC TLS handshake failed"),
                             Err(_) => warn!("gRPC TLS handshake timed out"),
@@ -566,49 +636,127 @@ where
     ReceiverStream::new(rx)
 }
 
-/// A server-side TLS stream that tonic can serve (it needs `Connected` to
-/// report the peer's address).
-struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+/// Set once a connection opens its stream; until then it holds a pending
+/// slot and is under the stream deadline.
+#[derive(Debug)]
+struct StreamGate {
+    opened: std::sync::atomic::AtomicBool,
+    slot: std::sync::Mutex<Option<PendingSlot>>,
+}
 
-impl tonic::transport::server::Connected for TlsIo {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+impl StreamGate {
+    fn opened(&self) {
+        self.opened
+            .store(true, std::sync::atomic::Ordering::Release);
+        let slot = self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(slot);
+    }
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
+    fn is_open(&self) -> bool {
+        self.opened.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
-impl tokio::io::AsyncRead for TlsIo {
+/// What the service learns of its connection (tonic puts it in each
+/// request's extensions).
+#[derive(Debug, Clone)]
+struct AdmittedInfo {
+    remote_addr: SocketAddr,
+    gate: Arc<StreamGate>,
+}
+
+/// A connection tonic serves: holds its place under the connection cap and,
+/// until its stream opens, fails its reads once the stream deadline passes
+/// or a newcomer displaces it, which makes tonic close it.
+struct AdmittedIo<IO> {
+    io: IO,
+    info: AdmittedInfo,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    evicted: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<IO> AdmittedIo<IO> {
+    fn new(
+        io: IO,
+        remote_addr: SocketAddr,
+        slot: PendingSlot,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+    ) -> Self {
+        let evicted = Box::pin(slot.evicted_token().cancelled_owned());
+        Self {
+            io,
+            info: AdmittedInfo {
+                remote_addr,
+                gate: Arc::new(StreamGate {
+                    opened: Default::default(),
+                    slot: std::sync::Mutex::new(Some(slot)),
+                }),
+            },
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            evicted,
+            _permit: permit,
+        }
+    }
+}
+
+impl<IO> tonic::transport::server::Connected for AdmittedIo<IO> {
+    type ConnectInfo = AdmittedInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AdmittedIo<IO> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        if !this.info.gate.is_open() {
+            let expired = this.deadline.as_mut().poll(cx).is_ready();
+            if expired || this.evicted.as_mut().poll(cx).is_ready() {
+                let why = if expired {
+                    "no gRPC stream opened before the deadline"
+                } else {
+                    "displaced by a newer connection"
+                };
+                debug!(remote_addr = %this.info.remote_addr, why, "closing gRPC connection");
+                return std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+            }
+        }
+        std::pin::Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for TlsIo {
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AdmittedIo<IO> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -616,11 +764,11 @@ impl tokio::io::AsyncWrite for TlsIo {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }
 
@@ -782,13 +930,13 @@ impl Backend for GrpcBackend {
         let nodelay = self.options.nodelay;
         match self.server_tls.clone() {
             None => {
-                let incoming =
-                    incoming(
-                        listener,
-                        nodelay,
-                        shutdown.clone(),
-                        |tcp| async move { Ok(tcp) },
-                    );
+                let incoming = incoming(
+                    listener,
+                    nodelay,
+                    shutdown.clone(),
+                    Admission::new(&self.options),
+                    |tcp| async move { Ok(tcp) },
+                );
                 tokio::spawn(async move {
                     if let Err(err) = router.serve_with_incoming_shutdown(incoming, signal).await {
                         warn!(error = %err, "gRPC server failed");
@@ -797,10 +945,12 @@ impl Backend for GrpcBackend {
             }
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                let incoming = incoming(listener, nodelay, shutdown.clone(), move |tcp| {
-                    let acceptor = acceptor.clone();
-                    async move { acceptor.accept(tcp).await.map(TlsIo) }
-                });
+                let admission = Admission::new(&self.options);
+                let incoming =
+                    incoming(listener, nodelay, shutdown.clone(), admission, move |tcp| {
+                        let acceptor = acceptor.clone();
+                        async move { acceptor.accept(tcp).await }
+                    });
                 tokio::spawn(async move {
                     if let Err(err) = router.serve_with_incoming_shutdown(incoming, signal).await {
                         warn!(error = %err, "gRPC server failed");

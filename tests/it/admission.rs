@@ -346,3 +346,125 @@ async fn trust_removal_racing_a_handshake_leaves_no_connection() {
     })
     .await;
 }
+
+/// Whether the server has closed `stream` (without reading from it more
+/// than a peek's worth).
+#[cfg(feature = "grpc")]
+fn is_closed(stream: &tokio::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.try_read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(err) => err.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[cfg(feature = "grpc")]
+fn grpc_options() -> publisher_transport::backend::grpc::GrpcOptions {
+    let mut options = publisher_transport::backend::grpc::GrpcOptions::default();
+    options.retry.max_retries = Some(0);
+    options
+}
+
+/// Over gRPC, silent TCP connections (no HTTP/2 preface) are held by the
+/// listener, per address prefix like pending handshakes: those beyond the
+/// pool are closed at once, and a trusted client still gets in within a
+/// second, displacing one.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_flood_from_many_addresses_leaves_room_over_grpc() {
+    use publisher_transport::backend::grpc::GrpcBackend;
+    bounded(async {
+        let keys = Keys::new(1);
+        let mut options = grpc_options();
+        options.max_pending_connections = POOL;
+        options.max_pending_connections_per_prefix = SHARE;
+        options.stream_deadline = Duration::from_secs(25);
+        let server = TransportServer::new(
+            GrpcBackend::new(options),
+            flood_config(),
+            Some(keys.server_auth()),
+        );
+        let addr = server.start().await.unwrap();
+        let mut silent = Vec::new();
+        for n in 0..FLOOD_ADDRESSES {
+            for _ in 0..PER_ADDRESS {
+                silent.push(silent_tcp(flood_address(n), addr).await);
+            }
+        }
+        let closed = |silent: &[tokio::net::TcpStream]| silent.iter().filter(|s| is_closed(s)).count();
+        eventually("the silent connections beyond the pool closed", || {
+            closed(&silent) == silent.len() - POOL
+        })
+        .await;
+
+        let client = TransportClient::new(
+            GrpcBackend::new(grpc_options()),
+            client_config("legit"),
+            Some(keys.client_auth(0)),
+        );
+        let started = Instant::now();
+        client.connect(&addr.to_string()).await.unwrap();
+        let took = started.elapsed();
+        println!(
+            "grpc with {} silent connections from {FLOOD_ADDRESSES} addresses: handshake in {took:?}",
+            silent.len()
+        );
+        assert!(took < Duration::from_secs(1), "handshake took {took:?}");
+        registered(&server, &identity(0)).await;
+        eventually("one silent connection displaced", || {
+            closed(&silent) == silent.len() - POOL + 1
+        })
+        .await;
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A gRPC connection that never opens a stream is closed at the stream
+/// deadline; beyond the connection cap a connection is closed at once.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connection_without_a_stream_is_closed_and_the_cap_holds() {
+    use publisher_transport::backend::grpc::GrpcBackend;
+    bounded(async {
+        let keys = Keys::new(1);
+        let mut options = grpc_options();
+        options.stream_deadline = Duration::from_millis(300);
+        options.max_connections = 1;
+        let server = TransportServer::new(
+            GrpcBackend::new(options),
+            server_config(),
+            Some(keys.server_auth()),
+        );
+        let addr = server.start().await.unwrap();
+        let mut first = silent_tcp(Ipv4Addr::LOCALHOST, addr).await;
+        let mut second = silent_tcp(Ipv4Addr::LOCALHOST, addr).await;
+        let mut rest = Vec::new();
+        let over_cap =
+            tokio::time::timeout(Duration::from_millis(250), second.read_to_end(&mut rest))
+                .await
+                .expect("closed at once: over the connection cap");
+        assert!(over_cap.is_err() || rest.is_empty(), "{over_cap:?}");
+        let started = Instant::now();
+        let _ = tokio::time::timeout(STEP_TIMEOUT, first.read_to_end(&mut rest))
+            .await
+            .expect("closed at the stream deadline");
+        println!(
+            "silent gRPC connection closed after {:?}",
+            started.elapsed()
+        );
+        // The cap is free again: a client gets in.
+        let client = TransportClient::new(
+            GrpcBackend::new(grpc_options()),
+            client_config("legit"),
+            Some(keys.client_auth(0)),
+        );
+        client.connect(&addr.to_string()).await.unwrap();
+        registered(&server, &identity(0)).await;
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await;
+}
