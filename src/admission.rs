@@ -10,9 +10,50 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::BytesMut;
+use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RateLimit;
+use crate::{
+    backend::Pipe,
+    codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
+    config::RateLimit,
+    error::DisconnectReason,
+    handshake::disconnect_body,
+    proto::rollup::v1::HandshakeResponse,
+    session::{FrameReader, FrameWriter},
+};
+
+/// Refuses a connection before reading its request, as a refused handshake
+/// is refused, so that every client can say why: a `HandshakeResponse`
+/// with `accepted: false` and `error: "<reason>: <details>"`, then
+/// `Disconnect{reason, details}`, bounded by `timeout`.
+pub(crate) async fn refuse_before_handshake<R: FrameReader, W: FrameWriter>(
+    pipe: Pipe<R, W>,
+    reason: DisconnectReason,
+    details: &str,
+    timeout: Duration,
+) {
+    let Pipe { mut writer, .. } = pipe;
+    let response = HandshakeResponse {
+        accepted: false,
+        error: format!("{reason}: {details}"),
+        session_id: String::new(),
+    }
+    .encode_to_vec();
+    let mut frames = BytesMut::new();
+    for body in [&response[..], &disconnect_body(reason, details)[..]] {
+        match codec::frame_body(body, HANDSHAKE_MAX_FRAME_SIZE) {
+            Ok(frame) => frames.extend_from_slice(&frame),
+            Err(_) => return,
+        }
+    }
+    let _ = tokio::time::timeout(timeout, async {
+        writer.write_frames(&frames).await?;
+        writer.shutdown(Some((reason, details))).await
+    })
+    .await;
+}
 
 /// The party a connection is counted against: an IPv4 address or an IPv6
 /// /64. IPv4-mapped IPv6 addresses count as their IPv4 address.

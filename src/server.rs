@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::{
     admission::{
         ChargeUnlessAuthenticated, PendingHandshakes, PendingRefusal, Prefix, RateLimiter,
+        refuse_before_handshake,
     },
     backend::{Backend, Listener, Pipe},
     codec,
@@ -454,9 +455,8 @@ async fn accept_loop<B: Backend>(
 
 /// Refuses a connection before establishing it. Where the pipe costs
 /// nothing (plain TCP, gRPC) the peer is told why: with authentication on as
-/// a refused handshake is (a refusing `HandshakeResponse`, then the
-/// `Disconnect`), so every client can report it; otherwise with a bare
-/// `Disconnect`. Over TLS and QUIC the connection is closed (QUIC: refused)
+/// a refused handshake is ([`refuse_before_handshake`]), so every client
+/// can report it; otherwise with a bare `Disconnect`. Over TLS and QUIC the connection is closed (QUIC: refused)
 /// before its transport handshake, without a message: no work is spent on it.
 async fn refuse_early<B: Backend>(
     inner: &Inner<B>,
@@ -470,14 +470,13 @@ async fn refuse_early<B: Backend>(
         .context
         .metrics
         .connection(&format!("refused_{reason}"));
-    let Ok(Pipe { mut writer, .. }) = B::Listener::pipe_now(connecting) else {
+    let Ok(mut pipe) = B::Listener::pipe_now(connecting) else {
         return;
     };
     if inner.handshake.is_some() {
-        session::refuse_after_handshake(&mut writer, reason, details, config.disconnect_timeout)
-            .await;
+        refuse_before_handshake(pipe, reason, details, config.disconnect_timeout).await;
     } else {
-        send_disconnect(&mut writer, reason, details, config.disconnect_timeout).await;
+        send_disconnect(&mut pipe.writer, reason, details, config.disconnect_timeout).await;
     }
 }
 
@@ -503,7 +502,7 @@ async fn serve<B: Backend>(
             limiter.charge(prefix)
         };
         if !admitted {
-            let details = "throttled: connection rate limit";
+            let details = "connection rate limit";
             return refuse_early::<B>(&inner, connecting, DisconnectReason::Throttled, details)
                 .await;
         }

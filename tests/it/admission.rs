@@ -12,12 +12,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::future::join_all;
+use futures::{StreamExt, future::join_all};
+use prost::Message as _;
 use publisher_transport::{
-    ClientAuth, DisconnectReason, SecretKey, ServerConfig, TcpClient, TcpServer, TransportClient,
-    TransportError, TransportServer, backend::Backend,
+    ClientAuth, DisconnectReason, FrameCodec, Message, SecretKey, ServerConfig, TcpClient,
+    TcpServer, TransportClient, TransportError, TransportServer,
+    backend::Backend,
+    proto::{Payload, rollup::v1::HandshakeResponse},
 };
 use tokio::{io::AsyncReadExt, net::TcpSocket};
+use tokio_util::codec::FramedRead;
 
 use crate::e2e::{
     Keys, STEP_TIMEOUT, bounded, client_config, eventually, identity, registered, server_config,
@@ -164,6 +168,57 @@ async fn silent_flood_from_many_addresses_leaves_room_over_tls() {
     .await;
 }
 
+/// Over TLS a throttled client is refused before the TLS handshake: the
+/// connection is closed before the server's first TLS message, so no TLS
+/// work is spent on it (and there is nothing the refusal could be told in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_tls_client_is_refused_before_the_tls_handshake() {
+    use publisher_transport::{
+        RateLimit, TcpOptions,
+        backend::tcp::tls::TcpTlsBackend,
+        tls::{self, ALPN, ClientTrust, Identity, ServerTrust},
+    };
+    bounded(async {
+        let keys = Keys::new(1);
+        let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let server_tls = tls::server_config(&identity, &ClientTrust::default(), &[ALPN]).unwrap();
+        let client_tls =
+            tls::client_config(&ServerTrust::pinned(identity.fingerprint()), &[ALPN]).unwrap();
+        let config = server_config().with_rate_limit(Some(RateLimit {
+            burst: 1,
+            per_second: 0.0,
+        }));
+        let server = TransportServer::new(
+            TcpTlsBackend::new(TcpOptions::default(), Some(server_tls), None),
+            config,
+            Some(keys.server_auth()),
+        );
+        let addr = server.start().await.unwrap().to_string();
+        let client = |auth| {
+            TransportClient::new(
+                TcpTlsBackend::new(TcpOptions::default(), None, Some(client_tls.clone())),
+                client_config("c"),
+                Some(auth),
+            )
+        };
+        let stranger = client(ClientAuth::new(Arc::new(SecretKey::generate())));
+        assert!(stranger.connect(&addr).await.is_err());
+        eventually("the failure charged", || {
+            counted(&server, "handshake_failed") == 1
+        })
+        .await;
+        let throttled = client(keys.client_auth(0)).connect(&addr).await;
+        assert!(
+            matches!(throttled, Err(TransportError::Tls { .. })),
+            "expected the TLS handshake to be cut off, got {throttled:?}"
+        );
+        assert_eq!(counted(&server, "refused_throttled"), 1);
+        assert_eq!(counted(&server, "transport_failed"), 0);
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
 /// Over QUIC a silent connection completes the QUIC handshake and then opens
 /// no stream (an Initial that never completes never reaches the server's
 /// accept: quinn holds it, bounded by its own handshake timeout).
@@ -289,11 +344,14 @@ async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
                 Some(ClientAuth::new(Arc::new(SecretKey::generate()))),
             );
             match stranger.connect(&addr).await {
-                Err(TransportError::Refused {
-                    reason: DisconnectReason::Throttled,
-                    details,
-                }) => {
-                    assert!(details.starts_with("throttled"), "{details}");
+                Err(
+                    err @ TransportError::Refused {
+                        reason: DisconnectReason::Throttled,
+                        ..
+                    },
+                ) => {
+                    let text = err.to_string();
+                    assert!(text.contains("throttled: connection rate limit"), "{text}");
                     throttled += 1;
                 }
                 Err(_) => failed += 1,
@@ -306,6 +364,31 @@ async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
         assert!(throttled >= 50, "only {throttled} throttled");
         assert_eq!(counted(&server, "refused_throttled"), throttled);
         assert!(server.connections().is_empty());
+
+        // On the wire, what any client of the Go protocol reads in place of
+        // the response: a refusing `HandshakeResponse`, then the `Disconnect`.
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut frames = FramedRead::new(stream, FrameCodec::default());
+        let mut next = async || {
+            tokio::time::timeout(STEP_TIMEOUT, frames.next())
+                .await
+                .expect("a frame")
+                .expect("not the end")
+                .unwrap()
+        };
+        let response = HandshakeResponse::decode(next().await).unwrap();
+        assert!(!response.accepted);
+        assert_eq!(response.error, "throttled: connection rate limit");
+        match Message::decode(next().await).unwrap().payload {
+            Some(Payload::Disconnect(disconnect)) => {
+                assert_eq!(
+                    DisconnectReason::from_proto(disconnect.reason),
+                    DisconnectReason::Throttled
+                );
+                assert_eq!(disconnect.details, "connection rate limit");
+            }
+            other => panic!("expected a Disconnect, got {other:?}"),
+        }
         server.stop().await.unwrap();
     })
     .await;
