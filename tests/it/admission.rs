@@ -289,7 +289,57 @@ async fn silent_connection_is_closed_at_the_first_byte_deadline() {
             .await
             .expect("closed well before the 60 s handshake timeout");
         assert!(read.is_err() || rest.is_empty(), "{read:?} {rest:?}");
-        assert_eq!(counted(&server, "transport_failed"), 1);
+        eventually("counted as a failed transport setup", || {
+            counted(&server, "transport_failed") == 1
+        })
+        .await;
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// Over QUIC, a connection that completes the QUIC handshake and opens no
+/// stream is closed at the first-byte deadline.
+#[cfg(feature = "quic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connection_without_a_stream_is_closed_at_the_first_byte_deadline() {
+    use publisher_transport::{
+        QuicBackend,
+        tls::{self, ALPN, Identity, ServerTrust},
+    };
+    bounded(async {
+        let keys = Keys::new(1);
+        let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let (server_backend, _) = QuicBackend::pinned_pair(&identity, Default::default()).unwrap();
+        let mut config = server_config();
+        config.handshake_timeout = Duration::from_secs(60);
+        config.first_byte_timeout = Duration::from_millis(200);
+        let server = TransportServer::new(server_backend, config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+        let tls =
+            tls::client_config(&ServerTrust::pinned(identity.fingerprint()), &[ALPN]).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        )));
+        let connection =
+            tokio::time::timeout(STEP_TIMEOUT, endpoint.connect(addr, "127.0.0.1").unwrap())
+                .await
+                .unwrap()
+                .unwrap();
+        let closed = tokio::time::timeout(STEP_TIMEOUT, connection.closed())
+            .await
+            .expect("closed well before the 60 s handshake timeout");
+        match &closed {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(&close.reason[..], b"no stream opened", "{closed}")
+            }
+            other => panic!("expected the server to close it, got {other:?}"),
+        }
+        eventually("counted as a failed transport setup", || {
+            counted(&server, "transport_failed") == 1
+        })
+        .await;
         server.stop().await.unwrap();
     })
     .await;

@@ -217,12 +217,17 @@ pub async fn bounded(test: impl Future<Output = ()>) {
         .expect("test exceeded its time bound");
 }
 
-/// A server on `127.0.0.1:0` without the per-IP limit (every test client
+/// A server on `127.0.0.1:0` without the rate limit (every test client
 /// comes from 127.0.0.1).
 pub fn server_config() -> ServerConfig {
-    ServerConfig::default()
+    let mut config = ServerConfig::default()
         .with_listen_addr("127.0.0.1:0")
-        .with_rate_limit(None)
+        .with_rate_limit(None);
+    // A hundred clients of one debug-build process, on a loaded machine,
+    // take up to about a second between their QUIC handshake and their
+    // first bytes; the first-byte deadline has tests of its own.
+    config.first_byte_timeout = config.handshake_timeout;
+    config
 }
 
 /// A client with quick reconnects. Automatic reconnect is off unless a test
