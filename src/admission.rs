@@ -14,27 +14,43 @@ use bytes::BytesMut;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use tracing::info;
+
 use crate::{
-    backend::Pipe,
+    backend::{Listener, Pipe},
     codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
-    config::RateLimit,
+    config::{RateLimit, ServerConfig},
     error::DisconnectReason,
     handshake::disconnect_body,
+    metrics::Metrics,
     proto::rollup::v1::HandshakeResponse,
-    session::{FrameReader, FrameWriter},
+    session::{FrameWriter, send_disconnect},
 };
 
-/// Refuses a connection before reading its request, as a refused handshake
-/// is refused, so that every client can say why: a `HandshakeResponse`
-/// with `accepted: false` and `error: "<reason>: <details>"`, then
-/// `Disconnect{reason, details}`, bounded by `timeout`.
-pub(crate) async fn refuse_before_handshake<R: FrameReader, W: FrameWriter>(
-    pipe: Pipe<R, W>,
+/// Refuses a connection before establishing it. Where the pipe costs
+/// nothing (plain TCP, gRPC) the peer is told why: with authentication on as
+/// a refused handshake is, so that every client can say why (a
+/// `HandshakeResponse` with `accepted: false` and `error: "<reason>:
+/// <details>"`, then `Disconnect{reason, details}`); without, with the bare
+/// `Disconnect`. Over TLS and QUIC the connection is closed (QUIC: refused)
+/// before its transport handshake, without a message: no work is spent on it.
+pub(crate) async fn refuse_early<L: Listener>(
+    connecting: L::Connecting,
+    authenticating: bool,
+    metrics: &Metrics,
+    config: &ServerConfig,
     reason: DisconnectReason,
     details: &str,
-    timeout: Duration,
 ) {
-    let Pipe { mut writer, .. } = pipe;
+    info!(%reason, details, "connection refused");
+    metrics.connection(&format!("refused_{reason}"));
+    let Ok(Pipe { mut writer, .. }) = L::pipe_now(connecting) else {
+        return;
+    };
+    let timeout = config.disconnect_timeout;
+    if !authenticating {
+        return send_disconnect(&mut writer, reason, details, timeout).await;
+    }
     let response = HandshakeResponse {
         accepted: false,
         error: format!("{reason}: {details}"),

@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::{
     admission::{
         ChargeUnlessAuthenticated, PendingHandshakes, PendingRefusal, Prefix, RateLimiter,
-        refuse_before_handshake,
+        refuse_early,
     },
     backend::{Backend, Listener, Pipe},
     codec,
@@ -453,33 +453,6 @@ async fn accept_loop<B: Backend>(
     }
 }
 
-/// Refuses a connection before establishing it. Where the pipe costs
-/// nothing (plain TCP, gRPC) the peer is told why: with authentication on as
-/// a refused handshake is ([`refuse_before_handshake`]), so every client
-/// can report it; otherwise with a bare `Disconnect`. Over TLS and QUIC the connection is closed (QUIC: refused)
-/// before its transport handshake, without a message: no work is spent on it.
-async fn refuse_early<B: Backend>(
-    inner: &Inner<B>,
-    connecting: <B::Listener as Listener>::Connecting,
-    reason: DisconnectReason,
-    details: &str,
-) {
-    let config = &inner.config;
-    info!(%reason, details, "connection refused");
-    inner
-        .context
-        .metrics
-        .connection(&format!("refused_{reason}"));
-    let Ok(mut pipe) = B::Listener::pipe_now(connecting) else {
-        return;
-    };
-    if inner.handshake.is_some() {
-        refuse_before_handshake(pipe, reason, details, config.disconnect_timeout).await;
-    } else {
-        send_disconnect(&mut pipe.writer, reason, details, config.disconnect_timeout).await;
-    }
-}
-
 /// Admits, authenticates and runs one connection.
 async fn serve<B: Backend>(
     inner: Arc<Inner<B>>,
@@ -503,8 +476,16 @@ async fn serve<B: Backend>(
         };
         if !admitted {
             let details = "connection rate limit";
-            return refuse_early::<B>(&inner, connecting, DisconnectReason::Throttled, details)
-                .await;
+            let reason = DisconnectReason::Throttled;
+            return refuse_early::<B::Listener>(
+                connecting,
+                authenticating,
+                metrics,
+                config,
+                reason,
+                details,
+            )
+            .await;
         }
     }
     let slot = match inner.handshakes.acquire(prefix) {
@@ -514,8 +495,16 @@ async fn serve<B: Backend>(
                 PendingRefusal::PrefixFull => "too many pending handshakes from this address",
                 PendingRefusal::PoolFull => "too many pending handshakes",
             };
-            return refuse_early::<B>(&inner, connecting, DisconnectReason::TooManyPeers, details)
-                .await;
+            let reason = DisconnectReason::TooManyPeers;
+            return refuse_early::<B::Listener>(
+                connecting,
+                authenticating,
+                metrics,
+                config,
+                reason,
+                details,
+            )
+            .await;
         }
     };
     let mut charge = ChargeUnlessAuthenticated::new(

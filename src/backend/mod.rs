@@ -7,6 +7,8 @@ mod bearer;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 #[cfg(feature = "grpc")]
+mod grpc_admission;
+#[cfg(feature = "grpc")]
 pub(crate) mod grpc_codec;
 #[cfg(feature = "grpc")]
 mod grpc_inbound;
