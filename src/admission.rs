@@ -170,16 +170,17 @@ impl RateLimiter {
     fn with_bucket<T>(&self, prefix: Prefix, f: impl FnOnce(&mut Bucket) -> T) -> T {
         let now = Instant::now();
         let burst = f64::from(self.limit.burst.max(1));
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *guard;
         let expired = self
             .refill
             .is_some_and(|refill| now.duration_since(state.started) >= refill);
+        let mut retired = None;
         if expired || state.current.len() >= RATE_BUCKETS_PER_GENERATION {
-            let state = &mut *state;
-            state.previous = std::mem::take(&mut state.current);
+            let current = std::mem::take(&mut state.current);
+            retired = Some(std::mem::replace(&mut state.previous, current));
             state.started = now;
         }
-        let state = &mut *state;
         let bucket = match state.current.get_mut(&prefix) {
             Some(bucket) => bucket,
             None => {
@@ -193,7 +194,11 @@ impl RateLimiter {
         let refilled = now.duration_since(bucket.at).as_secs_f64() * self.limit.per_second;
         bucket.tokens = (bucket.tokens + refilled).min(burst);
         bucket.at = now;
-        f(bucket)
+        let result = f(bucket);
+        drop(guard);
+        // Freed outside the lock: the one step that is not O(1).
+        drop(retired);
+        result
     }
 }
 
