@@ -512,7 +512,7 @@ async fn serve<B: Backend>(
         prefix,
     );
     // One deadline for the transport's handshake and ours.
-    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let deadline = crate::deadline::deadline_after(config.handshake_timeout);
     let established = tokio::select! {
         () = slot.evicted() => {
             info!("pending connection displaced by a newcomer");

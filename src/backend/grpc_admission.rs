@@ -70,7 +70,7 @@ where
                         }
                     };
                     let _ = stream.set_nodelay(nodelay);
-                    let deadline = tokio::time::Instant::now() + admission.deadline;
+                    let deadline = crate::deadline::deadline_after(admission.deadline);
                     let (tx, upgrade) = (tx.clone(), upgrade.clone());
                     tokio::spawn(async move {
                         let evicted = slot.evicted_token();
