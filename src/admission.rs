@@ -385,8 +385,93 @@ impl Drop for PendingSlot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    type Hook = Box<dyn Fn(&str) + Send>;
+
+    /// Runs between a server's handshake and the registration of the
+    /// connection: where a trust change used to go unseen.
+    static BEFORE_REGISTER: Mutex<Option<Hook>> = Mutex::new(None);
+
+    pub(crate) fn before_register(identity: &str) {
+        if let Some(hook) = &*BEFORE_REGISTER
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            hook(identity);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_removed_between_handshake_and_registration_is_disconnected() {
+        use crate::{
+            ClientAuth, ClientConfig, ConnectionEvent, SecretKey, ServerAuth, ServerConfig,
+            TcpBackend, TransportClient, TransportServer, TrustStore,
+        };
+        // Only this identity is touched: other tests may run servers too.
+        const REVOKED: &str = "revoked-in-the-window";
+        let trust = Arc::new(TrustStore::new());
+        let client_key = Arc::new(SecretKey::generate());
+        trust.add(REVOKED, client_key.public_key().clone()).unwrap();
+        let hooked = trust.clone();
+        *BEFORE_REGISTER.lock().unwrap() = Some(Box::new(move |identity| {
+            if identity == REVOKED {
+                hooked.remove(identity);
+                // Lets the trust watcher look before the registration and
+                // find nothing, so that only the re-check after it can catch
+                // the change (no event says the watcher has looked; passing
+                // does not depend on this wait). Blocking in place hands this
+                // worker's queue, the woken watcher in it, to another thread.
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(100)));
+            }
+        }));
+        let server_key = Arc::new(SecretKey::generate());
+        let server = TransportServer::new(
+            TcpBackend::default(),
+            ServerConfig::default()
+                .with_listen_addr("127.0.0.1:0")
+                .with_rate_limit(None),
+            Some(ServerAuth::new(server_key.clone(), trust)),
+        );
+        let addr = server.start().await.unwrap();
+        let mut config = ClientConfig::default().with_client_id(REVOKED);
+        config.auto_reconnect = false;
+        let client = TransportClient::new(
+            TcpBackend::default(),
+            config,
+            Some(ClientAuth::new(client_key).with_server_key(server_key.public_key().clone())),
+        );
+        let mut events = client.events();
+        let bounded = Duration::from_secs(10);
+        // Accepted (the response goes out first), then cut off.
+        tokio::time::timeout(bounded, client.connect(&addr.to_string()))
+            .await
+            .unwrap()
+            .unwrap();
+        let end = tokio::time::timeout(bounded, async {
+            loop {
+                if let Ok(event @ ConnectionEvent::Disconnected { .. }) = events.recv().await {
+                    return event;
+                }
+            }
+        })
+        .await
+        .expect("the revoked key is disconnected");
+        assert!(
+            matches!(
+                end,
+                ConnectionEvent::Disconnected {
+                    reason: DisconnectReason::AuthFailure,
+                    by_peer: true,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+        *BEFORE_REGISTER.lock().unwrap() = None;
+        server.stop().await.unwrap();
+    }
 
     fn v4(last: u8) -> Prefix {
         Prefix::of(IpAddr::from([127, 0, 0, last]))

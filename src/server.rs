@@ -671,6 +671,8 @@ async fn serve<B: Backend>(
     if !replaces && inner.manager.len() >= config.max_connections {
         connection.close(DisconnectReason::TooManyPeers, "connection limit reached");
     } else {
+        #[cfg(test)]
+        crate::admission::tests::before_register(connection.identity());
         if let Some(old) = inner.manager.insert(connection.clone()) {
             info!(
                 old_id = old.id(),
