@@ -60,7 +60,7 @@ struct Inner<B: Backend> {
     context: Arc<SessionContext>,
     broadcasts: SequenceCounter,
     next_id: AtomicU64,
-    rate_limiter: Option<RateLimiter>,
+    rate_limiter: Option<Arc<RateLimiter>>,
     handshakes: Arc<PendingHandshakes>,
     running: Mutex<Option<Running>>,
 }
@@ -92,7 +92,9 @@ impl<B: Backend> TransportServer<B> {
         );
         let inner = Arc::new(Inner {
             backend,
-            rate_limiter: config.rate_limit.map(RateLimiter::new),
+            rate_limiter: config
+                .rate_limit
+                .map(|limit| Arc::new(RateLimiter::new(limit))),
             handshakes: PendingHandshakes::new(
                 config.max_pending_handshakes,
                 config.max_pending_handshakes_per_prefix,
@@ -161,6 +163,11 @@ impl<B: Backend> TransportServer<B> {
         if self.inner.auth.is_some() {
             // A client always speaks first when authenticating.
             listener.set_first_byte_timeout(self.inner.config.first_byte_timeout);
+            if let Some(limiter) = self.inner.rate_limiter.clone() {
+                listener.set_address_check(crate::backend::AddressCheck::new(move |ip| {
+                    limiter.admits(Prefix::of(ip))
+                }));
+            }
         }
         let local_addr = listener.local_addr().map_err(|source| TransportError::Io {
             op: "bind",
@@ -508,7 +515,7 @@ async fn serve<B: Backend>(
         }
     };
     let mut charge = ChargeUnlessAuthenticated::new(
-        inner.rate_limiter.as_ref().filter(|_| authenticating),
+        inner.rate_limiter.as_deref().filter(|_| authenticating),
         prefix,
     );
     // One deadline for the transport's handshake and ours.

@@ -468,6 +468,8 @@ impl tonic::service::Interceptor for BearerCheck {
 pub struct GrpcListener {
     accepted: mpsc::Receiver<(Pipe<GrpcReader, GrpcWriter>, Option<SocketAddr>)>,
     local_addr: SocketAddr,
+    /// The server's rate limit, applied before TLS handshakes.
+    address_check: Arc<std::sync::OnceLock<super::AddressCheck>>,
     /// Stops the HTTP/2 server when the listener goes away.
     _shutdown: tokio_util::sync::DropGuard,
 }
@@ -497,6 +499,10 @@ impl Listener for GrpcListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local_addr)
+    }
+
+    fn set_address_check(&mut self, check: super::AddressCheck) {
+        let _ = self.address_check.set(check);
     }
 
     fn pipe_now(
@@ -702,6 +708,7 @@ impl Backend for GrpcBackend {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
         let nodelay = self.options.nodelay;
+        let address_check = Arc::new(std::sync::OnceLock::new());
         match self.server_tls.clone() {
             None => {
                 let incoming = incoming(
@@ -719,7 +726,10 @@ impl Backend for GrpcBackend {
             }
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                let admission = Admission::new(&self.options);
+                let mut admission = Admission::new(&self.options);
+                // Over plain h2c a throttled call is told why; over TLS it
+                // is refused before the TLS handshake, without a word.
+                admission.address_check = Some(address_check.clone());
                 let incoming =
                     incoming(listener, nodelay, shutdown.clone(), admission, move |tcp| {
                         let acceptor = acceptor.clone();
@@ -735,6 +745,7 @@ impl Backend for GrpcBackend {
         Ok(GrpcListener {
             accepted,
             local_addr,
+            address_check,
             _shutdown: shutdown.drop_guard(),
         })
     }

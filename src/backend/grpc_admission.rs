@@ -7,9 +7,9 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::grpc::GrpcOptions;
+use super::{AddressCheck, grpc::GrpcOptions};
 use crate::admission::{PendingHandshakes, PendingSlot, Prefix};
 
 /// What the listener admits connections by.
@@ -17,6 +17,8 @@ pub(crate) struct Admission {
     connections: Arc<tokio::sync::Semaphore>,
     pending: Arc<PendingHandshakes>,
     deadline: Duration,
+    /// The server's rate limit, once the server has set it.
+    pub(crate) address_check: Option<Arc<std::sync::OnceLock<AddressCheck>>>,
 }
 
 impl Admission {
@@ -28,6 +30,7 @@ impl Admission {
                 options.max_pending_connections_per_prefix,
             ),
             deadline: options.stream_deadline,
+            address_check: None,
         }
     }
 }
@@ -58,6 +61,11 @@ where
             };
             match accepted {
                 Ok((stream, remote_addr)) => {
+                    let check = admission.address_check.as_ref().and_then(|c| c.get());
+                    if check.is_some_and(|check| !check.admits(remote_addr.ip())) {
+                        info!(%remote_addr, "gRPC connection refused before its TLS handshake: throttled");
+                        continue;
+                    }
                     let Ok(permit) = admission.connections.clone().try_acquire_owned() else {
                         debug!(%remote_addr, "gRPC connection refused: connection cap reached");
                         continue;

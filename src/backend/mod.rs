@@ -16,7 +16,12 @@ mod grpc_inbound;
 pub mod quic;
 pub mod tcp;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use crate::{
     error::TransportError,
@@ -32,6 +37,29 @@ pub struct Pipe<R, W> {
     pub writer: W,
     /// The peer's address, when the back-end knows it.
     pub remote_addr: Option<SocketAddr>,
+}
+
+/// Whether a peer's address may open a connection now: the server's rate
+/// limit, for a listener to apply before any work on the connection.
+#[derive(Clone)]
+pub struct AddressCheck(Arc<dyn Fn(IpAddr) -> bool + Send + Sync>);
+
+impl AddressCheck {
+    /// A check by `admits`.
+    pub fn new(admits: impl Fn(IpAddr) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(admits))
+    }
+
+    /// Whether `ip` may open a connection now.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        (self.0)(ip)
+    }
+}
+
+impl std::fmt::Debug for AddressCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressCheck").finish_non_exhaustive()
+    }
 }
 
 /// Accepts connections.
@@ -65,6 +93,12 @@ pub trait Listener: Send + 'static {
     /// first bytes (the server sets it when authentication is on, where the
     /// client always speaks first). Default: not applied.
     fn set_first_byte_timeout(&mut self, _timeout: Duration) {}
+
+    /// Gives a listener that runs a transport handshake of its own before
+    /// handing connections over (gRPC over TLS) the server's check of a
+    /// peer's address (its rate limit), to apply before that handshake.
+    /// Default: not used.
+    fn set_address_check(&mut self, _check: AddressCheck) {}
 
     /// The pipe of `connecting` at no cost, where establishing it costs
     /// nothing (plain TCP; a gRPC stream already open), so that a refusal

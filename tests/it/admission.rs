@@ -601,3 +601,54 @@ async fn grpc_connection_without_a_stream_is_closed_and_the_cap_holds() {
     })
     .await;
 }
+
+/// Over gRPC with TLS, a connection from a throttled address is closed
+/// before its TLS handshake, by the listener: it never reaches the server.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_grpc_tls_connection_is_refused_before_the_tls_handshake() {
+    use publisher_transport::{
+        RateLimit,
+        backend::grpc::GrpcBackend,
+        tls::{ClientTrust, Identity, ServerTrust},
+    };
+    bounded(async {
+        let keys = Keys::new(1);
+        let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let server_backend = GrpcBackend::new(grpc_options())
+            .with_server_tls(&identity, &ClientTrust::default())
+            .unwrap();
+        let config = server_config().with_rate_limit(Some(RateLimit {
+            burst: 1,
+            per_second: 0.0,
+        }));
+        let server = TransportServer::new(server_backend, config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap().to_string();
+        let client = |auth| {
+            let backend = GrpcBackend::new(grpc_options())
+                .with_client_tls(&ServerTrust::pinned(identity.fingerprint()))
+                .unwrap();
+            TransportClient::new(backend, client_config("c"), Some(auth))
+        };
+        let stranger = client(ClientAuth::new(Arc::new(SecretKey::generate())));
+        assert!(stranger.connect(&addr).await.is_err());
+        eventually("the failure charged", || {
+            counted(&server, "handshake_failed") == 1
+        })
+        .await;
+        let accepted = counted(&server, "accepted");
+        let throttled = client(keys.client_auth(0)).connect(&addr).await;
+        assert!(
+            matches!(&throttled, Err(TransportError::Io { op: "connect", .. })),
+            "expected the connection to be cut before TLS, got {throttled:?}"
+        );
+        assert_eq!(
+            counted(&server, "accepted"),
+            accepted,
+            "never reached the server"
+        );
+        assert!(server.connections().is_empty());
+        server.stop().await.unwrap();
+    })
+    .await;
+}
