@@ -432,6 +432,26 @@ async fn try_establish<B: Backend>(
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     config.validate()?;
+    // The request is signed before dialing, so that its bytes follow the
+    // connection at once: a server closes a connection that stays silent.
+    let prepared = inner.auth.as_ref().map(|auth| {
+        let unicast = SequenceCounter::from_clock(SystemTime::now());
+        let handshake = ClientHandshake::start(
+            ClientHandshakeConfig {
+                key: auth.key.clone(),
+                client_id: config.client_id.clone(),
+                expected_server_key: auth.server_key.clone(),
+                extensions: auth.extensions,
+                signed_frames: auth.signed_frames,
+                delivery_acks: auth.delivery_acks,
+                backend: auth.backend,
+            },
+            SystemTime::now(),
+            rand::random::<[u8; NONCE_LEN]>(),
+            unicast.floor(),
+        );
+        (auth, unicast, handshake)
+    });
     let Pipe {
         mut reader,
         mut writer,
@@ -456,22 +476,7 @@ async fn try_establish<B: Backend>(
         peer_key: None,
         delivery_acks: false,
     };
-    if let Some(auth) = &inner.auth {
-        let unicast = SequenceCounter::from_clock(SystemTime::now());
-        let handshake = ClientHandshake::start(
-            ClientHandshakeConfig {
-                key: auth.key.clone(),
-                client_id: config.client_id.clone(),
-                expected_server_key: auth.server_key.clone(),
-                extensions: auth.extensions,
-                signed_frames: auth.signed_frames,
-                delivery_acks: auth.delivery_acks,
-                backend: auth.backend,
-            },
-            SystemTime::now(),
-            rand::random::<[u8; NONCE_LEN]>(),
-            unicast.floor(),
-        );
+    if let Some((auth, unicast, handshake)) = prepared {
         let server = client_handshake(
             &mut reader,
             &mut writer,

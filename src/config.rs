@@ -15,13 +15,18 @@ use crate::{
     session::SessionConfig,
 };
 
-/// Per-IP connection rate limit: a token bucket of `burst` connections,
-/// refilled at `per_second`. A client can always reconnect at once unless it
-/// has used up the burst.
+/// Connection rate limit per address prefix (an IPv4 address, an IPv6 /64):
+/// a token bucket of `burst` tokens, refilled at `per_second`. With
+/// authentication on, only connections that fail or abandon authentication
+/// take a token, and a prefix is refused while its bucket is empty; so any
+/// number of trusted peers behind one address connect at once, while
+/// repeated failures from it are throttled. Without authentication every
+/// connection takes one.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
-    /// Connections allowed back to back.
+    /// Tokens a full bucket holds: failures (with authentication) or
+    /// connections (without) allowed back to back.
     pub burst: u32,
     /// Tokens added per second.
     pub per_second: f64,
@@ -82,14 +87,28 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// Initial read buffer per connection (Go: 8192).
     pub buffer_size: usize,
-    /// Socket options (Go: TCP_NODELAY, keep-alive 30 s, accept queue 64).
+    /// Socket options (Go: TCP_NODELAY, keep-alive 30 s, accept queue 64;
+    /// here a backlog of 1024).
     pub tcp: TcpOptions,
     /// Bound on a client's handshake (Go: 5 s).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; beyond it new connections are refused
-    /// with `TOO_MANY_PEERS` (Go runs them one at a time).
+    /// Handshakes in progress at once, the transport's own (TLS, QUIC)
+    /// included (Go runs them one at a time). When it is full, a newcomer
+    /// takes over the oldest slot of the prefix holding the most, if that
+    /// prefix holds more than the newcomer's; otherwise the newcomer is
+    /// refused with `TOO_MANY_PEERS`.
     pub max_pending_handshakes: usize,
+    /// Pending handshakes one address prefix (an IPv4 address, an IPv6 /64)
+    /// may hold; more from it are refused with `TOO_MANY_PEERS`. Default
+    /// 128: 1/32 of the default pool, and room for a hundred sequencers
+    /// behind one NAT reconnecting at once.
+    pub max_pending_handshakes_per_prefix: usize,
+    /// With authentication on, a connection that sends nothing for this long
+    /// after being accepted is closed (the handshake timeout then bounds the
+    /// rest of the handshake). Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
     /// Bound on writing a final `Disconnect` (Go: 1 s).
     #[serde(with = "humantime_serde")]
     pub disconnect_timeout: Duration,
@@ -98,7 +117,7 @@ pub struct ServerConfig {
     pub ping_interval: Option<Duration>,
     /// Frames queued per connection.
     pub send_queue_capacity: usize,
-    /// Per-IP connection rate limit; `None` disables it.
+    /// Connection rate limit per address prefix; `None` disables it.
     pub rate_limit: Option<RateLimit>,
     /// How long `stop` waits for peers to take their `Disconnect`.
     #[serde(with = "humantime_serde")]
@@ -125,6 +144,8 @@ impl Default for ServerConfig {
             tcp: TcpOptions::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending_handshakes: 4096,
+            max_pending_handshakes_per_prefix: 128,
+            first_byte_timeout: Duration::from_secs(1),
             disconnect_timeout: Duration::from_secs(1),
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
@@ -143,7 +164,7 @@ impl ServerConfig {
         self
     }
 
-    /// Sets the per-IP rate limit (`None` disables it).
+    /// Sets the per-prefix rate limit (`None` disables it).
     pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
         self.rate_limit = limit;
         self
@@ -171,6 +192,7 @@ impl ServerConfig {
                 ("read_timeout", self.read_timeout),
                 ("write_timeout", self.write_timeout),
                 ("handshake_timeout", self.handshake_timeout),
+                ("first_byte_timeout", self.first_byte_timeout),
             ],
         )?;
         if self.max_connections == 0 {
@@ -181,6 +203,9 @@ impl ServerConfig {
                 "max_pending_handshakes",
                 &format!("must be between 1 and {MAX_COUNT}"),
             );
+        }
+        if self.max_pending_handshakes_per_prefix == 0 {
+            return invalid("max_pending_handshakes_per_prefix", "must be at least 1");
         }
         if let Some(limit) = self.rate_limit
             && (limit.burst == 0 || !limit.per_second.is_finite() || limit.per_second < 0.0)

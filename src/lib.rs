@@ -14,6 +14,7 @@
 //! See `docs/PROTOCOL.md` for the exact bytes on the wire.
 #![warn(missing_docs)]
 
+mod admission;
 pub mod backend;
 pub mod client;
 pub mod codec;

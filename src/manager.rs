@@ -1,12 +1,8 @@
 //! The set of live connections of a server, keyed by verified identity.
 
-use std::{
-    net::IpAddr,
-    sync::{
-        Arc, PoisonError, RwLock,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Instant,
+use std::sync::{
+    Arc, PoisonError, RwLock,
+    atomic::{AtomicBool, Ordering},
 };
 
 use bytes::Bytes;
@@ -14,7 +10,6 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::{
-    config::RateLimit,
     error::{DisconnectReason, TransportError},
     session::{Connection, ConnectionInfo},
 };
@@ -180,64 +175,5 @@ impl ConnectionManager {
             }
         }
         report
-    }
-}
-
-/// Per-IP token buckets.
-#[derive(Debug)]
-pub(crate) struct RateLimiter {
-    limit: RateLimit,
-    buckets: DashMap<IpAddr, (f64, Instant)>,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(limit: RateLimit) -> Self {
-        Self {
-            limit,
-            buckets: DashMap::new(),
-        }
-    }
-
-    /// Takes a token for `ip`; false when its bucket is empty.
-    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
-        let burst = f64::from(self.limit.burst.max(1));
-        if self.buckets.len() > 10_000 {
-            // Forget addresses whose bucket has refilled: they are as good as new.
-            let refill = self.limit.per_second.max(f64::MIN_POSITIVE);
-            self.buckets
-                .retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * refill < burst);
-        }
-        let mut entry = self.buckets.entry(ip).or_insert((burst, now));
-        let (tokens, at) = entry.value_mut();
-        *tokens =
-            (*tokens + now.duration_since(*at).as_secs_f64() * self.limit.per_second).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_allows_burst_then_refuses() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 3,
-            per_second: 0.0,
-        });
-        let ip = IpAddr::from([127, 0, 0, 1]);
-        assert!((0..3).all(|_| limiter.allow(ip)));
-        assert!(!limiter.allow(ip));
-        assert!(
-            limiter.allow(IpAddr::from([127, 0, 0, 2])),
-            "buckets are per address"
-        );
     }
 }

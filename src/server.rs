@@ -2,7 +2,7 @@
 //! connection and handshake caps), one task per connection, broadcast.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -12,17 +12,20 @@ use std::{
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
+    admission::{
+        ChargeUnlessAuthenticated, PendingHandshakes, PendingRefusal, Prefix, RateLimiter,
+        refuse_early,
+    },
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
     error::{CodecError, DisconnectReason, TransportError, TrySendError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
-    manager::{BroadcastReport, ConnectionManager, RateLimiter},
+    manager::{BroadcastReport, ConnectionManager},
     metrics::{Metrics, kind_index},
     proto::Message,
     session::{
@@ -57,8 +60,8 @@ struct Inner<B: Backend> {
     context: Arc<SessionContext>,
     broadcasts: SequenceCounter,
     next_id: AtomicU64,
-    rate_limiter: Option<RateLimiter>,
-    handshakes: Arc<Semaphore>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    handshakes: Arc<PendingHandshakes>,
     running: Mutex<Option<Running>>,
 }
 
@@ -89,8 +92,13 @@ impl<B: Backend> TransportServer<B> {
         );
         let inner = Arc::new(Inner {
             backend,
-            rate_limiter: config.rate_limit.map(RateLimiter::new),
-            handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes.max(1))),
+            rate_limiter: config
+                .rate_limit
+                .map(|limit| Arc::new(RateLimiter::new(limit))),
+            handshakes: PendingHandshakes::new(
+                config.max_pending_handshakes,
+                config.max_pending_handshakes_per_prefix,
+            ),
             config,
             auth,
             handshake,
@@ -151,7 +159,16 @@ impl<B: Backend> TransportServer<B> {
         if let Some(auth) = &self.inner.auth {
             auth.validate()?;
         }
-        let listener = self.inner.backend.bind(addr).await?;
+        let mut listener = self.inner.backend.bind(addr).await?;
+        if self.inner.auth.is_some() {
+            // A client always speaks first when authenticating.
+            listener.set_first_byte_timeout(self.inner.config.first_byte_timeout);
+            if let Some(limiter) = self.inner.rate_limiter.clone() {
+                listener.set_address_check(crate::backend::AddressCheck::new(move |ip| {
+                    limiter.admits(Prefix::of(ip))
+                }));
+            }
+        }
         let local_addr = listener.local_addr().map_err(|source| TransportError::Io {
             op: "bind",
             addr: addr.to_owned(),
@@ -453,13 +470,65 @@ async fn serve<B: Backend>(
     let config = &inner.config;
     let metrics = &inner.context.metrics;
     metrics.connection("accepted");
-    let throttled = match (&inner.rate_limiter, remote_addr) {
-        (Some(limiter), Some(addr)) => !limiter.allow(addr.ip()),
-        _ => false,
+    // Admission comes first, before any work on the peer's behalf: the
+    // transport's handshake (TLS, QUIC) only starts once it is admitted.
+    let prefix = Prefix::of(remote_addr.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip()));
+    let authenticating = inner.handshake.is_some();
+    if let Some(limiter) = &inner.rate_limiter {
+        // With authentication only failures are charged (below).
+        let admitted = if authenticating {
+            limiter.admits(prefix)
+        } else {
+            limiter.charge(prefix)
+        };
+        if !admitted {
+            let details = "connection rate limit";
+            let reason = DisconnectReason::Throttled;
+            return refuse_early::<B::Listener>(
+                connecting,
+                authenticating,
+                metrics,
+                config,
+                reason,
+                details,
+            )
+            .await;
+        }
+    }
+    let slot = match inner.handshakes.acquire(prefix) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let details = match refusal {
+                PendingRefusal::PrefixFull => "too many pending handshakes from this address",
+                PendingRefusal::PoolFull => "too many pending handshakes",
+            };
+            let reason = DisconnectReason::TooManyPeers;
+            return refuse_early::<B::Listener>(
+                connecting,
+                authenticating,
+                metrics,
+                config,
+                reason,
+                details,
+            )
+            .await;
+        }
     };
-    // The transport's own handshake (TLS, QUIC) shares the handshake deadline
-    // and runs here, in the connection's task.
-    let pipe = match tokio::time::timeout(config.handshake_timeout, connecting).await {
+    let mut charge = ChargeUnlessAuthenticated::new(
+        inner.rate_limiter.as_deref().filter(|_| authenticating),
+        prefix,
+    );
+    // One deadline for the transport's handshake and ours.
+    let deadline = crate::deadline::deadline_after(config.handshake_timeout);
+    let established = tokio::select! {
+        () = slot.evicted() => {
+            info!("pending connection displaced by a newcomer");
+            metrics.connection("displaced");
+            return;
+        }
+        established = tokio::time::timeout_at(deadline, connecting) => established,
+    };
+    let pipe = match established {
         Ok(Ok(pipe)) => pipe,
         Ok(Err(err)) => {
             warn!(error = %err, "transport handshake failed");
@@ -478,28 +547,18 @@ async fn serve<B: Backend>(
         remote_addr: pipe_addr,
     } = pipe;
     let remote_addr = pipe_addr.or(remote_addr);
-    let refuse = async |writer: &mut B::Writer, reason: DisconnectReason, details: &str| {
-        info!(%reason, details, "connection refused");
-        metrics.connection(&format!("refused_{reason}"));
-        send_disconnect(writer, reason, details, config.disconnect_timeout).await;
-    };
-    if throttled {
-        return refuse(
-            &mut writer,
-            DisconnectReason::Throttled,
-            "connection rate limit",
-        )
-        .await;
-    }
     // With authentication the limit is applied once the identity is known, so
     // a peer reconnecting at capacity replaces its old session.
-    if inner.handshake.is_none() && inner.manager.len() >= config.max_connections {
-        return refuse(
-            &mut writer,
-            DisconnectReason::TooManyPeers,
-            "connection limit reached",
-        )
-        .await;
+    let mut slot = Some(slot);
+    if !authenticating {
+        slot = None;
+        if inner.manager.len() >= config.max_connections {
+            let (reason, details) = (DisconnectReason::TooManyPeers, "connection limit reached");
+            info!(%reason, details, "connection refused");
+            metrics.connection(&format!("refused_{reason}"));
+            send_disconnect(&mut writer, reason, details, config.disconnect_timeout).await;
+            return;
+        }
     }
 
     let (setup, response) = match &inner.handshake {
@@ -518,31 +577,35 @@ async fn serve<B: Backend>(
             None,
         ),
         Some(handshake) => {
-            let Ok(_permit) = inner.handshakes.clone().try_acquire_owned() else {
-                return refuse(
-                    &mut writer,
-                    DisconnectReason::TooManyPeers,
-                    "too many pending handshakes",
-                )
-                .await;
-            };
+            let Some(slot) = slot else { return };
             let unicast = SequenceCounter::from_clock(SystemTime::now());
             let floors = SequenceFloors {
                 unicast: unicast.floor(),
                 broadcast: Some(inner.broadcasts.floor()),
             };
-            let (client, response) = match server_handshake(
+            let exchange = server_handshake(
                 &mut reader,
                 &mut writer,
                 handshake,
                 floors,
-                config.handshake_timeout,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
                 config.disconnect_timeout,
-            )
-            .await
-            {
+            );
+            let outcome = tokio::select! {
+                () = slot.evicted() => {
+                    info!("pending handshake displaced by a newcomer");
+                    metrics.connection("displaced");
+                    return;
+                }
+                outcome = exchange => outcome,
+            };
+            drop(slot);
+            let (client, response) = match outcome {
                 Ok(accepted) => accepted,
                 Err(err) => {
+                    // Charged before it is counted, so the count says the
+                    // charge is done.
+                    drop(charge);
                     let reason = match &err {
                         TransportError::Handshake(err) => err.kind(),
                         TransportError::Codec(CodecError::Io(_)) => "io",
@@ -558,6 +621,7 @@ async fn serve<B: Backend>(
                     return;
                 }
             };
+            charge.disarm();
             // The identity is known now: a peer replacing its own session is
             // always let in; anyone else only below the connection limit.
             if inner.manager.get(&client.identity).is_none()
@@ -613,11 +677,24 @@ async fn serve<B: Backend>(
     let replaces = inner.manager.get(connection.identity()).is_some();
     if !replaces && inner.manager.len() >= config.max_connections {
         connection.close(DisconnectReason::TooManyPeers, "connection limit reached");
-    } else if let Some(old) = inner.manager.insert(connection.clone()) {
-        info!(
-            old_id = old.id(),
-            "replaced an older connection of the same identity"
-        );
+    } else {
+        #[cfg(test)]
+        crate::admission::tests::before_register(connection.identity());
+        if let Some(old) = inner.manager.insert(connection.clone()) {
+            info!(
+                old_id = old.id(),
+                "replaced an older connection of the same identity"
+            );
+        }
+        // A trust change between the handshake's check and the insert was
+        // not seen by `watch_trust` (it only looks at registered
+        // connections): look again now that this one is registered.
+        if let (Some(auth), Some(key)) = (&inner.auth, connection.peer_key())
+            && auth.trust.key_of(connection.identity()).as_ref() != Some(key)
+        {
+            warn!(identity = %connection.identity(), "closing connection: its key is no longer trusted");
+            connection.close(DisconnectReason::AuthFailure, "key no longer trusted");
+        }
     }
     let _ = task.await;
     inner.manager.remove(&connection);

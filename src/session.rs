@@ -782,15 +782,17 @@ pub(crate) async fn client_handshake<R: FrameReader, W: FrameWriter>(
         reader.set_max_frame_size(HANDSHAKE_MAX_FRAME_SIZE);
         if let Err(err) = writer.write_frames(&frame).await {
             // A server refusing at once (throttled, full) may have closed
-            // before our request was taken: its reason is worth more than ours.
-            let next = tokio::time::timeout(Duration::from_secs(1), reader.read_frame()).await;
-            if let Ok(Some(Ok(frame))) = next
-                && let Some(disconnect) = as_disconnect(&frame)
-            {
-                return Err(TransportError::Refused {
-                    reason: DisconnectReason::from_proto(disconnect.reason),
-                    details: disconnect.details,
-                });
+            // before our request was taken: its reason is worth more than
+            // ours. Its `Disconnect` may follow a refusing response.
+            for _ in 0..2 {
+                let next = tokio::time::timeout(Duration::from_secs(1), reader.read_frame()).await;
+                let Ok(Some(Ok(frame))) = next else { break };
+                if let Some(disconnect) = as_disconnect(&frame) {
+                    return Err(TransportError::Refused {
+                        reason: DisconnectReason::from_proto(disconnect.reason),
+                        details: disconnect.details,
+                    });
+                }
             }
             return Err(TransportError::Codec(CodecError::Io(err)));
         }

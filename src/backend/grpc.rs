@@ -30,6 +30,7 @@ pub use super::bearer::BearerToken;
 use super::{
     Backend, Listener, Pipe,
     bearer::TokenDigest,
+    grpc_admission::{Admission, AdmittedInfo, incoming},
     grpc_codec,
     grpc_inbound::{InboundLimits, LimitInbound},
 };
@@ -87,6 +88,21 @@ pub struct GrpcOptions {
     pub max_frame_size: usize,
     /// TCP_NODELAY on the HTTP/2 connection.
     pub nodelay: bool,
+    /// HTTP/2 connections a server serves at once; a TCP connection beyond
+    /// it is closed at once, before any TLS or HTTP/2 work.
+    pub max_connections: usize,
+    /// Server: connections that have not opened their stream yet (TLS and
+    /// the HTTP/2 preface included); beyond it a newcomer displaces the
+    /// oldest of the address prefix holding the most, as pending handshakes
+    /// do, or is closed.
+    pub max_pending_connections: usize,
+    /// Server: of those, what one address prefix (an IPv4 address, an IPv6
+    /// /64) may hold.
+    pub max_pending_connections_per_prefix: usize,
+    /// Server: a connection must open its stream within this (TLS, the
+    /// HTTP/2 preface and the call); otherwise it is closed.
+    #[serde(with = "humantime_serde")]
+    pub stream_deadline: Duration,
 }
 
 impl Default for GrpcOptions {
@@ -108,6 +124,10 @@ impl Default for GrpcOptions {
             },
             max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
             nodelay: true,
+            max_connections: 5120,
+            max_pending_connections: 4096,
+            max_pending_connections_per_prefix: 128,
+            stream_deadline: crate::handshake::DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -390,8 +410,12 @@ impl FrameService for Service {
         &self,
         request: Request<Streaming<FrameBatch>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let remote_addr = request.remote_addr();
         let limits = request.extensions().get::<Arc<InboundLimits>>().cloned();
+        let admitted = request.extensions().get::<AdmittedInfo>().cloned();
+        let remote_addr = admitted.as_ref().map(|info| info.remote_addr);
+        if let Some(info) = &admitted {
+            info.gate.opened();
+        }
         if let Some(client_id) = request.metadata().get(CLIENT_ID_METADATA) {
             let client_id = String::from_utf8_lossy(client_id.as_bytes());
             debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
@@ -444,6 +468,8 @@ impl tonic::service::Interceptor for BearerCheck {
 pub struct GrpcListener {
     accepted: mpsc::Receiver<(Pipe<GrpcReader, GrpcWriter>, Option<SocketAddr>)>,
     local_addr: SocketAddr,
+    /// The server's rate limit, applied before TLS handshakes.
+    address_check: Arc<std::sync::OnceLock<super::AddressCheck>>,
     /// Stops the HTTP/2 server when the listener goes away.
     _shutdown: tokio_util::sync::DropGuard,
 }
@@ -475,6 +501,19 @@ impl Listener for GrpcListener {
         Ok(self.local_addr)
     }
 
+    fn set_address_check(&mut self, check: super::AddressCheck) {
+        let _ = self.address_check.set(check);
+    }
+
+    fn pipe_now(
+        connecting: Self::Connecting,
+    ) -> Result<Pipe<GrpcReader, GrpcWriter>, Self::Connecting> {
+        // The stream is already open: a refusal can always say why.
+        connecting
+            .into_inner()
+            .map_err(|err| std::future::ready(Err(err)))
+    }
+
     fn is_fatal(error: &io::Error) -> bool {
         error.kind() == io::ErrorKind::NotConnected
     }
@@ -500,118 +539,16 @@ impl GrpcBackend {
         let mut server = Server::builder()
             .http2_keepalive_interval(self.options.keep_alive)
             .http2_keepalive_timeout(Some(self.options.keep_alive_timeout))
-            .tcp_nodelay(self.options.nodelay);
+            .tcp_nodelay(self.options.nodelay)
+            // Each connection carries one `Session` stream.
+            .max_concurrent_streams(Some(1))
+            .concurrency_limit_per_connection(1);
         // Items are limited to a handshake until the session raises it.
         let initial = codec::HANDSHAKE_MAX_FRAME_SIZE.min(self.options.max_frame_size);
         server.add_service(LimitInbound::new(
             InterceptedService::new(service, BearerCheck(token)),
             initial,
         ))
-    }
-}
-
-/// Accepts TCP (and TLS) connections concurrently and hands them to tonic,
-/// so one slow TLS handshake never delays the others.
-fn incoming<IO, F, Fut>(
-    listener: tokio::net::TcpListener,
-    nodelay: bool,
-    shutdown: CancellationToken,
-    upgrade: F,
-) -> ReceiverStream<io::Result<IO>>
-where
-    IO: Send + 'static,
-    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = io::Result<IO>> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(64);
-    let upgrade = Arc::new(upgrade);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(nodelay);
-                    let (tx, upgrade) = (tx.clone(), upgrade.clone());
-                    tokio::spawn(async move {
-                        let io =
-                            tokio::time::timeout(Duration::from_secs(10), upgrade(stream)).await;
-                        match io {
-                            Ok(Ok(io)) => {
-                                let _ = tx.send(Ok(io)).await;
-                            }
-                            Ok(Err(err)) => warn!(error = %err, "gRPC TLS handshake failed"),
-                            Err(_) => warn!("gRPC TLS handshake timed out"),
-                        }
-                    });
-                }
-                Err(err) => {
-                    warn!(error = %err, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// A server-side TLS stream that tonic can serve (it needs `Connected` to
-/// report the peer's address).
-struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
-
-impl tonic::transport::server::Connected for TlsIo {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.connect_info()
-    }
-}
-
-impl tokio::io::AsyncRead for TlsIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for TlsIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
     }
 }
 
@@ -771,15 +708,16 @@ impl Backend for GrpcBackend {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
         let nodelay = self.options.nodelay;
+        let address_check = Arc::new(std::sync::OnceLock::new());
         match self.server_tls.clone() {
             None => {
-                let incoming =
-                    incoming(
-                        listener,
-                        nodelay,
-                        shutdown.clone(),
-                        |tcp| async move { Ok(tcp) },
-                    );
+                let incoming = incoming(
+                    listener,
+                    nodelay,
+                    shutdown.clone(),
+                    Admission::new(&self.options),
+                    |tcp| async move { Ok(tcp) },
+                );
                 tokio::spawn(async move {
                     if let Err(err) = router.serve_with_incoming_shutdown(incoming, signal).await {
                         warn!(error = %err, "gRPC server failed");
@@ -788,10 +726,15 @@ impl Backend for GrpcBackend {
             }
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                let incoming = incoming(listener, nodelay, shutdown.clone(), move |tcp| {
-                    let acceptor = acceptor.clone();
-                    async move { acceptor.accept(tcp).await.map(TlsIo) }
-                });
+                let mut admission = Admission::new(&self.options);
+                // Over plain h2c a throttled call is told why; over TLS it
+                // is refused before the TLS handshake, without a word.
+                admission.address_check = Some(address_check.clone());
+                let incoming =
+                    incoming(listener, nodelay, shutdown.clone(), admission, move |tcp| {
+                        let acceptor = acceptor.clone();
+                        async move { acceptor.accept(tcp).await }
+                    });
                 tokio::spawn(async move {
                     if let Err(err) = router.serve_with_incoming_shutdown(incoming, signal).await {
                         warn!(error = %err, "gRPC server failed");
@@ -802,6 +745,7 @@ impl Backend for GrpcBackend {
         Ok(GrpcListener {
             accepted,
             local_addr,
+            address_check,
             _shutdown: shutdown.drop_guard(),
         })
     }

@@ -7,6 +7,8 @@ mod bearer;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 #[cfg(feature = "grpc")]
+mod grpc_admission;
+#[cfg(feature = "grpc")]
 pub(crate) mod grpc_codec;
 #[cfg(feature = "grpc")]
 mod grpc_inbound;
@@ -14,7 +16,12 @@ mod grpc_inbound;
 pub mod quic;
 pub mod tcp;
 
-use std::{future::Future, net::SocketAddr};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use crate::{
     error::TransportError,
@@ -32,15 +39,42 @@ pub struct Pipe<R, W> {
     pub remote_addr: Option<SocketAddr>,
 }
 
+/// Whether a peer's address may open a connection now: the server's rate
+/// limit, for a listener to apply before any work on the connection.
+#[derive(Clone)]
+pub struct AddressCheck(Arc<dyn Fn(IpAddr) -> bool + Send + Sync>);
+
+impl AddressCheck {
+    /// A check by `admits`.
+    pub fn new(admits: impl Fn(IpAddr) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(admits))
+    }
+
+    /// Whether `ip` may open a connection now.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        (self.0)(ip)
+    }
+}
+
+impl std::fmt::Debug for AddressCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressCheck").finish_non_exhaustive()
+    }
+}
+
 /// Accepts connections.
 pub trait Listener: Send + 'static {
     /// Reading half of an accepted pipe.
     type Reader: FrameReader;
     /// Writing half of an accepted pipe.
     type Writer: FrameWriter;
-    /// What is left of establishing an accepted connection (a TLS or QUIC
-    /// handshake). The server awaits it in the connection's own task, under
-    /// the handshake deadline, so a slow peer never holds up accepting.
+    /// What is left of establishing an accepted connection: waiting for the
+    /// peer's first bytes, then a TLS or QUIC handshake. It must do no work
+    /// until first polled: the server admits the connection (rate limit,
+    /// pending-handshake slot) first, and refuses it by dropping this, which
+    /// closes the connection (QUIC: refuses it) before any handshake work.
+    /// The server awaits it in the connection's own task, under the
+    /// handshake deadline, so a slow peer never holds up accepting.
     type Connecting: Future<Output = std::io::Result<Pipe<Self::Reader, Self::Writer>>>
         + Send
         + 'static;
@@ -54,6 +88,26 @@ pub trait Listener: Send + 'static {
 
     /// The bound address (the real port when bound to port 0).
     fn local_addr(&self) -> std::io::Result<SocketAddr>;
+
+    /// Bounds how long an accepted connection may stay silent before its
+    /// first bytes (the server sets it when authentication is on, where the
+    /// client always speaks first). Default: not applied.
+    fn set_first_byte_timeout(&mut self, _timeout: Duration) {}
+
+    /// Gives a listener that runs a transport handshake of its own before
+    /// handing connections over (gRPC over TLS) the server's check of a
+    /// peer's address (its rate limit), to apply before that handshake.
+    /// Default: not used.
+    fn set_address_check(&mut self, _check: AddressCheck) {}
+
+    /// The pipe of `connecting` at no cost, where establishing it costs
+    /// nothing (plain TCP; a gRPC stream already open), so that a refusal
+    /// can tell the peer why; otherwise `connecting` back, to be dropped.
+    fn pipe_now(
+        connecting: Self::Connecting,
+    ) -> Result<Pipe<Self::Reader, Self::Writer>, Self::Connecting> {
+        Err(connecting)
+    }
 
     /// Whether an accept error means the listener itself is broken.
     fn is_fatal(_error: &std::io::Error) -> bool {

@@ -313,6 +313,8 @@ struct EndpointClosed;
 #[derive(Debug)]
 pub struct QuicListener {
     endpoint: Endpoint,
+    /// Bound on opening the stream once the QUIC handshake is done.
+    first_byte: Option<Duration>,
     /// Marks the socket as on its way out once the listener is gone.
     _closed: DropGuard,
 }
@@ -347,12 +349,32 @@ impl Listener for QuicListener {
             let _ = incoming.retry();
         };
         let remote = incoming.remote_address();
+        let first_byte = self.first_byte;
+        // Lazy: the QUIC handshake starts only once the server has admitted
+        // the connection; dropping this unpolled refuses the `Incoming`.
         let connecting = async move {
             let connection = incoming.await.map_err(connection_error)?;
-            let (send, recv) = connection.accept_bi().await.map_err(connection_error)?;
+            // A stream is visible with its first bytes: a connection that
+            // opens none is as silent as a TCP one that sends nothing.
+            let opened = connection.accept_bi();
+            let (send, recv) = match first_byte {
+                Some(after) => tokio::time::timeout(after, opened).await.map_err(|_| {
+                    connection.close(VarInt::from_u32(0), b"no stream opened");
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no stream opened within the first-byte deadline ({after:?})"),
+                    )
+                })?,
+                None => opened.await,
+            }
+            .map_err(connection_error)?;
             Ok(pipe(connection, send, recv))
         };
         Ok((Box::pin(connecting), Some(remote)))
+    }
+
+    fn set_first_byte_timeout(&mut self, timeout: Duration) {
+        self.first_byte = Some(timeout);
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -555,6 +577,7 @@ impl Backend for QuicBackend {
         .map_err(io_err)?;
         Ok(QuicListener {
             endpoint,
+            first_byte: None,
             _closed: closed,
         })
     }

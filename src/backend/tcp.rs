@@ -1,6 +1,13 @@
 //! Plain TCP: the Go package's transport.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{
@@ -24,7 +31,10 @@ pub struct TcpOptions {
     /// TCP keep-alive probe interval; `None` disables it (Go: 30 s).
     #[serde(with = "humantime_serde")]
     pub keep_alive: Option<Duration>,
-    /// Listen backlog (Go: accept queue of 64).
+    /// Listen backlog: connections the kernel queues before the server
+    /// accepts them. 1024 by default, so that a burst of connections does
+    /// not overflow the queue and cost an honest client a SYN retransmit
+    /// (a second); the kernel caps it at `net.core.somaxconn` (Go: 64).
     pub backlog: u32,
 }
 
@@ -33,7 +43,7 @@ impl Default for TcpOptions {
         Self {
             nodelay: true,
             keep_alive: Some(Duration::from_secs(30)),
-            backlog: 64,
+            backlog: 1024,
         }
     }
 }
@@ -72,16 +82,83 @@ impl TcpBackend {
         self.configure(&stream).map_err(io_err)?;
         Ok(stream)
     }
+}
 
-    fn pipe(&self, stream: TcpStream) -> io::Result<Pipe<TcpReader, TcpWriter>> {
-        let remote_addr = stream.peer_addr().ok();
-        let (read, write) = stream.into_split();
-        Ok(Pipe {
-            // The handshake limit applies until the session raises it.
-            reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
-            writer: StreamFrameWriter(write),
-            remote_addr,
-        })
+fn pipe(stream: TcpStream) -> Pipe<TcpReader, TcpWriter> {
+    let remote_addr = stream.peer_addr().ok();
+    let (read, write) = stream.into_split();
+    Pipe {
+        // The handshake limit applies until the session raises it.
+        reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
+        writer: StreamFrameWriter(write),
+        remote_addr,
+    }
+}
+
+/// The error of a connection silent past its first-byte deadline.
+fn silent(after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("nothing received within the first-byte deadline ({after:?})"),
+    )
+}
+
+/// Waits until `stream` has bytes to read (or has ended), for at most
+/// `deadline` when one is set.
+async fn first_bytes(stream: &TcpStream, deadline: Option<Duration>) -> io::Result<()> {
+    match deadline {
+        // Peeked, not merely readable: readiness may be spurious.
+        Some(after) => tokio::time::timeout(after, stream.peek(&mut [0u8; 1]))
+            .await
+            .map_err(|_| silent(after))?
+            .map(drop),
+        None => Ok(()),
+    }
+}
+
+/// An accepted TCP connection: resolves to its pipe once the peer has sent
+/// its first bytes (at once when no first-byte deadline is set).
+#[derive(Debug)]
+pub struct TcpConnecting {
+    stream: Option<TcpStream>,
+    first_byte: Option<Duration>,
+    /// Started at the first poll.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for TcpConnecting {
+    type Output = io::Result<Pipe<TcpReader, TcpWriter>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(stream) = &this.stream else {
+            return Poll::Ready(Err(io::Error::other("polled after completion")));
+        };
+        if let Some(after) = this.first_byte {
+            // Readiness alone may be spurious on a fresh socket: peek.
+            let mut byte = [0u8; 1];
+            let mut peeked = tokio::io::ReadBuf::new(&mut byte);
+            match stream.poll_peek(cx, &mut peeked) {
+                // Data, or the end of the stream (the handshake reports it).
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    let deadline = this
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                    return match deadline.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Err(silent(after))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+        Poll::Ready(
+            this.stream
+                .take()
+                .map(pipe)
+                .ok_or_else(|| io::Error::other("no stream")),
+        )
     }
 }
 
@@ -95,17 +172,34 @@ pub type TcpWriter = StreamFrameWriter<OwnedWriteHalf>;
 pub struct TcpFrameListener {
     listener: TcpListener,
     backend: TcpBackend,
+    first_byte: Option<Duration>,
 }
 
 impl Listener for TcpFrameListener {
     type Reader = TcpReader;
     type Writer = TcpWriter;
-    type Connecting = std::future::Ready<io::Result<Pipe<TcpReader, TcpWriter>>>;
+    type Connecting = TcpConnecting;
 
     async fn accept(&mut self) -> io::Result<(Self::Connecting, Option<SocketAddr>)> {
         let (stream, remote) = self.listener.accept().await?;
         self.backend.configure(&stream)?;
-        Ok((std::future::ready(self.backend.pipe(stream)), Some(remote)))
+        let connecting = TcpConnecting {
+            stream: Some(stream),
+            first_byte: self.first_byte,
+            deadline: None,
+        };
+        Ok((connecting, Some(remote)))
+    }
+
+    fn set_first_byte_timeout(&mut self, timeout: Duration) {
+        self.first_byte = Some(timeout);
+    }
+
+    fn pipe_now(connecting: TcpConnecting) -> Result<Pipe<TcpReader, TcpWriter>, TcpConnecting> {
+        match connecting.stream {
+            Some(stream) => Ok(pipe(stream)),
+            None => Err(connecting),
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -145,16 +239,12 @@ impl Backend for TcpBackend {
         Ok(TcpFrameListener {
             listener,
             backend: self.clone(),
+            first_byte: None,
         })
     }
 
     async fn dial(&self, addr: &str) -> Result<Pipe<TcpReader, TcpWriter>, TransportError> {
-        let stream = self.dial_stream(addr).await?;
-        self.pipe(stream).map_err(|source| TransportError::Io {
-            op: "connect",
-            addr: addr.to_owned(),
-            source,
-        })
+        Ok(pipe(self.dial_stream(addr).await?))
     }
 }
 
@@ -271,11 +361,18 @@ pub mod tls {
             let (stream, remote) = self.tcp.listener.accept().await?;
             self.tcp.backend.configure(&stream)?;
             let acceptor = self.acceptor.clone();
+            let first_byte = self.tcp.first_byte;
+            // Lazy: nothing happens until the server has admitted it.
             let connecting = async move {
+                super::first_bytes(&stream, first_byte).await?;
                 let stream = acceptor.accept(stream).await?;
                 Ok(pipe(TlsStream::Server(stream), Some(remote)))
             };
             Ok((Box::pin(connecting), Some(remote)))
+        }
+
+        fn set_first_byte_timeout(&mut self, timeout: std::time::Duration) {
+            self.tcp.set_first_byte_timeout(timeout);
         }
 
         fn local_addr(&self) -> io::Result<SocketAddr> {

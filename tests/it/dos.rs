@@ -20,7 +20,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use publisher_transport::{
     CodecError, ConnectionEvent, DisconnectReason, FrameCodec, Inbound, Message, SyncHandler,
-    TcpClient, TcpServer, TransportError, channel_handler,
+    TcpClient, TcpServer, channel_handler,
     codec::frame_message,
     config::InboundLimit,
     proto::{Payload, rollup::v1::HandshakeResponse},
@@ -160,7 +160,18 @@ struct RawPeer {
 
 impl RawPeer {
     async fn connect(addr: SocketAddr) -> Self {
-        let (read, writer) = TcpStream::connect(addr).await.unwrap().into_split();
+        Self::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// Connects from the loopback address `from` (all of 127/8 is local).
+    async fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        Self::new(socket.connect(addr).await.unwrap())
+    }
+
+    fn new(stream: TcpStream) -> Self {
+        let (read, writer) = stream.into_split();
         Self {
             reader: FramedRead::new(read, FrameCodec::default()),
             writer,
@@ -235,14 +246,19 @@ async fn isolated_thousand_silent_connections() {
         let mut config = server_config();
         // Longer than the test: the silent peers stay pending throughout.
         config.handshake_timeout = Duration::from_secs(60);
+        config.first_byte_timeout = Duration::from_secs(60);
         let server = TcpServer::tcp(config, Some(keys.server_auth()));
         let addr = server.start().await.unwrap();
 
-        // One at a time: a burst would overflow the accept queue and only
-        // measure SYN retransmission.
+        // From 125 addresses, 8 each: one address may hold only 128 of the
+        // pending handshakes. One at a time, so that what is measured is the
+        // handshake, not the accept queue.
         let mut silent = Vec::with_capacity(SILENT);
-        for _ in 0..SILENT {
-            silent.push(TcpStream::connect(addr).await.unwrap());
+        for n in 0..SILENT {
+            let from = std::net::Ipv4Addr::new(127, 0, 1, (n / 8) as u8);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((from, 0))).unwrap();
+            silent.push(socket.connect(addr).await.unwrap());
         }
         eventually("every silent connection accepted", || {
             accepted(&server) >= SILENT as u64
@@ -622,52 +638,65 @@ async fn inbound_rate_limit_throttles_a_flood_not_a_steady_sender() {
     .await;
 }
 
-/// With 8 handshakes allowed at once and 8 silent peers pending, a ninth
-/// connection is refused with `TOO_MANY_PEERS`; once the silent ones time
-/// out, a legitimate client gets in.
+/// With 8 handshakes allowed at once, 2 per address, silent peers from four
+/// addresses fill the pool; a third from one of them is refused with a
+/// refusing `HandshakeResponse` and `TOO_MANY_PEERS`, and a legitimate client
+/// from another address gets in at once by displacing one of them, without
+/// waiting for their handshakes to time out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pending_handshake_cap_refuses_the_ninth_until_the_silent_time_out() {
+async fn pending_handshakes_are_capped_per_address_and_a_newcomer_gets_in() {
     bounded(async {
         const CAP: usize = 8;
+        const SHARE: usize = 2;
         let keys = Keys::new(1);
         let mut config = server_config();
         config.max_pending_handshakes = CAP;
-        config.handshake_timeout = Duration::from_secs(1);
+        config.max_pending_handshakes_per_prefix = SHARE;
+        config.handshake_timeout = Duration::from_secs(60);
+        config.first_byte_timeout = Duration::from_secs(60);
         let server = TcpServer::tcp(config, Some(keys.server_auth()));
         let addr = server.start().await.unwrap();
+        let from = |n: u8| std::net::Ipv4Addr::new(127, 0, 0, 2 + n);
 
         let mut silent = Vec::new();
-        for _ in 0..CAP {
-            silent.push(RawPeer::connect(addr).await);
+        for n in 0..(CAP / SHARE) as u8 {
+            for _ in 0..SHARE {
+                silent.push(RawPeer::connect_from(from(n), addr).await);
+            }
         }
-        // A connection takes its handshake slot in the same step as it is
-        // counted as accepted (the TCP transport has no handshake of its own).
         eventually("the silent peers accepted", || {
             accepted(&server) == CAP as u64
         })
         .await;
 
-        let mut ninth = RawPeer::connect(addr).await;
-        let details = ninth
+        let mut third = RawPeer::connect_from(from(0), addr).await;
+        let response = HandshakeResponse::decode(third.next().await.expect("a response")).unwrap();
+        assert!(!response.accepted, "{response:?}");
+        assert!(
+            response.error.contains("pending handshakes"),
+            "{response:?}"
+        );
+        let details = third
             .expect_disconnect(DisconnectReason::TooManyPeers)
             .await;
-        assert!(details.contains("pending handshakes"), "{details}");
-        let early = TcpClient::tcp(client_config("early"), Some(keys.client_auth(0)));
-        match early.connect(&addr.to_string()).await {
-            Err(TransportError::Refused {
-                reason: DisconnectReason::TooManyPeers,
-                ..
-            }) => {}
-            other => panic!("expected a TOO_MANY_PEERS refusal, got {other:?}"),
-        }
+        assert!(details.contains("from this address"), "{details}");
 
-        // The server cuts each silent peer off at its handshake timeout.
-        for peer in &mut silent {
-            while peer.next().await.is_some() {}
-        }
+        let started = Instant::now();
         let legit = TcpClient::tcp(client_config("legit"), Some(keys.client_auth(0)));
         legit.connect(&addr.to_string()).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
         registered(&server, &identity(0)).await;
+        // One silent peer made room: closed without a word.
+        let mut closed = 0;
+        for peer in &mut silent {
+            if tokio::time::timeout(Duration::from_millis(50), peer.reader.next())
+                .await
+                .is_ok()
+            {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 1, "exactly one silent peer displaced");
         legit.disconnect().await.unwrap();
         server.stop().await.unwrap();
     })

@@ -1,5 +1,6 @@
 //! Integration tests, one binary to save link time.
 
+mod admission;
 mod codec_props;
 mod config_file;
 mod config_props;

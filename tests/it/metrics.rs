@@ -104,9 +104,9 @@ async fn run() {
     let server = TcpServer::tcp(
         ServerConfig::default()
             .with_listen_addr("127.0.0.1:0")
-            // Exactly the four connections below pass; the fifth is throttled.
+            // One failed handshake empties the bucket; the next is throttled.
             .with_rate_limit(Some(RateLimit {
-                burst: 4,
+                burst: 1,
                 per_second: 0.0,
             })),
         Some(ServerAuth::new(server_key.clone(), trust)),
@@ -159,17 +159,33 @@ async fn run() {
     let report = server.broadcast(vote(99), None).unwrap();
     assert_eq!(report.delivered.len(), 1);
 
-    // An untrusted key: a refused handshake.
+    // A forged and then a replayed signed frame, over a raw socket.
+    forged_and_replayed_frames(addr, &raw_key, &server_key).await;
+
+    // An untrusted key: a refused handshake, charged to 127.0.0.1's bucket
+    // (before it is counted as failed).
     let stranger = TcpClient::tcp(
         ClientConfig::default(),
         Some(ClientAuth::new(Arc::new(SecretKey::generate()))),
     );
     assert!(stranger.connect(&addr.to_string()).await.is_err());
+    let failed = || {
+        server
+            .metrics()
+            .connections_total
+            .with_label_values(&["handshake_failed"])
+            .get()
+    };
+    for _ in 0..200 {
+        if failed() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(failed(), 1);
 
-    // A forged and then a replayed signed frame, over a raw socket.
-    forged_and_replayed_frames(addr, &raw_key, &server_key).await;
-
-    // Throttled: the four connections above used up 127.0.0.1's bucket.
+    // Throttled: the failure used up 127.0.0.1's bucket of one (successful
+    // handshakes are never charged).
     let throttled = TcpClient::tcp(
         ClientConfig::default(),
         Some(ClientAuth::new(client_key.clone())),

@@ -1,13 +1,14 @@
 //! Multi-peer behaviour: fan-out, exclusion, the publisher's two-phase flow,
 //! restarts, replacement, admission limits and keep-alive.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::future::join_all;
 use prost::Message as _;
 use publisher_transport::{
-    ConnectionEvent, DisconnectReason, Message, RateLimit, TransportError, channel_handler,
+    ClientAuth, ConnectionEvent, DisconnectReason, Message, RateLimit, SecretKey, TransportError,
+    channel_handler,
     proto::{
         Payload,
         rollup::v1::{Decided, StartSc, TransactionRequest, Vote, XtId, XtRequest},
@@ -343,9 +344,12 @@ pub async fn second_connection_of_an_identity_replaces_the_first<H: Harness>() {
     server.stop().await.unwrap();
 }
 
-/// With a bucket of two and no refill, the third quick connection from the
-/// same address is refused as throttled.
-pub async fn per_ip_throttle_refuses_third_quick_connection<H: Harness>() {
+/// With a bucket of two and no refill, trusted clients come and go freely
+/// (a successful handshake is never charged); two failed handshakes from the
+/// same address use the bucket up, and the next connection is throttled:
+/// told why where the transport lets a refusal say so (TCP, gRPC), refused
+/// before its transport handshake otherwise (QUIC).
+pub async fn per_ip_throttle_charges_only_failures<H: Harness>() {
     let keys = Keys::new(3);
     let config = server_config().with_rate_limit(Some(RateLimit {
         burst: 2,
@@ -354,21 +358,49 @@ pub async fn per_ip_throttle_refuses_third_quick_connection<H: Harness>() {
     let server = H::server(config, Some(keys.server_auth()));
     let addr = server.start().await.unwrap();
     let mut clients = Vec::new();
-    for i in 0..2 {
+    for i in 0..3 {
         let client = H::client(client_config(&format!("c{i}")), Some(keys.client_auth(i)));
         client.connect(&H::dial_addr(addr)).await.unwrap();
         clients.push(client);
     }
-    let third = H::client(client_config("c2"), Some(keys.client_auth(2)));
-    match third.connect(&H::dial_addr(addr)).await {
-        Err(TransportError::Refused {
-            reason: DisconnectReason::Throttled,
-            ..
-        }) => {}
-        other => panic!("expected Refused(Throttled), got {other:?}"),
+    let counted = |label: &str| {
+        server
+            .metrics()
+            .connections_total
+            .with_label_values(&[label])
+            .get()
+    };
+    for attempt in 1..=2 {
+        let stranger = H::client(
+            client_config("stranger"),
+            Some(ClientAuth::new(Arc::new(SecretKey::generate()))),
+        );
+        let refused = stranger.connect(&H::dial_addr(addr)).await;
+        assert!(refused.is_err(), "an untrusted key got in: {refused:?}");
+        // Counted once charged.
+        eventually("the failure charged", || {
+            counted("handshake_failed") == attempt
+        })
+        .await;
     }
+    let fourth = H::client(client_config("c0"), Some(keys.client_auth(0)));
+    let refused = fourth.connect(&H::dial_addr(addr)).await;
+    if H::EXPLAINS_EARLY_REFUSALS {
+        match &refused {
+            Err(
+                err @ TransportError::Refused {
+                    reason: DisconnectReason::Throttled,
+                    ..
+                },
+            ) => assert!(err.to_string().contains("throttled"), "{err}"),
+            other => panic!("expected Refused(Throttled), got {other:?}"),
+        }
+    } else {
+        assert!(refused.is_err(), "{refused:?}");
+    }
+    assert_eq!(counted("refused_throttled"), 1);
     // The admitted ones are unaffected.
-    eventually("two registered", || server.connections().len() == 2).await;
+    eventually("three registered", || server.connections().len() == 3).await;
     for client in &clients {
         client.send(vote(true)).await.unwrap();
     }

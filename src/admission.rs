@@ -1,0 +1,567 @@
+//! Admission of new connections, decided before any expensive work: the
+//! connection rate limit and the pool of pending handshakes, both keyed by
+//! address prefix (/32 for IPv4, /64 for IPv6), since one host or one IPv6
+//! subnet is one party however many addresses it uses.
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::{IpAddr, Ipv6Addr},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+use tracing::info;
+
+use crate::{
+    backend::{Listener, Pipe},
+    codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
+    config::{RateLimit, ServerConfig},
+    error::DisconnectReason,
+    handshake::disconnect_body,
+    metrics::Metrics,
+    proto::rollup::v1::HandshakeResponse,
+    session::{FrameWriter, send_disconnect},
+};
+
+/// Refuses a connection before establishing it. Where the pipe costs
+/// nothing (plain TCP, gRPC) the peer is told why: with authentication on as
+/// a refused handshake is, so that every client can say why (a
+/// `HandshakeResponse` with `accepted: false` and `error: "<reason>:
+/// <details>"`, then `Disconnect{reason, details}`); without, with the bare
+/// `Disconnect`. Over TLS and QUIC the connection is closed (QUIC: refused)
+/// before its transport handshake, without a message: no work is spent on it.
+pub(crate) async fn refuse_early<L: Listener>(
+    connecting: L::Connecting,
+    authenticating: bool,
+    metrics: &Metrics,
+    config: &ServerConfig,
+    reason: DisconnectReason,
+    details: &str,
+) {
+    info!(%reason, details, "connection refused");
+    metrics.connection(&format!("refused_{reason}"));
+    let Ok(Pipe { mut writer, .. }) = L::pipe_now(connecting) else {
+        return;
+    };
+    let timeout = config.disconnect_timeout;
+    if !authenticating {
+        return send_disconnect(&mut writer, reason, details, timeout).await;
+    }
+    let response = HandshakeResponse {
+        accepted: false,
+        error: format!("{reason}: {details}"),
+        session_id: String::new(),
+    }
+    .encode_to_vec();
+    let mut frames = BytesMut::new();
+    for body in [&response[..], &disconnect_body(reason, details)[..]] {
+        match codec::frame_body(body, HANDSHAKE_MAX_FRAME_SIZE) {
+            Ok(frame) => frames.extend_from_slice(&frame),
+            Err(_) => return,
+        }
+    }
+    let _ = tokio::time::timeout(timeout, async {
+        writer.write_frames(&frames).await?;
+        writer.shutdown(Some((reason, details))).await
+    })
+    .await;
+}
+
+/// The party a connection is counted against: an IPv4 address or an IPv6
+/// /64. IPv4-mapped IPv6 addresses count as their IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Prefix(IpAddr);
+
+impl Prefix {
+    pub(crate) fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => {
+                let masked = u128::from(v6) & !u128::from(u64::MAX);
+                Self(IpAddr::V6(Ipv6Addr::from(masked)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}/32"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// Buckets kept per generation; at most twice this many are held.
+const RATE_BUCKETS_PER_GENERATION: usize = 32 * 1024;
+
+/// Per-prefix token buckets that charge failures only: admission needs a
+/// token but does not take one, and a connection that ends without
+/// authenticating takes one, so any number of honest peers behind one
+/// address connect at once while repeated failures from it are throttled.
+///
+/// Hand-written rather than `governor`: its buckets can be checked only by
+/// consuming (no peek) and cannot be refunded, which is exactly what this
+/// rule needs.
+///
+/// The map is bounded in size and time without sweeping it: buckets live in
+/// two generations; a generation is retired once a bucket untouched since it
+/// began would have refilled completely (forgetting it then loses nothing),
+/// or early once it holds [`RATE_BUCKETS_PER_GENERATION`] buckets (then a
+/// forgotten prefix starts again with a full bucket).
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    limit: RateLimit,
+    /// How long an untouched bucket takes to refill completely; `None` when
+    /// it never does (`per_second = 0`): generations then turn on size only.
+    refill: Option<Duration>,
+    state: Mutex<Generations>,
+}
+
+#[derive(Debug)]
+struct Generations {
+    current: HashMap<Prefix, Bucket>,
+    previous: HashMap<Prefix, Bucket>,
+    started: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(limit: RateLimit) -> Self {
+        let refill = (limit.per_second > 0.0)
+            .then(|| f64::from(limit.burst.max(1)) / limit.per_second)
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
+        Self {
+            limit,
+            refill,
+            state: Mutex::new(Generations {
+                current: HashMap::new(),
+                previous: HashMap::new(),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// Whether `prefix` may open a connection now (its bucket holds a token).
+    pub(crate) fn admits(&self, prefix: Prefix) -> bool {
+        self.with_bucket(prefix, |bucket| bucket.tokens >= 1.0)
+    }
+
+    /// Takes a token from `prefix` (a failed or abandoned authentication, or
+    /// any connection without authentication); false if it had none.
+    pub(crate) fn charge(&self, prefix: Prefix) -> bool {
+        self.with_bucket(prefix, |bucket| {
+            let had = bucket.tokens >= 1.0;
+            bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+            had
+        })
+    }
+
+    fn with_bucket<T>(&self, prefix: Prefix, f: impl FnOnce(&mut Bucket) -> T) -> T {
+        let now = Instant::now();
+        let burst = f64::from(self.limit.burst.max(1));
+        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *guard;
+        let expired = self
+            .refill
+            .is_some_and(|refill| now.duration_since(state.started) >= refill);
+        let mut retired = None;
+        if expired || state.current.len() >= RATE_BUCKETS_PER_GENERATION {
+            let current = std::mem::take(&mut state.current);
+            retired = Some(std::mem::replace(&mut state.previous, current));
+            state.started = now;
+        }
+        let bucket = match state.current.get_mut(&prefix) {
+            Some(bucket) => bucket,
+            None => {
+                let bucket = state.previous.remove(&prefix).unwrap_or(Bucket {
+                    tokens: burst,
+                    at: now,
+                });
+                state.current.entry(prefix).or_insert(bucket)
+            }
+        };
+        let refilled = now.duration_since(bucket.at).as_secs_f64() * self.limit.per_second;
+        bucket.tokens = (bucket.tokens + refilled).min(burst);
+        bucket.at = now;
+        let result = f(bucket);
+        drop(guard);
+        // Freed outside the lock: the one step that is not O(1).
+        drop(retired);
+        result
+    }
+}
+
+/// Charges the rate limit for a connection that ends without
+/// authenticating: on drop, unless [`disarm`](Self::disarm)ed on success.
+#[derive(Debug)]
+pub(crate) struct ChargeUnlessAuthenticated<'a> {
+    limiter: Option<&'a RateLimiter>,
+    prefix: Prefix,
+}
+
+impl<'a> ChargeUnlessAuthenticated<'a> {
+    pub(crate) fn new(limiter: Option<&'a RateLimiter>, prefix: Prefix) -> Self {
+        Self { limiter, prefix }
+    }
+
+    /// The connection authenticated: nothing is charged.
+    pub(crate) fn disarm(&mut self) {
+        self.limiter = None;
+    }
+}
+
+impl Drop for ChargeUnlessAuthenticated<'_> {
+    fn drop(&mut self) {
+        if let Some(limiter) = self.limiter {
+            limiter.charge(self.prefix);
+        }
+    }
+}
+
+/// Why no pending-handshake slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PendingRefusal {
+    /// The prefix already holds its share of the pool.
+    PrefixFull,
+    /// The pool is full and no prefix holds more slots than this one.
+    PoolFull,
+}
+
+/// The pool of handshakes in progress. No prefix holds more than its share;
+/// when the pool is full, a newcomer takes the oldest slot of the prefix
+/// holding the most, if that is more than its own prefix holds. A flood from
+/// many addresses thus only ever displaces itself, and an address with
+/// nothing pending always gets a slot.
+#[derive(Debug)]
+pub(crate) struct PendingHandshakes {
+    capacity: usize,
+    per_prefix: usize,
+    state: Mutex<PendingState>,
+}
+
+#[derive(Debug, Default)]
+struct PendingState {
+    total: usize,
+    next_id: u64,
+    /// Slots by prefix, oldest first.
+    by_prefix: HashMap<Prefix, VecDeque<(u64, CancellationToken)>>,
+    /// (slots held, prefix) of every prefix holding any: the largest holder
+    /// is the last, found without a walk.
+    by_count: BTreeSet<(usize, Prefix)>,
+}
+
+impl PendingState {
+    fn set_count(&mut self, prefix: Prefix, from: usize, to: usize) {
+        if from > 0 {
+            self.by_count.remove(&(from, prefix));
+        }
+        if to > 0 {
+            self.by_count.insert((to, prefix));
+        }
+    }
+
+    fn remove(&mut self, prefix: Prefix, id: u64) -> bool {
+        let Some(slots) = self.by_prefix.get_mut(&prefix) else {
+            return false;
+        };
+        let Some(at) = slots.iter().position(|(slot, _)| *slot == id) else {
+            return false;
+        };
+        let before = slots.len();
+        slots.remove(at);
+        if slots.is_empty() {
+            self.by_prefix.remove(&prefix);
+        }
+        self.set_count(prefix, before, before - 1);
+        self.total -= 1;
+        true
+    }
+}
+
+impl PendingHandshakes {
+    pub(crate) fn new(capacity: usize, per_prefix: usize) -> Arc<Self> {
+        let capacity = capacity.max(1);
+        Arc::new(Self {
+            capacity,
+            per_prefix: per_prefix.clamp(1, capacity),
+            state: Mutex::default(),
+        })
+    }
+
+    /// A slot for a handshake from `prefix`. It is given back when dropped;
+    /// [`PendingSlot::evicted`] resolves if a newcomer takes it over.
+    pub(crate) fn acquire(self: &Arc<Self>, prefix: Prefix) -> Result<PendingSlot, PendingRefusal> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = state.by_prefix.get(&prefix).map_or(0, VecDeque::len);
+        if held >= self.per_prefix {
+            return Err(PendingRefusal::PrefixFull);
+        }
+        if state.total >= self.capacity {
+            let Some(&(most, victim)) = state.by_count.last() else {
+                return Err(PendingRefusal::PoolFull);
+            };
+            if most <= held {
+                return Err(PendingRefusal::PoolFull);
+            }
+            let oldest = state
+                .by_prefix
+                .get(&victim)
+                .and_then(|s| s.front())
+                .cloned();
+            if let Some((id, evicted)) = oldest {
+                state.remove(victim, id);
+                evicted.cancel();
+            }
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let evicted = CancellationToken::new();
+        state
+            .by_prefix
+            .entry(prefix)
+            .or_default()
+            .push_back((id, evicted.clone()));
+        state.set_count(prefix, held, held + 1);
+        state.total += 1;
+        Ok(PendingSlot {
+            pool: self.clone(),
+            prefix,
+            id,
+            evicted,
+        })
+    }
+
+    /// Handshakes in progress.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total
+    }
+}
+
+/// A pending handshake's place in the pool.
+#[derive(Debug)]
+pub(crate) struct PendingSlot {
+    pool: Arc<PendingHandshakes>,
+    prefix: Prefix,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl PendingSlot {
+    /// Resolves once a newcomer has taken this slot over.
+    pub(crate) async fn evicted(&self) {
+        self.evicted.cancelled().await;
+    }
+
+    /// Cancelled once a newcomer has taken this slot over.
+    pub(crate) fn evicted_token(&self) -> CancellationToken {
+        self.evicted.clone()
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut state = self
+            .pool
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        state.remove(self.prefix, self.id);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    type Hook = Box<dyn Fn(&str) + Send>;
+
+    /// Runs between a server's handshake and the registration of the
+    /// connection: where a trust change used to go unseen.
+    static BEFORE_REGISTER: Mutex<Option<Hook>> = Mutex::new(None);
+
+    pub(crate) fn before_register(identity: &str) {
+        if let Some(hook) = &*BEFORE_REGISTER
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            hook(identity);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_removed_between_handshake_and_registration_is_disconnected() {
+        use crate::{
+            ClientAuth, ClientConfig, ConnectionEvent, SecretKey, ServerAuth, ServerConfig,
+            TcpBackend, TransportClient, TransportServer, TrustStore,
+        };
+        // Only this identity is touched: other tests may run servers too.
+        const REVOKED: &str = "revoked-in-the-window";
+        let trust = Arc::new(TrustStore::new());
+        let client_key = Arc::new(SecretKey::generate());
+        trust.add(REVOKED, client_key.public_key().clone()).unwrap();
+        let hooked = trust.clone();
+        *BEFORE_REGISTER.lock().unwrap() = Some(Box::new(move |identity| {
+            if identity == REVOKED {
+                hooked.remove(identity);
+                // Lets the trust watcher look before the registration and
+                // find nothing, so that only the re-check after it can catch
+                // the change (no event says the watcher has looked; passing
+                // does not depend on this wait). Blocking in place hands this
+                // worker's queue, the woken watcher in it, to another thread.
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(100)));
+            }
+        }));
+        let server_key = Arc::new(SecretKey::generate());
+        let server = TransportServer::new(
+            TcpBackend::default(),
+            ServerConfig::default()
+                .with_listen_addr("127.0.0.1:0")
+                .with_rate_limit(None),
+            Some(ServerAuth::new(server_key.clone(), trust)),
+        );
+        let addr = server.start().await.unwrap();
+        let mut config = ClientConfig::default().with_client_id(REVOKED);
+        config.auto_reconnect = false;
+        let client = TransportClient::new(
+            TcpBackend::default(),
+            config,
+            Some(ClientAuth::new(client_key).with_server_key(server_key.public_key().clone())),
+        );
+        let mut events = client.events();
+        let bounded = Duration::from_secs(10);
+        // Accepted (the response goes out first), then cut off.
+        tokio::time::timeout(bounded, client.connect(&addr.to_string()))
+            .await
+            .unwrap()
+            .unwrap();
+        let end = tokio::time::timeout(bounded, async {
+            loop {
+                if let Ok(event @ ConnectionEvent::Disconnected { .. }) = events.recv().await {
+                    return event;
+                }
+            }
+        })
+        .await
+        .expect("the revoked key is disconnected");
+        assert!(
+            matches!(
+                end,
+                ConnectionEvent::Disconnected {
+                    reason: DisconnectReason::AuthFailure,
+                    by_peer: true,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+        *BEFORE_REGISTER.lock().unwrap() = None;
+        server.stop().await.unwrap();
+    }
+
+    fn v4(last: u8) -> Prefix {
+        Prefix::of(IpAddr::from([127, 0, 0, last]))
+    }
+
+    #[test]
+    fn prefixes_are_v4_addresses_and_v6_slash_64s() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(Prefix::of(a), Prefix::of(b));
+        assert_ne!(Prefix::of(a), Prefix::of(c));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(Prefix::of(mapped), v4(1));
+        assert_ne!(v4(1), v4(2));
+        assert_eq!(Prefix::of(a).to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn bucket_charges_failures_only() {
+        let limiter = RateLimiter::new(RateLimit {
+            burst: 3,
+            per_second: 0.0,
+        });
+        // Admission alone never empties the bucket.
+        assert!((0..100).all(|_| limiter.admits(v4(1))));
+        assert!((0..3).all(|_| limiter.charge(v4(1))));
+        assert!(!limiter.admits(v4(1)));
+        assert!(!limiter.charge(v4(1)));
+        assert!(limiter.admits(v4(2)), "buckets are per prefix");
+    }
+
+    #[test]
+    fn rate_map_stays_bounded_without_refill() {
+        let limiter = RateLimiter::new(RateLimit {
+            burst: 1,
+            per_second: 0.0,
+        });
+        for n in 0..(3 * RATE_BUCKETS_PER_GENERATION as u32) {
+            limiter.charge(Prefix::of(IpAddr::from(n.to_be_bytes())));
+        }
+        let state = limiter.state.lock().unwrap();
+        assert!(state.current.len() + state.previous.len() <= 2 * RATE_BUCKETS_PER_GENERATION);
+    }
+
+    #[test]
+    fn rate_generation_keeps_recent_buckets() {
+        let limiter = RateLimiter::new(RateLimit {
+            burst: 1,
+            per_second: 0.0,
+        });
+        assert!(limiter.charge(v4(1)));
+        // Fill one generation: v4(1) moves to the previous one, still empty.
+        for n in 0..RATE_BUCKETS_PER_GENERATION as u32 {
+            limiter.charge(Prefix::of(IpAddr::from(((n + 1) << 8).to_be_bytes())));
+        }
+        assert!(!limiter.admits(v4(1)), "a recent bucket survives one turn");
+    }
+
+    #[test]
+    fn prefix_share_is_capped() {
+        let pool = PendingHandshakes::new(8, 2);
+        let _a = pool.acquire(v4(1)).unwrap();
+        let _b = pool.acquire(v4(1)).unwrap();
+        assert_eq!(pool.acquire(v4(1)).unwrap_err(), PendingRefusal::PrefixFull);
+        let c = pool.acquire(v4(2)).unwrap();
+        drop(c);
+        assert_eq!(pool.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn full_pool_evicts_the_largest_holder_for_a_newcomer() {
+        let pool = PendingHandshakes::new(4, 3);
+        let flood: Vec<_> = (0..3).map(|_| pool.acquire(v4(9)).unwrap()).collect();
+        let other = pool.acquire(v4(8)).unwrap();
+        assert_eq!(pool.len(), 4);
+        // An address with nothing pending displaces the oldest of the largest.
+        let honest = pool.acquire(v4(1)).unwrap();
+        assert_eq!(pool.len(), 4);
+        tokio::time::timeout(Duration::from_secs(1), flood[0].evicted())
+            .await
+            .expect("the flood's oldest slot is taken over");
+        assert!(!flood[1].evicted.is_cancelled());
+        // Counts are now 2 (flood), 1, 1: a holder of 1 cannot displace 2…
+        let second_honest = pool.acquire(v4(1)).unwrap();
+        // …but it could: 2 > 1. The flood is down to one.
+        assert!(flood[1].evicted.is_cancelled());
+        // Everyone holds one or two; v4(1) holds two now, the most.
+        assert_eq!(pool.acquire(v4(1)).unwrap_err(), PendingRefusal::PoolFull);
+        drop((flood, other, honest, second_honest));
+        assert_eq!(pool.len(), 0);
+    }
+}
