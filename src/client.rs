@@ -475,6 +475,7 @@ async fn try_establish<B: Backend>(
         sender_id: Some(config.client_id.clone()),
         peer_key: None,
         delivery_acks: false,
+        go_mode: false,
     };
     if let Some((auth, unicast, handshake)) = prepared {
         let server = client_handshake(
@@ -506,6 +507,7 @@ async fn try_establish<B: Backend>(
         setup.signer = signer;
         setup.opener = opener;
         setup.delivery_acks = server.delivery_acks;
+        setup.go_mode = server.server_key.is_none();
     }
     let context = SessionContext::new(
         config.session(),

@@ -413,16 +413,35 @@ async fn watch_trust<B: Backend>(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
         for identity in identities {
-            let Some(connection) = inner.manager.get(&identity) else {
-                continue;
-            };
-            let trusted = auth.trust.key_of(&identity);
-            if connection.peer_key().is_some() && connection.peer_key() != trusted.as_ref() {
-                warn!(%identity, "closing connection: its key is no longer trusted");
-                connection.close(DisconnectReason::AuthFailure, "key no longer trusted");
+            if let Some(connection) = inner.manager.get(&identity) {
+                close_if_no_longer_trusted(auth, &connection);
             }
         }
     }
+}
+
+/// Closes `connection` with `AUTH_FAILURE` if its key is no longer the one
+/// trusted for its identity (removed or rotated), or if it is a Go-mode
+/// session and the key is no longer trusted Go-compatible.
+fn close_if_no_longer_trusted(auth: &ServerAuth, connection: &session::Connection) {
+    let Some(key) = connection.peer_key() else {
+        return;
+    };
+    let identity = connection.identity();
+    let details = if auth.trust.key_of(identity).as_ref() != Some(key) {
+        "key no longer trusted"
+    } else if connection.is_go_mode()
+        && !auth
+            .trust
+            .mode_of(identity)
+            .is_some_and(|mode| mode.allows_go_mode())
+    {
+        "key no longer trusted for Go-mode sessions"
+    } else {
+        return;
+    };
+    warn!(%identity, details, "closing connection: its key is no longer trusted");
+    connection.close(DisconnectReason::AuthFailure, details);
 }
 
 async fn accept_loop<B: Backend>(
@@ -573,6 +592,7 @@ async fn serve<B: Backend>(
                 sender_id: None,
                 peer_key: None,
                 delivery_acks: false,
+                go_mode: false,
             },
             None,
         ),
@@ -664,6 +684,7 @@ async fn serve<B: Backend>(
                 sender_id: None,
                 peer_key: Some(client.public_key.clone()),
                 delivery_acks: client.delivery_acks,
+                go_mode: !client.extended,
             };
             (setup, Some(response))
         }
@@ -689,11 +710,8 @@ async fn serve<B: Backend>(
         // A trust change between the handshake's check and the insert was
         // not seen by `watch_trust` (it only looks at registered
         // connections): look again now that this one is registered.
-        if let (Some(auth), Some(key)) = (&inner.auth, connection.peer_key())
-            && auth.trust.key_of(connection.identity()).as_ref() != Some(key)
-        {
-            warn!(identity = %connection.identity(), "closing connection: its key is no longer trusted");
-            connection.close(DisconnectReason::AuthFailure, "key no longer trusted");
+        if let Some(auth) = &inner.auth {
+            close_if_no_longer_trusted(auth, &connection);
         }
     }
     let _ = task.await;

@@ -428,6 +428,8 @@ pub(crate) struct SessionSetup {
     pub(crate) sender_id: Option<String>,
     /// Whether both sides acknowledge delivered messages.
     pub(crate) delivery_acks: bool,
+    /// Whether the peer authenticated with the Go package's handshake.
+    pub(crate) go_mode: bool,
 }
 
 /// A live connection, shared by its tasks, the manager and the application.
@@ -444,6 +446,7 @@ pub struct Connection {
     chain_id: Mutex<Option<String>>,
     peer_key: Option<PublicKey>,
     signed: bool,
+    go_mode: bool,
     counters: Counters,
     /// Present when the session negotiated delivery acknowledgements.
     acks: Option<Acks>,
@@ -474,6 +477,13 @@ impl Connection {
     /// The key the peer authenticated with (`None` without authentication).
     pub fn peer_key(&self) -> Option<&PublicKey> {
         self.peer_key.as_ref()
+    }
+
+    /// Whether the session was authenticated by the Go package's plain
+    /// handshake: no mutual authentication, no signed frames. On a server,
+    /// only peers whose key is trusted Go-compatible have such sessions.
+    pub fn is_go_mode(&self) -> bool {
+        self.go_mode
     }
 
     /// Whether frames are signed.
@@ -1102,6 +1112,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         chain_id: Mutex::new(None),
         peer_key: setup.peer_key,
         signed: setup.signer.is_some(),
+        go_mode: setup.go_mode,
         counters: Counters {
             last_seen_nanos: AtomicI64::new(0),
             ..Counters::default()
