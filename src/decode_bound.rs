@@ -114,6 +114,27 @@ impl DecodeAllowance {
         self.remaining
     }
 
+    /// Charges `bytes` that the receiver itself allocates for `what`, parts
+    /// of the frame `body_len` bytes long (say, a result slot per message of
+    /// a signed frame), or refuses.
+    pub fn reserve(
+        &mut self,
+        what: &'static str,
+        body_len: usize,
+        bytes: u64,
+    ) -> Result<(), DecodeBoundError> {
+        if bytes > self.remaining {
+            return Err(DecodeBoundError::TooLarge {
+                what,
+                body_len,
+                estimate: bytes.saturating_add(self.bound - self.remaining),
+                bound: self.bound,
+            });
+        }
+        self.remaining -= bytes;
+        Ok(())
+    }
+
     /// Estimates decoding `body` as `M` and charges it, or refuses.
     pub fn charge<M: BoundedMessage>(
         &mut self,

@@ -244,10 +244,17 @@ pub enum HandshakeError {
     /// The nonce was already used by this key within the clock window.
     #[error("handshake replayed: nonce already seen")]
     Replayed,
-    /// The nonce memory is full of unexpired nonces of this key: it refuses
-    /// new handshakes from it rather than forget one that could be replayed.
-    #[error("handshake refused: too many recent handshakes from this key")]
-    TooManyHandshakes,
+    /// The nonce memory has no room for an unexpired nonce (this key holds
+    /// its share, or the memory is full): new handshakes are refused rather
+    /// than forget a nonce that could be replayed.
+    #[error(
+        "handshake refused: too many recent handshakes{}",
+        if *.from_this_key { " from this key" } else { "" }
+    )]
+    TooManyHandshakes {
+        /// This key holds its share; otherwise the whole memory is full.
+        from_this_key: bool,
+    },
     /// The request is addressed to another server (its expected key is not ours).
     #[error("handshake addressed to another server")]
     WrongAudience,
@@ -302,7 +309,7 @@ impl HandshakeError {
             Self::UntrustedKey { .. } => "untrusted_key",
             Self::GoModeRefused { .. } => "go_mode_refused",
             Self::Replayed => "replayed",
-            Self::TooManyHandshakes => "too_many_handshakes",
+            Self::TooManyHandshakes { .. } => "too_many_handshakes",
             Self::WrongAudience => "wrong_audience",
             Self::FeatureRequired { .. } => "feature_required",
             Self::Rejected { .. } => "rejected",

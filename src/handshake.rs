@@ -312,37 +312,21 @@ impl ServerHandshake {
                 response,
                 client: Box::new(client),
             },
-            Err(error) => {
-                // A trusted key with a bad signature is answered like an
-                // untrusted one, so that the answer tells a stranger nothing
-                // about which keys are trusted (the key is looked up first).
-                let text = match &error {
-                    HandshakeError::BadSignature(_) => UNTRUSTED_KEY_TEXT.to_owned(),
-                    error => error.to_string(),
-                };
-                let response = HandshakeResponse {
-                    accepted: false,
-                    error: text.clone(),
-                    session_id: String::new(),
-                }
-                .encode_to_vec()
-                .into();
-                let disconnect = disconnect_body(error.disconnect_reason(), text);
-                ServerVerdict::Reject {
-                    response,
-                    disconnect,
-                    error,
-                }
-            }
+            Err(error) => reject(error),
         }
     }
 
-    fn check(
-        &self,
-        body: &[u8],
-        now: SystemTime,
-        local_floors: SequenceFloors,
-    ) -> Result<(Bytes, AcceptedClient), HandshakeError> {
+    /// The checks of a request that need no curve arithmetic (decoding,
+    /// clock, nonce, trust): the refusal if one fails, `None` if the request
+    /// needs [`respond`](Self::respond). Cheap enough to run for every
+    /// request on the connection's own task, so that only requests naming
+    /// a trusted key wait for signature work.
+    pub fn screen(&self, request_body: &[u8], now: SystemTime) -> Option<ServerVerdict> {
+        self.precheck(request_body, now).err().map(reject)
+    }
+
+    /// Decodes the request and runs the checks before the signature.
+    fn precheck(&self, body: &[u8], now: SystemTime) -> Result<Prechecked, HandshakeError> {
         let malformed = |what| move |source| HandshakeError::Malformed { what, source };
         let request = HandshakeRequest::decode(body).map_err(malformed("HandshakeRequest"))?;
         let ext = HandshakeRequestExt::decode(body).map_err(malformed("HandshakeRequestExt"))?;
@@ -366,16 +350,36 @@ impl ServerHandshake {
                 },
             ));
         }
-        let Some(TrustedPeer {
-            identity,
-            key: claimed,
-            mode,
-        }) = self.shared.config.trust.lookup(&request.public_key)
-        else {
+        let Some(peer) = self.shared.config.trust.lookup(&request.public_key) else {
             return Err(HandshakeError::UntrustedKey {
                 public_key: hex::encode(&request.public_key[..request.public_key.len().min(65)]),
             });
         };
+        Ok(Prechecked {
+            request,
+            ext,
+            peer,
+            now_nanos,
+        })
+    }
+
+    fn check(
+        &self,
+        body: &[u8],
+        now: SystemTime,
+        local_floors: SequenceFloors,
+    ) -> Result<(Bytes, AcceptedClient), HandshakeError> {
+        let Prechecked {
+            request,
+            ext,
+            peer:
+                TrustedPeer {
+                    identity,
+                    key: claimed,
+                    mode,
+                },
+            now_nanos,
+        } = self.precheck(body, now)?;
         let signature =
             Signature::from_slice(&request.signature).map_err(HandshakeError::BadSignature)?;
         let digest = go_request_digest(request.timestamp, &request.nonce);
@@ -508,6 +512,38 @@ impl ServerHandshake {
             frames.session_tag = session_tag(body, &response_body);
         }
         Ok((response_body, accepted))
+    }
+}
+
+/// A request that passed the checks before the signature.
+struct Prechecked {
+    request: HandshakeRequest,
+    ext: HandshakeRequestExt,
+    peer: TrustedPeer,
+    now_nanos: i64,
+}
+
+/// The refusal of a request for `error`.
+fn reject(error: HandshakeError) -> ServerVerdict {
+    // A trusted key with a bad signature is answered like an untrusted one,
+    // so that the answer tells a stranger nothing about which keys are
+    // trusted (the key is looked up first).
+    let text = match &error {
+        HandshakeError::BadSignature(_) => UNTRUSTED_KEY_TEXT.to_owned(),
+        error => error.to_string(),
+    };
+    let response = HandshakeResponse {
+        accepted: false,
+        error: text.clone(),
+        session_id: String::new(),
+    }
+    .encode_to_vec()
+    .into();
+    let disconnect = disconnect_body(error.disconnect_reason(), text);
+    ServerVerdict::Reject {
+        response,
+        disconnect,
+        error,
     }
 }
 

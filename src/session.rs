@@ -899,10 +899,16 @@ pub(crate) async fn server_handshake<R: FrameReader, W: FrameWriter>(
         }
         Ok(Some(Ok(request))) => request,
     };
-    // Recovery, verification and the proof cost 0.1–0.3 ms of ECDSA: done on
-    // the blocking pool, a bounded number at a time, so that a burst of
-    // handshakes never stalls the runtime's workers and their sessions.
+    // Requests that fail before the signature (strangers' keys, stale
+    // clocks, bad encodings) are refused here, at the cost of a decode and
+    // a look-up. The rest (recovery, verification, the proof: 0.1–0.3 ms of
+    // ECDSA) run on the blocking pool, a bounded number at a time, so that
+    // a burst of handshakes never stalls the runtime's workers.
+    let screened = handshake.screen(&request, SystemTime::now());
     let verdict = tokio::time::timeout_at(deadline, async {
+        if screened.is_some() {
+            return screened;
+        }
         let slot = handshake_crypto_slots()
             .clone()
             .acquire_owned()
@@ -1298,30 +1304,23 @@ async fn read_loop<R: FrameReader>(
             .bytes(Direction::In, body.len() + codec::LENGTH_PREFIX_LEN);
 
         let acks = connection.acks.is_some();
+        // One allowance for everything decoding the frame allocates.
+        let mut allowance = DecodeAllowance::for_frame(body.len());
         let flow = match opener.as_mut() {
-            None => {
-                match decode_inbound(&body, acks, &mut DecodeAllowance::for_frame(body.len())) {
-                    Ok(inbound) => {
-                        deliver(connection, inbound, &body, context, &mut dispatch).await
-                    }
-                    Err(err) => Flow::Close(
-                        DisconnectReason::ProtocolError,
-                        format!("malformed Message: {err}"),
-                    ),
-                }
-            }
-            Some(opener) => match opener.open_bytes(body.clone()) {
+            None => match decode_inbound(&body, acks, &mut allowance) {
+                Ok(inbound) => deliver(connection, inbound, &body, context, &mut dispatch).await,
+                Err(err) => Flow::Close(
+                    DisconnectReason::ProtocolError,
+                    format!("malformed Message: {err}"),
+                ),
+            },
+            Some(opener) => match opener.open_within(body.clone(), &mut allowance) {
                 Ok(encoded) => {
                     dispatch.tally.add(SIGNED_FRAME_KIND, body.len());
                     // Every message is decoded before the first is handled:
                     // a frame with one undecodable message delivers nothing,
                     // control messages included (docs/PROTOCOL.md §4.1).
-                    let mut allowance = DecodeAllowance::for_frame(body.len());
-                    let decoded: Result<Vec<_>, _> = encoded
-                        .iter()
-                        .map(|bytes| decode_inbound(bytes, acks, &mut allowance))
-                        .collect();
-                    match decoded {
+                    match decode_all(body.len(), &encoded, acks, &mut allowance) {
                         Ok(decoded) => {
                             let mut flow = Flow::Continue;
                             for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
@@ -1334,9 +1333,10 @@ async fn read_loop<R: FrameReader>(
                             flow
                         }
                         Err(err) => {
-                            let err = SignedFrameError::Malformed(format!(
-                                "message does not decode: {err}"
-                            ));
+                            let err = SignedFrameError::Malformed(match err {
+                                DecodeBoundError::TooLarge { .. } => err.to_string(),
+                                err => format!("message does not decode: {err}"),
+                            });
                             context
                                 .metrics
                                 .signature_failures_total
@@ -1463,6 +1463,24 @@ fn decode_inbound(
         None
     };
     Ok(Decoded { message, ext })
+}
+
+/// Decodes every message of an opened signed frame within the frame's
+/// allowance. The results' vector is charged up front, so that a frame of
+/// many tiny messages is refused before anything is built.
+fn decode_all(
+    frame_len: usize,
+    encoded: &[Bytes],
+    acks: bool,
+    allowance: &mut DecodeAllowance,
+) -> Result<Vec<Decoded>, DecodeBoundError> {
+    let slots = (encoded.len() as u64).saturating_mul(std::mem::size_of::<Decoded>() as u64);
+    allowance.reserve("the messages of a signed frame", frame_len, slots)?;
+    let mut decoded = Vec::with_capacity(encoded.len());
+    for bytes in encoded {
+        decoded.push(decode_inbound(bytes, acks, allowance)?);
+    }
+    Ok(decoded)
 }
 
 /// Handles control messages; hands the rest to the application handler.
@@ -1628,7 +1646,9 @@ impl WriteBatch {
             self.counted(kind, size);
             return true;
         };
-        if self.pending_bytes + size + SIGNED_FRAME_OVERHEAD > self.max_frame_size {
+        if self.pending_bytes + size + SIGNED_FRAME_OVERHEAD > self.max_frame_size
+            || self.pending.len() >= SIGNED_BATCH_MAX_MESSAGES
+        {
             self.seal(Some(signer));
         }
         // Messages of a batch are encoded side by side in one buffer; once
@@ -1692,6 +1712,11 @@ impl WriteBatch {
 /// Room a signed frame needs beyond its messages: sequence, audience,
 /// signature and field tags, with margin.
 pub(crate) const SIGNED_FRAME_OVERHEAD: usize = 512;
+
+/// Most messages sealed into one signed frame. A receiver charges each
+/// message's result to the frame's decode allowance (docs/PROTOCOL.md §6),
+/// so a batch of many tiny messages must not outgrow it.
+pub const SIGNED_BATCH_MAX_MESSAGES: usize = 1024;
 
 /// The connection's single writer: drains the queue in batches of up to
 /// [`WRITE_COALESCE_BYTES`], encodes (and seals) them into one buffer, and
@@ -1935,6 +1960,57 @@ fn is_application(message: &Message) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A signed frame body of `messages`, as the writer seals them (the
+    /// signature's bytes do not matter to the allowance).
+    fn frame_of(messages: Vec<Bytes>) -> Bytes {
+        crate::proto::transport::v1::SignedFrame {
+            sequence: 1,
+            audience: Some(
+                crate::proto::transport::v1::signed_frame::Audience::RecipientKey(
+                    Bytes::from_static(&[2; 33]),
+                ),
+            ),
+            messages,
+            signature: Bytes::from_static(&[0; 64]),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn decode_frame(body: &Bytes) -> Result<Vec<Decoded>, DecodeBoundError> {
+        let mut allowance = DecodeAllowance::for_frame(body.len());
+        allowance.charge::<crate::proto::transport::v1::SignedFrame>(
+            body,
+            crate::decode_bound::Source::Shared,
+        )?;
+        let frame = crate::proto::transport::v1::SignedFrame::decode(body.clone()).unwrap();
+        decode_all(body.len(), &frame.messages, true, &mut allowance)
+    }
+
+    #[test]
+    fn the_largest_batch_of_the_smallest_messages_is_within_the_allowance() {
+        // The smallest messages a writer seals: payload-less acks and pongs.
+        let pong = Bytes::from(control(Payload::Pong(Pong { timestamp: 0 })).encode_to_vec());
+        let empty = Bytes::new();
+        for message in [pong, empty] {
+            let body = frame_of(vec![message; SIGNED_BATCH_MAX_MESSAGES]);
+            let decoded = decode_frame(&body).expect("an honest batch decodes");
+            assert_eq!(decoded.len(), SIGNED_BATCH_MAX_MESSAGES);
+        }
+    }
+
+    #[test]
+    fn a_frame_of_many_tiny_messages_is_refused_before_decoding_them() {
+        // Few enough for the frame's own list of messages to fit its bound.
+        let body = frame_of(vec![Bytes::new(); 16 * SIGNED_BATCH_MAX_MESSAGES]);
+        match decode_frame(&body) {
+            Err(DecodeBoundError::TooLarge { what, .. }) => {
+                assert_eq!(what, "the messages of a signed frame")
+            }
+            other => panic!("expected TooLarge, got {:?}", other.map(|d| d.len())),
+        }
+    }
 
     fn waiting(acks: &Acks, positions: &[u64]) -> Vec<oneshot::Receiver<()>> {
         positions

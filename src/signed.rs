@@ -277,8 +277,21 @@ impl FrameOpener {
     /// Like [`open`](Self::open), without copying: the returned messages
     /// are slices of `body`.
     pub fn open_bytes(&mut self, body: Bytes) -> Result<Vec<Bytes>, SignedFrameError> {
+        let mut allowance = DecodeAllowance::for_frame(body.len());
+        self.open_within(body, &mut allowance)
+    }
+
+    /// Like [`open_bytes`](Self::open_bytes), charging the frame's decoding
+    /// to `allowance`, which the caller goes on charging as it decodes the
+    /// messages: one allowance covers the whole frame.
+    pub fn open_within(
+        &mut self,
+        body: Bytes,
+        allowance: &mut DecodeAllowance,
+    ) -> Result<Vec<Bytes>, SignedFrameError> {
         // Before decoding, so before the signature is checked: bounded.
-        decode_bound::check_signed_frame(&body)
+        allowance
+            .charge::<SignedFrame>(&body, decode_bound::Source::Shared)
             .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
         let frame = SignedFrame::decode(body)
             .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
@@ -334,7 +347,7 @@ impl FrameOpener {
     /// Verifies a signed frame body and decodes its messages.
     pub fn open_messages(&mut self, body: &[u8]) -> Result<Vec<Message>, SignedFrameError> {
         let mut allowance = DecodeAllowance::for_frame(body.len());
-        self.open(body)?
+        self.open_within(Bytes::copy_from_slice(body), &mut allowance)?
             .into_iter()
             .map(|bytes| {
                 allowance

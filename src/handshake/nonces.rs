@@ -73,8 +73,15 @@ impl NonceCache {
         }
         let key_bytes = key.to_compressed();
         let held = inner.per_key.get(&key_bytes).copied().unwrap_or(0);
-        if inner.seen.len() >= self.capacity || held >= MAX_NONCES_PER_KEY {
-            return Err(HandshakeError::TooManyHandshakes);
+        if held >= MAX_NONCES_PER_KEY {
+            return Err(HandshakeError::TooManyHandshakes {
+                from_this_key: true,
+            });
+        }
+        if inner.seen.len() >= self.capacity {
+            return Err(HandshakeError::TooManyHandshakes {
+                from_this_key: false,
+            });
         }
         inner.seen.insert(entry);
         *inner.per_key.entry(key_bytes).or_default() += 1;

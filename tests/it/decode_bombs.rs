@@ -321,6 +321,40 @@ async fn after_authentication() {
         .await;
     }
     bounded(async {
+        // Correctly signed: 131,000 empty messages, each a valid `Message`,
+        // and an unknown field the signature does not cover, which pads
+        // the frame to 5 MiB and so raises its bound (to 21 MiB). The
+        // frame's own message list fits that bound; the receiver's result
+        // per message (272 bytes, 36 MB in all) does not.
+        let mut peer = SignedPeer::connect(addr, &keys).await;
+        let frame = {
+            let sealed = seal(
+                &peer.key,
+                CryptoBackend::default(),
+                peer.sequence,
+                &peer.audience,
+                vec![Bytes::new(); 131_000],
+            );
+            let mut body = BytesMut::from(&sealed.encode_to_vec()[..]);
+            drop(sealed);
+            let padding = DEFAULT_MAX_FRAME_SIZE / 2 - body.len() - 8;
+            put_len_prefixed(&mut body, 15, &vec![0; padding]);
+            frame_body(&body, DEFAULT_MAX_FRAME_SIZE).unwrap()
+        };
+        let name = "signed frame of 131,000 empty messages";
+        measured(name, frame.len(), async {
+            peer.send(&frame).await;
+            let (reason, details) = peer.disconnect().await;
+            assert!(
+                details.starts_with("malformed signed frame: "),
+                "{name}: {details}"
+            );
+            assert_refused_as_too_large(name, (reason, details));
+        })
+        .await;
+    })
+    .await;
+    bounded(async {
         let mut peer = SignedPeer::connect(addr, &keys).await;
         let body = signed_frame_bomb(DEFAULT_MAX_FRAME_SIZE);
         let frame = frame_body(&body, DEFAULT_MAX_FRAME_SIZE).unwrap();

@@ -550,6 +550,35 @@ fn checks_run_clock_then_trust_then_signature() {
 
 // PROTOCOL.md §2.2
 #[test]
+fn screening_refuses_without_signature_work_only_what_needs_none() {
+    let backend = CryptoBackend::default();
+    let server = ext_server(backend);
+    let mut stranger = client_config(backend);
+    stranger.key = other_key();
+    // A stranger's key and a stale clock are refused by the screen alone.
+    for (config, at) in [(stranger, t0()), (client_config(backend), t0() - secs(60))] {
+        let client = start(config, at, 1);
+        match server.screen(client.request(), t0()) {
+            Some(ServerVerdict::Reject { error, .. }) => assert!(
+                matches!(
+                    error,
+                    HandshakeError::UntrustedKey { .. } | HandshakeError::TimestampTooOld { .. }
+                ),
+                "{error:?}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // A trusted key needs the signature checked, bad or good.
+    let client = start(client_config(backend), t0(), 2);
+    let (mut request, ext) = decode_request(client.request());
+    assert!(server.screen(&concat(&request, &ext), t0()).is_none());
+    request.nonce = Bytes::copy_from_slice(&nonce(99));
+    assert!(server.screen(&concat(&request, &ext), t0()).is_none());
+}
+
+// PROTOCOL.md §2.2
+#[test]
 fn a_trusted_key_is_found_in_either_encoding_but_only_exactly() {
     let key = client_key().public_key().clone();
     let trust = extended_only_trust();
@@ -1038,7 +1067,9 @@ fn the_nonce_memory_refuses_rather_than_forgets_an_unexpired_nonce() {
     let verdict = server.respond(client.request(), t0(), SERVER_FLOORS);
     assert!(matches!(
         expect_refusal(client, verdict, Reason::AuthFailure),
-        HandshakeError::TooManyHandshakes
+        HandshakeError::TooManyHandshakes {
+            from_this_key: false
+        }
     ));
     let verdict = server.respond(&first_request, t0() + secs(1), SERVER_FLOORS);
     assert!(matches!(
@@ -1071,7 +1102,12 @@ fn one_key_cannot_fill_the_nonce_memory() {
     let (n, error) = refused.expect("the key's share of the nonce memory runs out");
     assert_eq!(n as usize, MAX_NONCES_PER_KEY);
     assert!(
-        matches!(error, HandshakeError::TooManyHandshakes),
+        matches!(
+            error,
+            HandshakeError::TooManyHandshakes {
+                from_this_key: true
+            }
+        ),
         "{error:?}"
     );
     // Another trusted key is still served.
