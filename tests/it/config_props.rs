@@ -137,8 +137,17 @@ fn case() -> impl Strategy<Value = Case> {
             timeout_value(),
             grace(),
             grace(),
+            timeout_value(),
         ),
-        (count(1), count(1), count(1), frame_size(), ping(), tcp()),
+        (
+            count(1),
+            count(1),
+            count(1),
+            frame_size(),
+            ping(),
+            tcp(),
+            count(1),
+        ),
         (
             prop_oneof![
                 Just(None),
@@ -170,9 +179,16 @@ fn case() -> impl Strategy<Value = Case> {
         (count(1), frame_size(), ping(), tcp()),
     );
     (server, client).prop_map(|(server, client)| {
-        let ((read, write, handshake, disconnect, stop), counts, limits) = server;
-        let (max_connections, max_pending_handshakes, send_queue_capacity, max_size, ping, tcp) =
-            counts;
+        let ((read, write, handshake, disconnect, stop, first_byte), counts, limits) = server;
+        let (
+            max_connections,
+            max_pending_handshakes,
+            send_queue_capacity,
+            max_size,
+            ping,
+            tcp,
+            per_prefix,
+        ) = counts;
         let (rate_limit, inbound_limit, read_budget) = limits;
         let server_config = ServerConfig {
             read_timeout: read.0,
@@ -182,6 +198,8 @@ fn case() -> impl Strategy<Value = Case> {
             stop_timeout: stop,
             max_connections,
             max_pending_handshakes,
+            max_pending_handshakes_per_prefix: per_prefix,
+            first_byte_timeout: first_byte.0,
             send_queue_capacity,
             max_message_size: max_size,
             ping_interval: ping,
@@ -213,6 +231,7 @@ fn case() -> impl Strategy<Value = Case> {
             read,
             write,
             handshake,
+            first_byte,
             c_connect,
             c_read,
             c_write,
