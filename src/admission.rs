@@ -239,10 +239,13 @@ pub(crate) enum PendingRefusal {
 }
 
 /// The pool of handshakes in progress. No prefix holds more than its share;
-/// when the pool is full, a newcomer takes the oldest slot of the prefix
-/// holding the most, if that is more than its own prefix holds. A flood from
-/// many addresses thus only ever displaces itself, and an address with
-/// nothing pending always gets a slot.
+/// when the pool is full, a newcomer takes a slot from the prefixes holding
+/// the most, if that is more than its own prefix holds: of theirs, the
+/// oldest. An address with nothing pending thus always gets a slot, and a
+/// flood from many addresses displaces the oldest pending handshakes first:
+/// a handshake survives until as many newcomers as the pool holds (or, from
+/// an address holding more than others, fewer) have arrived after it, which
+/// an honest handshake of milliseconds outlasts; it is not immune.
 #[derive(Debug)]
 pub(crate) struct PendingHandshakes {
     capacity: usize,
@@ -256,34 +259,55 @@ struct PendingState {
     next_id: u64,
     /// Slots by prefix, oldest first.
     by_prefix: HashMap<Prefix, VecDeque<(u64, CancellationToken)>>,
-    /// (slots held, prefix) of every prefix holding any: the largest holder
-    /// is the last, found without a walk.
-    by_count: BTreeSet<(usize, Prefix)>,
+    /// [`Holder`] of every prefix holding any: the victim is the last,
+    /// found without a walk.
+    by_count: BTreeSet<Holder>,
+}
+
+/// A prefix's rank as a victim: most slots first, then the oldest slot
+/// (ids grow, so a smaller oldest id ranks higher), so that the last is the
+/// oldest slot of the largest holders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Holder {
+    held: usize,
+    oldest: std::cmp::Reverse<u64>,
+    prefix: Prefix,
 }
 
 impl PendingState {
-    fn set_count(&mut self, prefix: Prefix, from: usize, to: usize) {
-        if from > 0 {
-            self.by_count.remove(&(from, prefix));
+    fn holder(&self, prefix: Prefix) -> Option<Holder> {
+        let slots = self.by_prefix.get(&prefix)?;
+        let &(oldest, _) = slots.front()?;
+        Some(Holder {
+            held: slots.len(),
+            oldest: std::cmp::Reverse(oldest),
+            prefix,
+        })
+    }
+
+    /// Re-ranks `prefix` after its slots changed from `before`.
+    fn rerank(&mut self, prefix: Prefix, before: Option<Holder>) {
+        if let Some(before) = before {
+            self.by_count.remove(&before);
         }
-        if to > 0 {
-            self.by_count.insert((to, prefix));
+        if let Some(after) = self.holder(prefix) {
+            self.by_count.insert(after);
         }
     }
 
     fn remove(&mut self, prefix: Prefix, id: u64) -> bool {
+        let before = self.holder(prefix);
         let Some(slots) = self.by_prefix.get_mut(&prefix) else {
             return false;
         };
         let Some(at) = slots.iter().position(|(slot, _)| *slot == id) else {
             return false;
         };
-        let before = slots.len();
         slots.remove(at);
         if slots.is_empty() {
             self.by_prefix.remove(&prefix);
         }
-        self.set_count(prefix, before, before - 1);
+        self.rerank(prefix, before);
         self.total -= 1;
         true
     }
@@ -308,7 +332,12 @@ impl PendingHandshakes {
             return Err(PendingRefusal::PrefixFull);
         }
         if state.total >= self.capacity {
-            let Some(&(most, victim)) = state.by_count.last() else {
+            let Some(&Holder {
+                held: most,
+                prefix: victim,
+                ..
+            }) = state.by_count.last()
+            else {
                 return Err(PendingRefusal::PoolFull);
             };
             if most <= held {
@@ -327,12 +356,13 @@ impl PendingHandshakes {
         let id = state.next_id;
         state.next_id += 1;
         let evicted = CancellationToken::new();
+        let before = state.holder(prefix);
         state
             .by_prefix
             .entry(prefix)
             .or_default()
             .push_back((id, evicted.clone()));
-        state.set_count(prefix, held, held + 1);
+        state.rerank(prefix, before);
         state.total += 1;
         Ok(PendingSlot {
             pool: self.clone(),
@@ -540,6 +570,23 @@ pub(crate) mod tests {
         let c = pool.acquire(v4(2)).unwrap();
         drop(c);
         assert_eq!(pool.len(), 2);
+    }
+
+    /// Among holders tied for the most, the oldest slot goes, whatever the
+    /// addresses: a handshake from a high address outlives newer churn.
+    #[test]
+    fn full_pool_evicts_the_oldest_of_tied_holders_not_the_highest_address() {
+        let pool = PendingHandshakes::new(8, 2);
+        let flood: Vec<_> = (2..10).map(|n| pool.acquire(v4(n)).unwrap()).collect();
+        let honest = pool.acquire(v4(200)).unwrap();
+        assert!(flood[0].evicted.is_cancelled(), "the oldest made room");
+        let mut churn = Vec::new();
+        for (n, from) in (100..106).enumerate() {
+            churn.push(pool.acquire(v4(from)).unwrap());
+            assert!(flood[n + 1].evicted.is_cancelled(), "churn {n}");
+            assert!(!honest.evicted.is_cancelled(), "honest evicted by churn {n}");
+        }
+        assert_eq!(pool.len(), 8);
     }
 
     #[tokio::test]
