@@ -203,7 +203,9 @@ impl RateLimiter {
 }
 
 /// Charges the rate limit for a connection that ends without
-/// authenticating: on drop, unless [`disarm`](Self::disarm)ed on success.
+/// authenticating by its own doing (silence, a malformed request, a failed
+/// authentication or transport handshake): on drop, unless
+/// [`disarm`](Self::disarm)ed on success, displacement or shutdown.
 #[derive(Debug)]
 pub(crate) struct ChargeUnlessAuthenticated<'a> {
     limiter: Option<&'a RateLimiter>,
@@ -215,7 +217,8 @@ impl<'a> ChargeUnlessAuthenticated<'a> {
         Self { limiter, prefix }
     }
 
-    /// The connection authenticated: nothing is charged.
+    /// The connection authenticated, or ended for reasons not its own:
+    /// nothing is charged.
     pub(crate) fn disarm(&mut self) {
         self.limiter = None;
     }
@@ -584,7 +587,10 @@ pub(crate) mod tests {
         for (n, from) in (100..106).enumerate() {
             churn.push(pool.acquire(v4(from)).unwrap());
             assert!(flood[n + 1].evicted.is_cancelled(), "churn {n}");
-            assert!(!honest.evicted.is_cancelled(), "honest evicted by churn {n}");
+            assert!(
+                !honest.evicted.is_cancelled(),
+                "honest evicted by churn {n}"
+            );
         }
         assert_eq!(pool.len(), 8);
     }

@@ -390,8 +390,9 @@ async fn accept_loop<B: Backend>(
             Ok((connecting, remote_addr)) => {
                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("connection", id, remote = ?remote_addr);
-                tasks
-                    .spawn(serve::<B>(inner.clone(), id, connecting, remote_addr).instrument(span));
+                let serving =
+                    serve::<B>(inner.clone(), id, connecting, remote_addr, shutdown.clone());
+                tasks.spawn(serving.instrument(span));
             }
             Err(err) if B::Listener::is_fatal(&err) => {
                 error!(error = %err, "listener failed; no longer accepting");
@@ -416,6 +417,7 @@ async fn serve<B: Backend>(
     id: u64,
     connecting: <B::Listener as Listener>::Connecting,
     remote_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
 ) {
     let config = &inner.config;
     let metrics = &inner.context.metrics;
@@ -470,10 +472,17 @@ async fn serve<B: Backend>(
     );
     // One deadline for the transport's handshake and ours.
     let deadline = crate::deadline::deadline_after(config.handshake_timeout);
+    // Displacement and shutdown are not the peer's doing: not charged.
     let established = tokio::select! {
         () = slot.evicted() => {
+            charge.disarm();
             info!("pending connection displaced by a newcomer");
             metrics.connection("displaced");
+            return;
+        }
+        () = shutdown.cancelled() => {
+            charge.disarm();
+            debug!("pending connection closed: server shutting down");
             return;
         }
         established = tokio::time::timeout_at(deadline, connecting) => established,
@@ -544,8 +553,14 @@ async fn serve<B: Backend>(
             );
             let outcome = tokio::select! {
                 () = slot.evicted() => {
+                    charge.disarm();
                     info!("pending handshake displaced by a newcomer");
                     metrics.connection("displaced");
+                    return;
+                }
+                () = shutdown.cancelled() => {
+                    charge.disarm();
+                    debug!("pending handshake abandoned: server shutting down");
                     return;
                 }
                 outcome = exchange => outcome,

@@ -15,8 +15,8 @@ use std::{
 use futures::{StreamExt, future::join_all};
 use prost::Message as _;
 use publisher_transport::{
-    ClientAuth, DisconnectReason, FrameCodec, Message, SecretKey, ServerConfig, TcpClient,
-    TcpServer, TransportClient, TransportError, TransportServer,
+    ClientAuth, DisconnectReason, FrameCodec, Message, RateLimit, SecretKey, ServerConfig,
+    TcpClient, TcpServer, TransportClient, TransportError, TransportServer,
     backend::Backend,
     proto::{Payload, rollup::v1::HandshakeResponse},
 };
@@ -439,6 +439,54 @@ async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
             }
             other => panic!("expected a Disconnect, got {other:?}"),
         }
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A pending handshake that is displaced by a newcomer, or cut short by the
+/// server stopping, failed through no fault of its own and costs its address
+/// nothing: with a bucket of one token and no refill, the same address still
+/// connects after both (the limiter outlives a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn displaced_or_shut_down_handshakes_are_not_charged() {
+    bounded(async {
+        let keys = Keys::new(1);
+        let mut config = server_config().with_rate_limit(Some(RateLimit {
+            burst: 1,
+            per_second: 0.0,
+        }));
+        config.max_pending_handshakes = 1;
+        config.max_pending_handshakes_per_prefix = 1;
+        config.handshake_timeout = Duration::from_secs(25);
+        config.first_byte_timeout = Duration::from_secs(25);
+        let server = TcpServer::tcp(config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+
+        // Displaced: a silent connection from 127.0.0.1, then a newcomer.
+        let mut victim = silent_tcp(Ipv4Addr::LOCALHOST, addr).await;
+        eventually("the victim accepted", || counted(&server, "accepted") == 1).await;
+        let newcomer = silent_tcp(flood_address(0), addr).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(STEP_TIMEOUT, victim.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the victim is closed: {read:?}");
+        assert_eq!(counted(&server, "displaced"), 1);
+        drop(newcomer);
+
+        // Shut down: a silent connection from 127.0.0.1 pending at `stop`,
+        // which closes it at once rather than at its deadline.
+        let mut pending = silent_tcp(Ipv4Addr::LOCALHOST, addr).await;
+        eventually("the second accepted", || counted(&server, "accepted") == 3).await;
+        server.stop().await.unwrap();
+        let read = tokio::time::timeout(STEP_TIMEOUT, pending.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0))), "closed at stop: {read:?}");
+
+        // `stop` waited for every connection's task: any charge is made.
+        let addr = server.start().await.unwrap();
+        let client = TcpClient::tcp(client_config("legit"), Some(keys.client_auth(0)));
+        client.connect(&addr.to_string()).await.unwrap();
+        assert_eq!(counted(&server, "refused_throttled"), 0);
+        client.disconnect().await.unwrap();
         server.stop().await.unwrap();
     })
     .await;
