@@ -168,9 +168,13 @@ impl<B: Backend> TransportServer<B> {
             // A client always speaks first when authenticating.
             listener.set_first_byte_timeout(self.inner.config.first_byte_timeout);
             if let Some(limiter) = self.inner.rate_limiter.clone() {
-                listener.set_address_check(crate::backend::AddressCheck::new(move |ip| {
-                    limiter.admits(Prefix::of(ip))
-                }));
+                let charged = limiter.clone();
+                let check =
+                    crate::backend::AddressCheck::new(move |ip| limiter.admits(Prefix::of(ip)))
+                        .with_charge(move |ip| {
+                            charged.charge(Prefix::of(ip));
+                        });
+                listener.set_address_check(check);
             }
         }
         let local_addr = listener.local_addr().map_err(|source| TransportError::Io {

@@ -656,7 +656,6 @@ async fn grpc_connection_without_a_stream_is_closed_and_the_cap_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_grpc_tls_connection_is_refused_before_the_tls_handshake() {
     use publisher_transport::{
-        RateLimit,
         backend::grpc::GrpcBackend,
         tls::{ClientTrust, Identity, ServerTrust},
     };
@@ -696,6 +695,101 @@ async fn throttled_grpc_tls_connection_is_refused_before_the_tls_handshake() {
             "never reached the server"
         );
         assert!(server.connections().is_empty());
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// Over gRPC with TLS, TLS handshakes that fail are charged by the listener,
+/// which the server never hears of: after a burst of them the address is
+/// refused before its TLS handshake, a trusted client from it included.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_grpc_tls_handshakes_are_charged_until_refused_before_tls() {
+    use publisher_transport::{
+        backend::grpc::GrpcBackend,
+        tls::{ClientTrust, Identity, ServerTrust},
+    };
+    bounded(async {
+        const BURST: u32 = 2;
+        let keys = Keys::new(1);
+        let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let other = Identity::self_signed(&["127.0.0.1"]).unwrap();
+        let server_backend = GrpcBackend::new(grpc_options())
+            .with_server_tls(&identity, &ClientTrust::default())
+            .unwrap();
+        let config = server_config().with_rate_limit(Some(RateLimit {
+            burst: BURST,
+            per_second: 0.0,
+        }));
+        let server = TransportServer::new(server_backend, config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap().to_string();
+        let client = |pin: &Identity| {
+            let backend = GrpcBackend::new(grpc_options())
+                .with_client_tls(&ServerTrust::pinned(pin.fingerprint()))
+                .unwrap();
+            TransportClient::new(backend, client_config("c"), Some(keys.client_auth(0)))
+        };
+        // Clients pinning another certificate abort every TLS handshake.
+        for attempt in 0..=BURST {
+            let failed = client(&other).connect(&addr).await;
+            assert!(failed.is_err(), "attempt {attempt}: {failed:?}");
+        }
+        let throttled = client(&identity).connect(&addr).await;
+        assert!(
+            matches!(&throttled, Err(TransportError::Io { op: "connect", .. })),
+            "expected the connection to be cut before TLS, got {throttled:?}"
+        );
+        assert_eq!(
+            counted(&server, "accepted"),
+            0,
+            "nothing reached the server"
+        );
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A plain gRPC connection that opens no stream before the deadline is
+/// charged like a silent TCP connection: with a bucket of one token, the
+/// address is then throttled, and told so.
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connection_without_a_stream_is_charged() {
+    use publisher_transport::backend::grpc::GrpcBackend;
+    bounded(async {
+        let keys = Keys::new(1);
+        let mut options = grpc_options();
+        options.stream_deadline = Duration::from_millis(200);
+        let config = server_config().with_rate_limit(Some(RateLimit {
+            burst: 1,
+            per_second: 0.0,
+        }));
+        let server =
+            TransportServer::new(GrpcBackend::new(options), config, Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+        let mut silent = silent_tcp(Ipv4Addr::LOCALHOST, addr).await;
+        let mut rest = Vec::new();
+        // Charged before the listener closes it.
+        let _ = tokio::time::timeout(STEP_TIMEOUT, silent.read_to_end(&mut rest))
+            .await
+            .expect("closed at the stream deadline");
+        let client = TransportClient::new(
+            GrpcBackend::new(grpc_options()),
+            client_config("legit"),
+            Some(keys.client_auth(0)),
+        );
+        let refused = client.connect(&addr.to_string()).await;
+        assert!(
+            matches!(
+                &refused,
+                Err(TransportError::Refused {
+                    reason: DisconnectReason::Throttled,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
         server.stop().await.unwrap();
     })
     .await;
