@@ -3,12 +3,15 @@
 //! address prefix (/32 for IPv4, /64 for IPv6), since one host or one IPv6
 //! subnet is one party however many addresses it uses.
 
+mod rate;
+
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
 };
+
+pub(crate) use rate::{Attempt, RateLimiter};
 
 use bytes::BytesMut;
 use prost::Message as _;
@@ -19,7 +22,7 @@ use tracing::info;
 use crate::{
     backend::{Listener, Pipe},
     codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
-    config::{RateLimit, ServerConfig},
+    config::ServerConfig,
     error::DisconnectReason,
     handshake::disconnect_body,
     metrics::Metrics,
@@ -93,141 +96,6 @@ impl std::fmt::Display for Prefix {
         match self.0 {
             IpAddr::V4(v4) => write!(f, "{v4}/32"),
             IpAddr::V6(v6) => write!(f, "{v6}/64"),
-        }
-    }
-}
-
-/// Buckets kept per generation; at most twice this many are held.
-const RATE_BUCKETS_PER_GENERATION: usize = 32 * 1024;
-
-/// Per-prefix token buckets that charge failures only: admission needs a
-/// token but does not take one, and a connection that ends without
-/// authenticating takes one, so any number of honest peers behind one
-/// address connect at once while repeated failures from it are throttled.
-///
-/// Hand-written rather than `governor`: its buckets can be checked only by
-/// consuming (no peek) and cannot be refunded, which is exactly what this
-/// rule needs.
-///
-/// The map is bounded in size and time without sweeping it: buckets live in
-/// two generations; a generation is retired once a bucket untouched since it
-/// began would have refilled completely (forgetting it then loses nothing),
-/// or early once it holds [`RATE_BUCKETS_PER_GENERATION`] buckets (then a
-/// forgotten prefix starts again with a full bucket).
-#[derive(Debug)]
-pub(crate) struct RateLimiter {
-    limit: RateLimit,
-    /// How long an untouched bucket takes to refill completely; `None` when
-    /// it never does (`per_second = 0`): generations then turn on size only.
-    refill: Option<Duration>,
-    state: Mutex<Generations>,
-}
-
-#[derive(Debug)]
-struct Generations {
-    current: HashMap<Prefix, Bucket>,
-    previous: HashMap<Prefix, Bucket>,
-    started: Instant,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(limit: RateLimit) -> Self {
-        let refill = (limit.per_second > 0.0)
-            .then(|| f64::from(limit.burst.max(1)) / limit.per_second)
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
-        Self {
-            limit,
-            refill,
-            state: Mutex::new(Generations {
-                current: HashMap::new(),
-                previous: HashMap::new(),
-                started: Instant::now(),
-            }),
-        }
-    }
-
-    /// Whether `prefix` may open a connection now (its bucket holds a token).
-    pub(crate) fn admits(&self, prefix: Prefix) -> bool {
-        self.with_bucket(prefix, |bucket| bucket.tokens >= 1.0)
-    }
-
-    /// Takes a token from `prefix` (a failed or abandoned authentication, or
-    /// any connection without authentication); false if it had none.
-    pub(crate) fn charge(&self, prefix: Prefix) -> bool {
-        self.with_bucket(prefix, |bucket| {
-            let had = bucket.tokens >= 1.0;
-            bucket.tokens = (bucket.tokens - 1.0).max(0.0);
-            had
-        })
-    }
-
-    fn with_bucket<T>(&self, prefix: Prefix, f: impl FnOnce(&mut Bucket) -> T) -> T {
-        let now = Instant::now();
-        let burst = f64::from(self.limit.burst.max(1));
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let state = &mut *guard;
-        let expired = self
-            .refill
-            .is_some_and(|refill| now.duration_since(state.started) >= refill);
-        let mut retired = None;
-        if expired || state.current.len() >= RATE_BUCKETS_PER_GENERATION {
-            let current = std::mem::take(&mut state.current);
-            retired = Some(std::mem::replace(&mut state.previous, current));
-            state.started = now;
-        }
-        let bucket = match state.current.get_mut(&prefix) {
-            Some(bucket) => bucket,
-            None => {
-                let bucket = state.previous.remove(&prefix).unwrap_or(Bucket {
-                    tokens: burst,
-                    at: now,
-                });
-                state.current.entry(prefix).or_insert(bucket)
-            }
-        };
-        let refilled = now.duration_since(bucket.at).as_secs_f64() * self.limit.per_second;
-        bucket.tokens = (bucket.tokens + refilled).min(burst);
-        bucket.at = now;
-        let result = f(bucket);
-        drop(guard);
-        // Freed outside the lock: the one step that is not O(1).
-        drop(retired);
-        result
-    }
-}
-
-/// Charges the rate limit for a connection that ends without
-/// authenticating by its own doing (silence, a malformed request, a failed
-/// authentication or transport handshake): on drop, unless
-/// [`disarm`](Self::disarm)ed on success, displacement or shutdown.
-#[derive(Debug)]
-pub(crate) struct ChargeUnlessAuthenticated<'a> {
-    limiter: Option<&'a RateLimiter>,
-    prefix: Prefix,
-}
-
-impl<'a> ChargeUnlessAuthenticated<'a> {
-    pub(crate) fn new(limiter: Option<&'a RateLimiter>, prefix: Prefix) -> Self {
-        Self { limiter, prefix }
-    }
-
-    /// The connection authenticated, or ended for reasons not its own:
-    /// nothing is charged.
-    pub(crate) fn disarm(&mut self) {
-        self.limiter = None;
-    }
-}
-
-impl Drop for ChargeUnlessAuthenticated<'_> {
-    fn drop(&mut self) {
-        if let Some(limiter) = self.limiter {
-            limiter.charge(self.prefix);
         }
     }
 }
@@ -420,6 +288,7 @@ impl Drop for PendingSlot {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::time::Duration;
 
     type Hook = Box<dyn Fn(&str) + Send>;
 
@@ -521,47 +390,6 @@ pub(crate) mod tests {
         assert_eq!(Prefix::of(mapped), v4(1));
         assert_ne!(v4(1), v4(2));
         assert_eq!(Prefix::of(a).to_string(), "2001:db8:1:2::/64");
-    }
-
-    #[test]
-    fn bucket_charges_failures_only() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 3,
-            per_second: 0.0,
-        });
-        // Admission alone never empties the bucket.
-        assert!((0..100).all(|_| limiter.admits(v4(1))));
-        assert!((0..3).all(|_| limiter.charge(v4(1))));
-        assert!(!limiter.admits(v4(1)));
-        assert!(!limiter.charge(v4(1)));
-        assert!(limiter.admits(v4(2)), "buckets are per prefix");
-    }
-
-    #[test]
-    fn rate_map_stays_bounded_without_refill() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 1,
-            per_second: 0.0,
-        });
-        for n in 0..(3 * RATE_BUCKETS_PER_GENERATION as u32) {
-            limiter.charge(Prefix::of(IpAddr::from(n.to_be_bytes())));
-        }
-        let state = limiter.state.lock().unwrap();
-        assert!(state.current.len() + state.previous.len() <= 2 * RATE_BUCKETS_PER_GENERATION);
-    }
-
-    #[test]
-    fn rate_generation_keeps_recent_buckets() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 1,
-            per_second: 0.0,
-        });
-        assert!(limiter.charge(v4(1)));
-        // Fill one generation: v4(1) moves to the previous one, still empty.
-        for n in 0..RATE_BUCKETS_PER_GENERATION as u32 {
-            limiter.charge(Prefix::of(IpAddr::from(((n + 1) << 8).to_be_bytes())));
-        }
-        assert!(!limiter.admits(v4(1)), "a recent bucket survives one turn");
     }
 
     #[test]

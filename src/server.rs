@@ -16,10 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    admission::{
-        ChargeUnlessAuthenticated, PendingHandshakes, PendingRefusal, Prefix, RateLimiter,
-        refuse_early,
-    },
+    admission::{Attempt, PendingHandshakes, PendingRefusal, Prefix, RateLimiter, refuse_early},
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
@@ -470,12 +467,40 @@ async fn serve<B: Backend>(
             .await;
         }
     };
-    let mut charge = ChargeUnlessAuthenticated::new(
-        inner.rate_limiter.as_deref().filter(|_| authenticating),
-        prefix,
-    );
     // One deadline for the transport's handshake and ours.
     let deadline = crate::deadline::deadline_after(config.handshake_timeout);
+    // With authentication, the attempt waits while the prefix's attempts in
+    // flight claim every token, so concurrent failures cannot outrun it.
+    let mut charge = match inner.rate_limiter.as_ref().filter(|_| authenticating) {
+        None => Attempt::unlimited(),
+        Some(limiter) => {
+            let attempt = tokio::select! {
+                () = slot.evicted() => {
+                    info!("pending connection displaced by a newcomer");
+                    metrics.connection("displaced");
+                    return;
+                }
+                () = shutdown.cancelled() => return,
+                attempt = tokio::time::timeout_at(deadline, limiter.attempt(prefix)) => attempt,
+            };
+            match attempt {
+                Ok(Some(attempt)) => attempt,
+                _ => {
+                    drop(slot);
+                    let (reason, details) = (DisconnectReason::Throttled, "connection rate limit");
+                    return refuse_early::<B::Listener>(
+                        connecting,
+                        authenticating,
+                        metrics,
+                        config,
+                        reason,
+                        details,
+                    )
+                    .await;
+                }
+            }
+        }
+    };
     // Displacement and shutdown are not the peer's doing: not charged.
     let established = tokio::select! {
         () = slot.evicted() => {
@@ -591,7 +616,9 @@ async fn serve<B: Backend>(
                     return;
                 }
             };
+            // Authenticated: free of charge, and its place goes to the next.
             charge.disarm();
+            drop(charge);
             // The identity is known now: a peer replacing its own session is
             // always let in; anyone else only below the connection limit.
             if inner.manager.get(&client.identity).is_none()

@@ -377,6 +377,17 @@ async fn hundred_trusted_clients_from_one_address_all_connect_at_once() {
     .await;
 }
 
+/// The default burst, refilled so slowly that no token comes back while a
+/// test runs: what is counted does not depend on timing.
+fn slow_refill() -> ServerConfig {
+    ServerConfig::default()
+        .with_listen_addr("127.0.0.1:0")
+        .with_rate_limit(Some(RateLimit {
+            burst: 20,
+            per_second: 0.001,
+        }))
+}
+
 /// 100 attempts with untrusted keys from one address: the first ones fail
 /// authentication and use up the bucket (burst 20), the rest are throttled,
 /// each told so in a refusing `HandshakeResponse` and the `Disconnect`.
@@ -384,7 +395,7 @@ async fn hundred_trusted_clients_from_one_address_all_connect_at_once() {
 async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
     bounded(async {
         let keys = Keys::new(1);
-        let config = ServerConfig::default().with_listen_addr("127.0.0.1:0");
+        let config = slow_refill();
         let server = TcpServer::tcp(config, Some(keys.server_auth()));
         let addr = server.start().await.unwrap().to_string();
         let (mut throttled, mut failed) = (0, 0);
@@ -409,9 +420,9 @@ async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
             }
         }
         println!("100 untrusted attempts: {failed} failed authentication, {throttled} throttled");
-        // Burst 20 plus what 5/s refills while they run.
-        assert!(failed >= 20, "{failed} failed");
-        assert!(throttled >= 50, "only {throttled} throttled");
+        // The burst of 20, and nothing refilled meanwhile.
+        assert_eq!(failed, 20, "{failed} failed");
+        assert_eq!(throttled, 80, "{throttled} throttled");
         assert_eq!(counted(&server, "refused_throttled"), throttled);
         assert!(server.connections().is_empty());
 
@@ -439,6 +450,45 @@ async fn hundred_untrusted_attempts_from_one_address_are_throttled() {
             }
             other => panic!("expected a Disconnect, got {other:?}"),
         }
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// 100 attempts with untrusted keys from one address at once: attempts in
+/// flight count against the bucket, so no more fail authentication than the
+/// bucket holds (burst 20) and the rest are throttled, however they overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_untrusted_attempts_fail_no_more_than_the_burst() {
+    bounded(async {
+        let server = TcpServer::tcp(slow_refill(), Some(Keys::new(1).server_auth()));
+        let addr = server.start().await.unwrap().to_string();
+        let strangers: Vec<TcpClient> = (0..100)
+            .map(|_| {
+                TcpClient::tcp(
+                    client_config("stranger"),
+                    Some(ClientAuth::new(Arc::new(SecretKey::generate()))),
+                )
+            })
+            .collect();
+        let results = join_all(strangers.iter().map(|s| s.connect(&addr))).await;
+        let throttled = results
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Err(TransportError::Refused {
+                        reason: DisconnectReason::Throttled,
+                        ..
+                    })
+                )
+            })
+            .count();
+        assert!(results.iter().all(Result::is_err), "an untrusted key got in");
+        let failed = results.len() - throttled;
+        println!("100 concurrent untrusted attempts: {failed} failed authentication, {throttled} throttled");
+        assert_eq!(failed, 20, "{failed} failed authentication");
+        assert_eq!(counted(&server, "handshake_failed"), 20);
         server.stop().await.unwrap();
     })
     .await;
