@@ -114,6 +114,88 @@ where
     held
 }
 
+/// Relays one connection to `to` from the source address `from` (the
+/// client has no way to choose its own): the server sees the connection,
+/// and gives it a pending slot, as soon as the client connects, but nothing
+/// is forwarded until `go` fires.
+async fn held_relay_from(
+    from: Ipv4Addr,
+    to: SocketAddr,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    let (go, held) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut client, _) = listener.accept().await.unwrap();
+        let mut upstream = silent_tcp(from, to).await;
+        if held.await.is_ok() {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    });
+    (relay, go)
+}
+
+/// A full pool of one silent connection per address, an honest client from
+/// a high address (127.0.0.200) whose handshake is held back while new
+/// flood addresses keep arriving: every newcomer displaces the oldest of
+/// the tied holders, never the honest one for its address, and it still
+/// completes its handshake within a second once let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_handshake_from_a_high_address_outlives_flood_churn_over_tcp() {
+    bounded(async {
+        const CHURN: u8 = 16;
+        let keys = Keys::new(1);
+        let server = TcpServer::tcp(flood_config(), Some(keys.server_auth()));
+        let addr = server.start().await.unwrap();
+        // One each from 127.0.0.2 … 127.0.0.65: the pool is exactly full.
+        let mut held = Vec::new();
+        for n in 0..POOL as u8 {
+            held.push(silent_tcp(flood_address(n), addr).await);
+        }
+        eventually("the pool filled", || {
+            counted(&server, "accepted") == POOL as u64
+        })
+        .await;
+
+        let (relay, go) = held_relay_from(Ipv4Addr::new(127, 0, 0, 200), addr).await;
+        let client = TcpClient::tcp(client_config("legit"), Some(keys.client_auth(0)));
+        let relay = relay.to_string();
+        let connecting = client.connect(&relay);
+        tokio::pin!(connecting);
+        let admitted = async {
+            eventually("the honest connection displaced the oldest", || {
+                counted(&server, "displaced") == 1
+            })
+            .await;
+            // Churn while the honest handshake is pending: 127.0.0.66 ….
+            for n in 0..CHURN {
+                held.push(silent_tcp(flood_address(POOL as u8 + n), addr).await);
+                let displaced = 2 + u64::from(n);
+                eventually("a newcomer displaced one", || {
+                    counted(&server, "displaced") == displaced
+                })
+                .await;
+            }
+        };
+        tokio::select! {
+            () = admitted => {}
+            done = connecting.as_mut() => panic!("the handshake ended while held: {done:?}"),
+        }
+        let started = Instant::now();
+        go.send(()).unwrap();
+        connecting.await.unwrap();
+        let took = started.elapsed();
+        println!("handshake from 127.0.0.200 after {CHURN} newcomers: {took:?}");
+        assert!(took < Duration::from_secs(1), "handshake took {took:?}");
+        registered(&server, &identity(0)).await;
+        assert_eq!(counted(&server, "handshake_failed"), 0);
+        drop(held);
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_flood_from_many_addresses_leaves_room_over_tcp() {
     bounded(async {
