@@ -3,12 +3,15 @@
 //! address prefix (/32 for IPv4, /64 for IPv6), since one host or one IPv6
 //! subnet is one party however many addresses it uses.
 
+mod rate;
+
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
 };
+
+pub(crate) use rate::{Attempt, RateLimiter};
 
 use bytes::BytesMut;
 use prost::Message as _;
@@ -19,7 +22,7 @@ use tracing::info;
 use crate::{
     backend::{Listener, Pipe},
     codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
-    config::{RateLimit, ServerConfig},
+    config::ServerConfig,
     error::DisconnectReason,
     handshake::disconnect_body,
     metrics::Metrics,
@@ -97,138 +100,6 @@ impl std::fmt::Display for Prefix {
     }
 }
 
-/// Buckets kept per generation; at most twice this many are held.
-const RATE_BUCKETS_PER_GENERATION: usize = 32 * 1024;
-
-/// Per-prefix token buckets that charge failures only: admission needs a
-/// token but does not take one, and a connection that ends without
-/// authenticating takes one, so any number of honest peers behind one
-/// address connect at once while repeated failures from it are throttled.
-///
-/// Hand-written rather than `governor`: its buckets can be checked only by
-/// consuming (no peek) and cannot be refunded, which is exactly what this
-/// rule needs.
-///
-/// The map is bounded in size and time without sweeping it: buckets live in
-/// two generations; a generation is retired once a bucket untouched since it
-/// began would have refilled completely (forgetting it then loses nothing),
-/// or early once it holds [`RATE_BUCKETS_PER_GENERATION`] buckets (then a
-/// forgotten prefix starts again with a full bucket).
-#[derive(Debug)]
-pub(crate) struct RateLimiter {
-    limit: RateLimit,
-    /// How long an untouched bucket takes to refill completely; `None` when
-    /// it never does (`per_second = 0`): generations then turn on size only.
-    refill: Option<Duration>,
-    state: Mutex<Generations>,
-}
-
-#[derive(Debug)]
-struct Generations {
-    current: HashMap<Prefix, Bucket>,
-    previous: HashMap<Prefix, Bucket>,
-    started: Instant,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(limit: RateLimit) -> Self {
-        let refill = (limit.per_second > 0.0)
-            .then(|| f64::from(limit.burst.max(1)) / limit.per_second)
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok());
-        Self {
-            limit,
-            refill,
-            state: Mutex::new(Generations {
-                current: HashMap::new(),
-                previous: HashMap::new(),
-                started: Instant::now(),
-            }),
-        }
-    }
-
-    /// Whether `prefix` may open a connection now (its bucket holds a token).
-    pub(crate) fn admits(&self, prefix: Prefix) -> bool {
-        self.with_bucket(prefix, |bucket| bucket.tokens >= 1.0)
-    }
-
-    /// Takes a token from `prefix` (a failed or abandoned authentication, or
-    /// any connection without authentication); false if it had none.
-    pub(crate) fn charge(&self, prefix: Prefix) -> bool {
-        self.with_bucket(prefix, |bucket| {
-            let had = bucket.tokens >= 1.0;
-            bucket.tokens = (bucket.tokens - 1.0).max(0.0);
-            had
-        })
-    }
-
-    fn with_bucket<T>(&self, prefix: Prefix, f: impl FnOnce(&mut Bucket) -> T) -> T {
-        let now = Instant::now();
-        let burst = f64::from(self.limit.burst.max(1));
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let state = &mut *guard;
-        let expired = self
-            .refill
-            .is_some_and(|refill| now.duration_since(state.started) >= refill);
-        let mut retired = None;
-        if expired || state.current.len() >= RATE_BUCKETS_PER_GENERATION {
-            let current = std::mem::take(&mut state.current);
-            retired = Some(std::mem::replace(&mut state.previous, current));
-            state.started = now;
-        }
-        let bucket = match state.current.get_mut(&prefix) {
-            Some(bucket) => bucket,
-            None => {
-                let bucket = state.previous.remove(&prefix).unwrap_or(Bucket {
-                    tokens: burst,
-                    at: now,
-                });
-                state.current.entry(prefix).or_insert(bucket)
-            }
-        };
-        let refilled = now.duration_since(bucket.at).as_secs_f64() * self.limit.per_second;
-        bucket.tokens = (bucket.tokens + refilled).min(burst);
-        bucket.at = now;
-        let result = f(bucket);
-        drop(guard);
-        // Freed outside the lock: the one step that is not O(1).
-        drop(retired);
-        result
-    }
-}
-
-/// Charges the rate limit for a connection that ends without
-/// authenticating: on drop, unless [`disarm`](Self::disarm)ed on success.
-#[derive(Debug)]
-pub(crate) struct ChargeUnlessAuthenticated<'a> {
-    limiter: Option<&'a RateLimiter>,
-    prefix: Prefix,
-}
-
-impl<'a> ChargeUnlessAuthenticated<'a> {
-    pub(crate) fn new(limiter: Option<&'a RateLimiter>, prefix: Prefix) -> Self {
-        Self { limiter, prefix }
-    }
-
-    /// The connection authenticated: nothing is charged.
-    pub(crate) fn disarm(&mut self) {
-        self.limiter = None;
-    }
-}
-
-impl Drop for ChargeUnlessAuthenticated<'_> {
-    fn drop(&mut self) {
-        if let Some(limiter) = self.limiter {
-            limiter.charge(self.prefix);
-        }
-    }
-}
-
 /// Why no pending-handshake slot was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PendingRefusal {
@@ -239,10 +110,13 @@ pub(crate) enum PendingRefusal {
 }
 
 /// The pool of handshakes in progress. No prefix holds more than its share;
-/// when the pool is full, a newcomer takes the oldest slot of the prefix
-/// holding the most, if that is more than its own prefix holds. A flood from
-/// many addresses thus only ever displaces itself, and an address with
-/// nothing pending always gets a slot.
+/// when the pool is full, a newcomer takes a slot from the prefixes holding
+/// the most, if that is more than its own prefix holds: of theirs, the
+/// oldest. An address with nothing pending thus always gets a slot, and a
+/// flood from many addresses displaces the oldest pending handshakes first:
+/// a handshake survives until as many newcomers as the pool holds (or, from
+/// an address holding more than others, fewer) have arrived after it, which
+/// an honest handshake of milliseconds outlasts; it is not immune.
 #[derive(Debug)]
 pub(crate) struct PendingHandshakes {
     capacity: usize,
@@ -256,34 +130,55 @@ struct PendingState {
     next_id: u64,
     /// Slots by prefix, oldest first.
     by_prefix: HashMap<Prefix, VecDeque<(u64, CancellationToken)>>,
-    /// (slots held, prefix) of every prefix holding any: the largest holder
-    /// is the last, found without a walk.
-    by_count: BTreeSet<(usize, Prefix)>,
+    /// [`Holder`] of every prefix holding any: the victim is the last,
+    /// found without a walk.
+    by_count: BTreeSet<Holder>,
+}
+
+/// A prefix's rank as a victim: most slots first, then the oldest slot
+/// (ids grow, so a smaller oldest id ranks higher), so that the last is the
+/// oldest slot of the largest holders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Holder {
+    held: usize,
+    oldest: std::cmp::Reverse<u64>,
+    prefix: Prefix,
 }
 
 impl PendingState {
-    fn set_count(&mut self, prefix: Prefix, from: usize, to: usize) {
-        if from > 0 {
-            self.by_count.remove(&(from, prefix));
+    fn holder(&self, prefix: Prefix) -> Option<Holder> {
+        let slots = self.by_prefix.get(&prefix)?;
+        let &(oldest, _) = slots.front()?;
+        Some(Holder {
+            held: slots.len(),
+            oldest: std::cmp::Reverse(oldest),
+            prefix,
+        })
+    }
+
+    /// Re-ranks `prefix` after its slots changed from `before`.
+    fn rerank(&mut self, prefix: Prefix, before: Option<Holder>) {
+        if let Some(before) = before {
+            self.by_count.remove(&before);
         }
-        if to > 0 {
-            self.by_count.insert((to, prefix));
+        if let Some(after) = self.holder(prefix) {
+            self.by_count.insert(after);
         }
     }
 
     fn remove(&mut self, prefix: Prefix, id: u64) -> bool {
+        let before = self.holder(prefix);
         let Some(slots) = self.by_prefix.get_mut(&prefix) else {
             return false;
         };
         let Some(at) = slots.iter().position(|(slot, _)| *slot == id) else {
             return false;
         };
-        let before = slots.len();
         slots.remove(at);
         if slots.is_empty() {
             self.by_prefix.remove(&prefix);
         }
-        self.set_count(prefix, before, before - 1);
+        self.rerank(prefix, before);
         self.total -= 1;
         true
     }
@@ -308,7 +203,12 @@ impl PendingHandshakes {
             return Err(PendingRefusal::PrefixFull);
         }
         if state.total >= self.capacity {
-            let Some(&(most, victim)) = state.by_count.last() else {
+            let Some(&Holder {
+                held: most,
+                prefix: victim,
+                ..
+            }) = state.by_count.last()
+            else {
                 return Err(PendingRefusal::PoolFull);
             };
             if most <= held {
@@ -327,12 +227,13 @@ impl PendingHandshakes {
         let id = state.next_id;
         state.next_id += 1;
         let evicted = CancellationToken::new();
+        let before = state.holder(prefix);
         state
             .by_prefix
             .entry(prefix)
             .or_default()
             .push_back((id, evicted.clone()));
-        state.set_count(prefix, held, held + 1);
+        state.rerank(prefix, before);
         state.total += 1;
         Ok(PendingSlot {
             pool: self.clone(),
@@ -387,6 +288,7 @@ impl Drop for PendingSlot {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::time::Duration;
 
     type Hook = Box<dyn Fn(&str) + Send>;
 
@@ -491,47 +393,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn bucket_charges_failures_only() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 3,
-            per_second: 0.0,
-        });
-        // Admission alone never empties the bucket.
-        assert!((0..100).all(|_| limiter.admits(v4(1))));
-        assert!((0..3).all(|_| limiter.charge(v4(1))));
-        assert!(!limiter.admits(v4(1)));
-        assert!(!limiter.charge(v4(1)));
-        assert!(limiter.admits(v4(2)), "buckets are per prefix");
-    }
-
-    #[test]
-    fn rate_map_stays_bounded_without_refill() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 1,
-            per_second: 0.0,
-        });
-        for n in 0..(3 * RATE_BUCKETS_PER_GENERATION as u32) {
-            limiter.charge(Prefix::of(IpAddr::from(n.to_be_bytes())));
-        }
-        let state = limiter.state.lock().unwrap();
-        assert!(state.current.len() + state.previous.len() <= 2 * RATE_BUCKETS_PER_GENERATION);
-    }
-
-    #[test]
-    fn rate_generation_keeps_recent_buckets() {
-        let limiter = RateLimiter::new(RateLimit {
-            burst: 1,
-            per_second: 0.0,
-        });
-        assert!(limiter.charge(v4(1)));
-        // Fill one generation: v4(1) moves to the previous one, still empty.
-        for n in 0..RATE_BUCKETS_PER_GENERATION as u32 {
-            limiter.charge(Prefix::of(IpAddr::from(((n + 1) << 8).to_be_bytes())));
-        }
-        assert!(!limiter.admits(v4(1)), "a recent bucket survives one turn");
-    }
-
-    #[test]
     fn prefix_share_is_capped() {
         let pool = PendingHandshakes::new(8, 2);
         let _a = pool.acquire(v4(1)).unwrap();
@@ -540,6 +401,26 @@ pub(crate) mod tests {
         let c = pool.acquire(v4(2)).unwrap();
         drop(c);
         assert_eq!(pool.len(), 2);
+    }
+
+    /// Among holders tied for the most, the oldest slot goes, whatever the
+    /// addresses: a handshake from a high address outlives newer churn.
+    #[test]
+    fn full_pool_evicts_the_oldest_of_tied_holders_not_the_highest_address() {
+        let pool = PendingHandshakes::new(8, 2);
+        let flood: Vec<_> = (2..10).map(|n| pool.acquire(v4(n)).unwrap()).collect();
+        let honest = pool.acquire(v4(200)).unwrap();
+        assert!(flood[0].evicted.is_cancelled(), "the oldest made room");
+        let mut churn = Vec::new();
+        for (n, from) in (100..106).enumerate() {
+            churn.push(pool.acquire(v4(from)).unwrap());
+            assert!(flood[n + 1].evicted.is_cancelled(), "churn {n}");
+            assert!(
+                !honest.evicted.is_cancelled(),
+                "honest evicted by churn {n}"
+            );
+        }
+        assert_eq!(pool.len(), 8);
     }
 
     #[tokio::test]

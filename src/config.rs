@@ -18,9 +18,11 @@ use crate::{
 /// Connection rate limit per address prefix (an IPv4 address, an IPv6 /64):
 /// a token bucket of `burst` tokens, refilled at `per_second`. With
 /// authentication on, only connections that fail or abandon authentication
-/// take a token, and a prefix is refused while its bucket is empty; so any
-/// number of trusted peers behind one address connect at once, while
-/// repeated failures from it are throttled. Without authentication every
+/// take a token, the handshakes a prefix has in progress count against its
+/// tokens (one beyond them waits for one to end), and a prefix is refused
+/// while its bucket is empty; so any number of trusted peers behind one
+/// address connect at once, while failures from it, even concurrent ones,
+/// are throttled. Without authentication every
 /// connection takes one.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -16,10 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    admission::{
-        ChargeUnlessAuthenticated, PendingHandshakes, PendingRefusal, Prefix, RateLimiter,
-        refuse_early,
-    },
+    admission::{Attempt, PendingHandshakes, PendingRefusal, Prefix, RateLimiter, refuse_early},
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
@@ -34,6 +31,10 @@ use crate::{
     },
     signed::{self, Audience, SequenceCounter},
 };
+
+mod trust;
+
+use trust::{close_if_no_longer_trusted, log_trust_modes, watch_trust};
 
 /// `sender_id` of the server's broadcasts, as in Go.
 pub const PUBLISHER_SENDER_ID: &str = "publisher";
@@ -164,9 +165,13 @@ impl<B: Backend> TransportServer<B> {
             // A client always speaks first when authenticating.
             listener.set_first_byte_timeout(self.inner.config.first_byte_timeout);
             if let Some(limiter) = self.inner.rate_limiter.clone() {
-                listener.set_address_check(crate::backend::AddressCheck::new(move |ip| {
-                    limiter.admits(Prefix::of(ip))
-                }));
+                let charged = limiter.clone();
+                let check =
+                    crate::backend::AddressCheck::new(move |ip| limiter.admits(Prefix::of(ip)))
+                        .with_charge(move |ip| {
+                            charged.charge(Prefix::of(ip));
+                        });
+                listener.set_address_check(check);
             }
         }
         let local_addr = listener.local_addr().map_err(|source| TransportError::Io {
@@ -371,79 +376,6 @@ impl<B: Backend> TransportServer<B> {
     }
 }
 
-/// Says at start-up which identities may connect unsigned, in Go mode, and
-/// which cannot connect at all for want of a server key.
-fn log_trust_modes(auth: &ServerAuth) {
-    let go = auth.trust.go_compatible_identities();
-    if !go.is_empty() {
-        warn!(
-            identities = ?go,
-            "Go-compatible identities: their Go-mode sessions are unsigned (no mutual authentication, no signed frames)"
-        );
-    }
-    if auth.key.is_none() && go.len() < auth.trust.len() {
-        warn!(
-            "no server key: identities trusted for the extended handshake only are refused (give the server a key, or mark Go peers Go-compatible)"
-        );
-    }
-}
-
-/// Closes live connections whose key stops being trusted for their identity
-/// (removed, or rotated to a new key) with `AUTH_FAILURE`.
-async fn watch_trust<B: Backend>(
-    inner: Arc<Inner<B>>,
-    mut changes: tokio::sync::broadcast::Receiver<String>,
-    shutdown: CancellationToken,
-) {
-    let Some(auth) = &inner.auth else { return };
-    loop {
-        let changed = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = changes.recv() => changed,
-        };
-        let identities = match changed {
-            Ok(identity) => vec![identity],
-            // Missed some: check everyone.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => inner
-                .manager
-                .snapshot(None)
-                .iter()
-                .map(|c| c.identity().to_owned())
-                .collect(),
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        for identity in identities {
-            if let Some(connection) = inner.manager.get(&identity) {
-                close_if_no_longer_trusted(auth, &connection);
-            }
-        }
-    }
-}
-
-/// Closes `connection` with `AUTH_FAILURE` if its key is no longer the one
-/// trusted for its identity (removed or rotated), or if it is a Go-mode
-/// session and the key is no longer trusted Go-compatible.
-fn close_if_no_longer_trusted(auth: &ServerAuth, connection: &session::Connection) {
-    let Some(key) = connection.peer_key() else {
-        return;
-    };
-    let identity = connection.identity();
-    let details = if auth.trust.key_of(identity).as_ref() != Some(key) {
-        "key no longer trusted"
-    } else if connection.is_go_mode()
-        && !auth
-            .trust
-            .mode_of(identity)
-            .is_some_and(|mode| mode.allows_go_mode())
-    {
-        "key no longer trusted for Go-mode sessions"
-    } else {
-        return;
-    };
-    warn!(%identity, details, "closing connection: its key is no longer trusted");
-    connection.close(DisconnectReason::AuthFailure, details);
-}
-
 async fn accept_loop<B: Backend>(
     inner: Arc<Inner<B>>,
     mut listener: B::Listener,
@@ -459,8 +391,9 @@ async fn accept_loop<B: Backend>(
             Ok((connecting, remote_addr)) => {
                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("connection", id, remote = ?remote_addr);
-                tasks
-                    .spawn(serve::<B>(inner.clone(), id, connecting, remote_addr).instrument(span));
+                let serving =
+                    serve::<B>(inner.clone(), id, connecting, remote_addr, shutdown.clone());
+                tasks.spawn(serving.instrument(span));
             }
             Err(err) if B::Listener::is_fatal(&err) => {
                 error!(error = %err, "listener failed; no longer accepting");
@@ -485,6 +418,7 @@ async fn serve<B: Backend>(
     id: u64,
     connecting: <B::Listener as Listener>::Connecting,
     remote_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
 ) {
     let config = &inner.config;
     let metrics = &inner.context.metrics;
@@ -533,16 +467,51 @@ async fn serve<B: Backend>(
             .await;
         }
     };
-    let mut charge = ChargeUnlessAuthenticated::new(
-        inner.rate_limiter.as_deref().filter(|_| authenticating),
-        prefix,
-    );
     // One deadline for the transport's handshake and ours.
     let deadline = crate::deadline::deadline_after(config.handshake_timeout);
+    // With authentication, the attempt waits while the prefix's attempts in
+    // flight claim every token, so concurrent failures cannot outrun it.
+    let mut charge = match inner.rate_limiter.as_ref().filter(|_| authenticating) {
+        None => Attempt::unlimited(),
+        Some(limiter) => {
+            let attempt = tokio::select! {
+                () = slot.evicted() => {
+                    info!("pending connection displaced by a newcomer");
+                    metrics.connection("displaced");
+                    return;
+                }
+                () = shutdown.cancelled() => return,
+                attempt = tokio::time::timeout_at(deadline, limiter.attempt(prefix)) => attempt,
+            };
+            match attempt {
+                Ok(Some(attempt)) => attempt,
+                _ => {
+                    drop(slot);
+                    let (reason, details) = (DisconnectReason::Throttled, "connection rate limit");
+                    return refuse_early::<B::Listener>(
+                        connecting,
+                        authenticating,
+                        metrics,
+                        config,
+                        reason,
+                        details,
+                    )
+                    .await;
+                }
+            }
+        }
+    };
+    // Displacement and shutdown are not the peer's doing: not charged.
     let established = tokio::select! {
         () = slot.evicted() => {
+            charge.disarm();
             info!("pending connection displaced by a newcomer");
             metrics.connection("displaced");
+            return;
+        }
+        () = shutdown.cancelled() => {
+            charge.disarm();
+            debug!("pending connection closed: server shutting down");
             return;
         }
         established = tokio::time::timeout_at(deadline, connecting) => established,
@@ -613,8 +582,14 @@ async fn serve<B: Backend>(
             );
             let outcome = tokio::select! {
                 () = slot.evicted() => {
+                    charge.disarm();
                     info!("pending handshake displaced by a newcomer");
                     metrics.connection("displaced");
+                    return;
+                }
+                () = shutdown.cancelled() => {
+                    charge.disarm();
+                    debug!("pending handshake abandoned: server shutting down");
                     return;
                 }
                 outcome = exchange => outcome,
@@ -641,7 +616,9 @@ async fn serve<B: Backend>(
                     return;
                 }
             };
+            // Authenticated: free of charge, and its place goes to the next.
             charge.disarm();
+            drop(charge);
             // The identity is known now: a peer replacing its own session is
             // always let in; anyone else only below the connection limit.
             if inner.manager.get(&client.identity).is_none()

@@ -711,11 +711,16 @@ impl Backend for GrpcBackend {
         let address_check = Arc::new(std::sync::OnceLock::new());
         match self.server_tls.clone() {
             None => {
+                let mut admission = Admission::new(&self.options);
+                // Over plain h2c a throttled call is told why by the server;
+                // the listener only charges connections that open no stream.
+                admission.address_check = Some(address_check.clone());
+                admission.refuses_throttled = false;
                 let incoming = incoming(
                     listener,
                     nodelay,
                     shutdown.clone(),
-                    Admission::new(&self.options),
+                    admission,
                     |tcp| async move { Ok(tcp) },
                 );
                 tokio::spawn(async move {
@@ -727,8 +732,8 @@ impl Backend for GrpcBackend {
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                 let mut admission = Admission::new(&self.options);
-                // Over plain h2c a throttled call is told why; over TLS it
-                // is refused before the TLS handshake, without a word.
+                // Over TLS a throttled address is refused before the TLS
+                // handshake, without a word.
                 admission.address_check = Some(address_check.clone());
                 let incoming =
                     incoming(listener, nodelay, shutdown.clone(), admission, move |tcp| {

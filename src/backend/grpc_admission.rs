@@ -17,8 +17,12 @@ pub(crate) struct Admission {
     connections: Arc<tokio::sync::Semaphore>,
     pending: Arc<PendingHandshakes>,
     deadline: Duration,
-    /// The server's rate limit, once the server has set it.
+    /// The server's rate limit, once the server has set it: charged for
+    /// failed or timed-out TLS handshakes and connections that open no
+    /// stream in time.
     pub(crate) address_check: Option<Arc<std::sync::OnceLock<AddressCheck>>>,
+    /// Whether a throttled address is refused here (else by the server).
+    pub(crate) refuses_throttled: bool,
 }
 
 impl Admission {
@@ -31,6 +35,7 @@ impl Admission {
             ),
             deadline: options.stream_deadline,
             address_check: None,
+            refuses_throttled: true,
         }
     }
 }
@@ -61,8 +66,16 @@ where
             };
             match accepted {
                 Ok((stream, remote_addr)) => {
-                    let check = admission.address_check.as_ref().and_then(|c| c.get());
-                    if check.is_some_and(|check| !check.admits(remote_addr.ip())) {
+                    let check = admission
+                        .address_check
+                        .as_ref()
+                        .and_then(|c| c.get())
+                        .cloned();
+                    let refuses = admission.refuses_throttled;
+                    if check
+                        .as_ref()
+                        .is_some_and(|check| refuses && !check.admits(remote_addr.ip()))
+                    {
                         info!(%remote_addr, "gRPC connection refused before its TLS handshake: throttled");
                         continue;
                     }
@@ -89,14 +102,19 @@ where
                             }
                             io = tokio::time::timeout_at(deadline, upgrade(stream)) => io,
                         };
-                        match io {
+                        let failed = match io {
                             Ok(Ok(io)) => {
                                 let admitted =
-                                    AdmittedIo::new(io, remote_addr, slot, permit, deadline);
+                                    AdmittedIo::new(io, remote_addr, slot, permit, deadline, check);
                                 let _ = tx.send(Ok(admitted)).await;
+                                return;
                             }
-                            Ok(Err(err)) => warn!(error = %err, "gRPC TLS handshake failed"),
-                            Err(_) => warn!("gRPC TLS handshake timed out"),
+                            Ok(Err(err)) => err.to_string(),
+                            Err(_) => "timed out".to_owned(),
+                        };
+                        warn!(%remote_addr, error = %failed, "gRPC TLS handshake failed");
+                        if let Some(check) = check {
+                            check.charge(remote_addr.ip());
                         }
                     });
                 }
@@ -151,6 +169,8 @@ pub(crate) struct AdmittedIo<IO> {
     info: AdmittedInfo,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     evicted: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Charged once if the stream deadline passes; taken when it is.
+    charge: Option<AddressCheck>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -161,6 +181,7 @@ impl<IO> AdmittedIo<IO> {
         slot: PendingSlot,
         permit: tokio::sync::OwnedSemaphorePermit,
         deadline: tokio::time::Instant,
+        charge: Option<AddressCheck>,
     ) -> Self {
         let evicted = Box::pin(slot.evicted_token().cancelled_owned());
         Self {
@@ -174,6 +195,7 @@ impl<IO> AdmittedIo<IO> {
             },
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             evicted,
+            charge,
             _permit: permit,
         }
     }
@@ -203,6 +225,10 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AdmittedIo<IO> {
                     "displaced by a newer connection"
                 };
                 debug!(remote_addr = %this.info.remote_addr, why, "closing gRPC connection");
+                // Silence is the peer's doing; displacement is not.
+                if let Some(check) = this.charge.take().filter(|_| expired) {
+                    check.charge(this.info.remote_addr.ip());
+                }
                 return std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
             }
         }

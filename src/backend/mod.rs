@@ -40,19 +40,42 @@ pub struct Pipe<R, W> {
 }
 
 /// Whether a peer's address may open a connection now: the server's rate
-/// limit, for a listener to apply before any work on the connection.
+/// limit, for a listener to apply before any work on the connection; and
+/// how to charge that limit for a failure the listener sees first (a failed
+/// or timed-out TLS handshake, a connection that never opens its stream).
 #[derive(Clone)]
-pub struct AddressCheck(Arc<dyn Fn(IpAddr) -> bool + Send + Sync>);
+pub struct AddressCheck {
+    admits: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+    charge: Option<Arc<dyn Fn(IpAddr) + Send + Sync>>,
+}
 
 impl AddressCheck {
-    /// A check by `admits`.
+    /// A check by `admits`, charging nothing.
     pub fn new(admits: impl Fn(IpAddr) -> bool + Send + Sync + 'static) -> Self {
-        Self(Arc::new(admits))
+        Self {
+            admits: Arc::new(admits),
+            charge: None,
+        }
+    }
+
+    /// The same check, charging failures seen by the listener to `charge`.
+    #[must_use]
+    pub fn with_charge(mut self, charge: impl Fn(IpAddr) + Send + Sync + 'static) -> Self {
+        self.charge = Some(Arc::new(charge));
+        self
     }
 
     /// Whether `ip` may open a connection now.
     pub fn admits(&self, ip: IpAddr) -> bool {
-        (self.0)(ip)
+        (self.admits)(ip)
+    }
+
+    /// Charges `ip` for a connection that failed by its own doing before
+    /// reaching the server (never for one displaced or shut down).
+    pub fn charge(&self, ip: IpAddr) {
+        if let Some(charge) = &self.charge {
+            charge(ip);
+        }
     }
 }
 

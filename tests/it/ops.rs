@@ -593,8 +593,10 @@ fn troubleshooting_quotes_the_crates_own_texts() {
     let mut corpus = String::new();
     for dir in [
         "src",
+        "src/admission",
         "src/backend",
         "src/crypto",
+        "src/server",
         "examples",
         "examples/common",
     ] {
