@@ -13,21 +13,16 @@ use std::{
 
 pub(crate) use rate::{Attempt, RateLimiter};
 
-use bytes::BytesMut;
-use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use tracing::info;
 
 use crate::{
     backend::{Listener, Pipe},
-    codec::{self, HANDSHAKE_MAX_FRAME_SIZE},
     config::ServerConfig,
     error::DisconnectReason,
-    handshake::disconnect_body,
     metrics::Metrics,
-    proto::rollup::v1::HandshakeResponse,
-    session::{FrameWriter, send_disconnect},
+    session::{refuse_after_handshake, send_disconnect},
 };
 
 /// Refuses a connection before establishing it. Where the pipe costs
@@ -54,24 +49,8 @@ pub(crate) async fn refuse_early<L: Listener>(
     if !authenticating {
         return send_disconnect(&mut writer, reason, details, timeout).await;
     }
-    let response = HandshakeResponse {
-        accepted: false,
-        error: format!("{reason}: {details}"),
-        session_id: String::new(),
-    }
-    .encode_to_vec();
-    let mut frames = BytesMut::new();
-    for body in [&response[..], &disconnect_body(reason, details)[..]] {
-        match codec::frame_body(body, HANDSHAKE_MAX_FRAME_SIZE) {
-            Ok(frame) => frames.extend_from_slice(&frame),
-            Err(_) => return,
-        }
-    }
-    let _ = tokio::time::timeout(timeout, async {
-        writer.write_frames(&frames).await?;
-        writer.shutdown(Some((reason, details))).await
-    })
-    .await;
+    let error = format!("{reason}: {details}");
+    refuse_after_handshake(&mut writer, reason, &error, details, timeout).await;
 }
 
 /// The party a connection is counted against: an IPv4 address or an IPv6

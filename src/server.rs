@@ -16,7 +16,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    admission::{Attempt, PendingHandshakes, PendingRefusal, Prefix, RateLimiter, refuse_early},
+    admission::{
+        Attempt, PendingHandshakes, PendingRefusal, PendingSlot, Prefix, RateLimiter, refuse_early,
+    },
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
@@ -412,6 +414,30 @@ async fn accept_loop<B: Backend>(
     }
 }
 
+/// Runs `work` unless the connection's pending slot is displaced by a
+/// newcomer or the server stops first (then `None`). Neither is the peer's
+/// doing, so its attempt is not charged for it.
+async fn while_pending<T>(
+    slot: &PendingSlot,
+    shutdown: &CancellationToken,
+    charge: Option<&mut Attempt>,
+    metrics: &Metrics,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        () = slot.evicted() => {
+            info!("pending connection displaced by a newcomer");
+            metrics.connection("displaced");
+        }
+        () = shutdown.cancelled() => debug!("pending connection closed: server shutting down"),
+        done = work => return Some(done),
+    }
+    if let Some(charge) = charge {
+        charge.disarm();
+    }
+    None
+}
+
 /// Admits, authenticates and runs one connection.
 async fn serve<B: Backend>(
     inner: Arc<Inner<B>>,
@@ -474,14 +500,10 @@ async fn serve<B: Backend>(
     let mut charge = match inner.rate_limiter.as_ref().filter(|_| authenticating) {
         None => Attempt::unlimited(),
         Some(limiter) => {
-            let attempt = tokio::select! {
-                () = slot.evicted() => {
-                    info!("pending connection displaced by a newcomer");
-                    metrics.connection("displaced");
-                    return;
-                }
-                () = shutdown.cancelled() => return,
-                attempt = tokio::time::timeout_at(deadline, limiter.attempt(prefix)) => attempt,
+            let waiting = tokio::time::timeout_at(deadline, limiter.attempt(prefix));
+            let Some(attempt) = while_pending(&slot, &shutdown, None, metrics, waiting).await
+            else {
+                return;
             };
             match attempt {
                 Ok(Some(attempt)) => attempt,
@@ -501,20 +523,11 @@ async fn serve<B: Backend>(
             }
         }
     };
-    // Displacement and shutdown are not the peer's doing: not charged.
-    let established = tokio::select! {
-        () = slot.evicted() => {
-            charge.disarm();
-            info!("pending connection displaced by a newcomer");
-            metrics.connection("displaced");
-            return;
-        }
-        () = shutdown.cancelled() => {
-            charge.disarm();
-            debug!("pending connection closed: server shutting down");
-            return;
-        }
-        established = tokio::time::timeout_at(deadline, connecting) => established,
+    let establishing = tokio::time::timeout_at(deadline, connecting);
+    let Some(established) =
+        while_pending(&slot, &shutdown, Some(&mut charge), metrics, establishing).await
+    else {
+        return;
     };
     let pipe = match established {
         Ok(Ok(pipe)) => pipe,
@@ -580,19 +593,10 @@ async fn serve<B: Backend>(
                 deadline.saturating_duration_since(tokio::time::Instant::now()),
                 config.disconnect_timeout,
             );
-            let outcome = tokio::select! {
-                () = slot.evicted() => {
-                    charge.disarm();
-                    info!("pending handshake displaced by a newcomer");
-                    metrics.connection("displaced");
-                    return;
-                }
-                () = shutdown.cancelled() => {
-                    charge.disarm();
-                    debug!("pending handshake abandoned: server shutting down");
-                    return;
-                }
-                outcome = exchange => outcome,
+            let Some(outcome) =
+                while_pending(&slot, &shutdown, Some(&mut charge), metrics, exchange).await
+            else {
+                return;
             };
             drop(slot);
             let (client, response) = match outcome {
@@ -629,6 +633,7 @@ async fn serve<B: Backend>(
                 session::refuse_after_handshake(
                     &mut writer,
                     DisconnectReason::TooManyPeers,
+                    "connection limit reached",
                     "connection limit reached",
                     config.disconnect_timeout,
                 )

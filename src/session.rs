@@ -973,17 +973,19 @@ fn handshake_crypto_slots() -> &'static Arc<tokio::sync::Semaphore> {
     })
 }
 
-/// Refuses a peer whose handshake succeeded but who cannot be served (the
-/// server is full): a refusing `HandshakeResponse`, then `Disconnect{reason}`.
+/// Refuses a peer as a failed handshake is refused, so that any client can
+/// say why: a `HandshakeResponse{accepted: false, error}`, then
+/// `Disconnect{reason, details}`.
 pub(crate) async fn refuse_after_handshake<W: FrameWriter>(
     writer: &mut W,
     reason: DisconnectReason,
+    error: &str,
     details: &str,
     timeout: Duration,
 ) {
     let response = crate::proto::rollup::v1::HandshakeResponse {
         accepted: false,
-        error: details.to_owned(),
+        error: error.to_owned(),
         session_id: String::new(),
     }
     .encode_to_vec();
