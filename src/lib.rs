@@ -6,6 +6,7 @@
 //! - [`crypto`]: secp256k1 keys, Ethereum-style signatures, the trust store;
 //! - [`handshake`]: the authentication handshake as sans-IO state machines;
 //! - [`signed`]: per-message signatures (signed frames) with anti-replay;
+//! - [`pipe`]: the frame-pipe contract between sessions and back-ends;
 //! - [`session`]: one connection over any frame pipe (writer, reader, health);
 //! - [`backend`]: listeners and dialers of frame pipes (TCP, …);
 //! - [`TransportServer`] / [`TransportClient`]: the application API, also
@@ -29,6 +30,7 @@ mod log_safe;
 pub mod manager;
 pub mod metrics;
 pub mod multi;
+pub mod pipe;
 pub mod pool;
 pub mod proto;
 pub mod retry;

@@ -13,7 +13,7 @@ use tokio_util::codec::Decoder;
 use crate::{
     codec::{self, FrameCodec},
     error::{CodecError, DisconnectReason},
-    session::{FrameReader, FrameWriter},
+    pipe::{FrameReader, FrameWriter},
 };
 
 /// Bytes a connection may buffer for a frame before it must draw on the
@@ -238,14 +238,64 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
 pub struct StreamFrameWriter<W>(pub W);
 
 impl<W: AsyncWrite + Send + Unpin + 'static> FrameWriter for StreamFrameWriter<W> {
-    async fn write_frames(&mut self, frames: &[u8]) -> io::Result<()> {
-        self.0.write_all(frames).await?;
+    async fn write_segments(&mut self, segments: &[Bytes]) -> io::Result<()> {
+        write_all_segments(&mut self.0, segments).await?;
         self.0.flush().await
     }
 
     async fn shutdown(&mut self, _reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
         self.0.shutdown().await
     }
+}
+
+/// Slices handed to one vectored write (Linux takes up to 1024; a few dozen
+/// already amortise the system call).
+const MAX_WRITE_SLICES: usize = 64;
+
+/// Writes every byte of `segments`, in order, with vectored writes where the
+/// stream supports them.
+async fn write_all_segments<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    segments: &[Bytes],
+) -> io::Result<()> {
+    if !writer.is_write_vectored() || segments.len() == 1 {
+        for segment in segments {
+            writer.write_all(segment).await?;
+        }
+        return Ok(());
+    }
+    // Position: the segment, and how much of it is already written.
+    let (mut index, mut offset) = (0, 0);
+    while index < segments.len() {
+        let mut slices = [io::IoSlice::new(&[]); MAX_WRITE_SLICES];
+        let mut count = 0;
+        for (n, segment) in segments[index..].iter().take(MAX_WRITE_SLICES).enumerate() {
+            let start = if n == 0 { offset } else { 0 };
+            slices[count] = io::IoSlice::new(&segment[start..]);
+            count += 1;
+        }
+        let mut written = writer.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && index < segments.len() {
+            let left = segments[index].len() - offset;
+            if written >= left {
+                written -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
+            }
+        }
+        // Skip empty segments so the loop never spins on nothing.
+        while index < segments.len() && segments[index].len() == offset {
+            index += 1;
+            offset = 0;
+        }
+    }
+    Ok(())
 }
 
 /// Splits an in-memory or socket byte stream into a frame reader and writer.

@@ -12,7 +12,7 @@
 
 use std::{collections::VecDeque, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -35,15 +35,15 @@ use super::{
     grpc_inbound::{InboundLimits, LimitInbound},
 };
 use crate::{
-    codec::{self, LENGTH_PREFIX_LEN},
+    codec::{self},
     error::{CodecError, DisconnectReason, TransportError},
+    pipe::{FrameReader, FrameWriter, WRITE_COALESCE_BYTES, frame_bodies},
     proto::transport::v1::{
         FrameBatch,
         frame_service_client::FrameServiceClient,
         frame_service_server::{FrameService, FrameServiceServer},
     },
     retry::RetryPolicy,
-    session::{FrameReader, FrameWriter, WRITE_COALESCE_BYTES},
     tls::{self, ClientTrust, Identity, ServerTrust},
 };
 
@@ -314,33 +314,10 @@ pub struct GrpcWriter {
     outlet: Outlet,
 }
 
-/// Splits a buffer of length-prefixed frames into bodies, sharing one copy.
-fn split_frames(frames: &[u8]) -> io::Result<Vec<Bytes>> {
-    let mut all = Bytes::copy_from_slice(frames);
-    let mut bodies = Vec::new();
-    while all.has_remaining() {
-        if all.len() < LENGTH_PREFIX_LEN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "truncated frame",
-            ));
-        }
-        let len = all.get_u32() as usize;
-        if all.len() < len {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "truncated frame",
-            ));
-        }
-        bodies.push(all.split_to(len));
-    }
-    Ok(bodies)
-}
-
 impl FrameWriter for GrpcWriter {
-    async fn write_frames(&mut self, frames: &[u8]) -> io::Result<()> {
+    async fn write_segments(&mut self, segments: &[Bytes]) -> io::Result<()> {
         let batch = FrameBatch {
-            frames: split_frames(frames)?,
+            frames: frame_bodies(segments)?,
         };
         let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "gRPC stream closed");
         match &self.outlet {

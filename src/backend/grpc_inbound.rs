@@ -32,7 +32,7 @@ use super::grpc_codec::refusal;
 use crate::{
     codec::HANDSHAKE_MAX_FRAME_SIZE,
     error::CodecError,
-    session::WRITE_COALESCE_BYTES,
+    pipe::WRITE_COALESCE_BYTES,
     stream::{ReadBudget, UNBUDGETED_FRAME_BYTES},
 };
 

@@ -1,6 +1,6 @@
 //! Back-ends: how frames move. Each supplies a listener and a dialer of frame
-//! pipes and nothing else; handshake, signatures and health live in
-//! [`crate::session`] and work the same over every back-end.
+//! pipes ([`crate::pipe`]) and nothing else; handshake, signatures and
+//! health live above them and work the same over every back-end.
 
 #[cfg(feature = "grpc")]
 mod bearer;
@@ -23,21 +23,11 @@ use std::{
     time::Duration,
 };
 
+pub use crate::pipe::Pipe;
 use crate::{
     error::TransportError,
-    session::{FrameReader, FrameWriter},
+    pipe::{FrameReader, FrameWriter},
 };
-
-/// Both halves of a new connection.
-#[derive(Debug)]
-pub struct Pipe<R, W> {
-    /// Reading half.
-    pub reader: R,
-    /// Writing half.
-    pub writer: W,
-    /// The peer's address, when the back-end knows it.
-    pub remote_addr: Option<SocketAddr>,
-}
 
 /// Whether a peer's address may open a connection now: the server's rate
 /// limit, for a listener to apply before any work on the connection; and

@@ -34,7 +34,8 @@ use super::{Backend, Listener, Pipe};
 use crate::{
     codec::HANDSHAKE_MAX_FRAME_SIZE,
     error::{CodecError, DisconnectReason, TransportError},
-    session::{FrameReader, FrameWriter, StreamFrameReader, StreamFrameWriter},
+    pipe::{FrameReader, FrameWriter},
+    stream::{StreamFrameReader, StreamFrameWriter},
     tls::{self, ALPN, ClientTrust, Identity, ServerTrust},
 };
 
@@ -241,9 +242,9 @@ pub struct QuicWriter {
 }
 
 impl FrameWriter for QuicWriter {
-    async fn write_frames(&mut self, frames: &[u8]) -> io::Result<()> {
+    async fn write_segments(&mut self, segments: &[bytes::Bytes]) -> io::Result<()> {
         self.frames
-            .write_frames(frames)
+            .write_segments(segments)
             .await
             .map_err(|err| self.connection.explain(err))
     }

@@ -19,7 +19,7 @@ use super::{Backend, Listener, Pipe};
 use crate::{
     codec::HANDSHAKE_MAX_FRAME_SIZE,
     error::TransportError,
-    session::{StreamFrameReader, StreamFrameWriter},
+    stream::{StreamFrameReader, StreamFrameWriter},
 };
 
 /// Socket options of the TCP back-end.
@@ -264,7 +264,7 @@ pub mod tls {
         backend::{Backend, Listener, Pipe},
         codec::HANDSHAKE_MAX_FRAME_SIZE,
         error::TransportError,
-        session::{StreamFrameReader, StreamFrameWriter},
+        stream::{StreamFrameReader, StreamFrameWriter},
     };
 
     /// Reading half of a TLS pipe.

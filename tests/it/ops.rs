@@ -591,18 +591,14 @@ fn fragments(quoted: &str) -> Vec<String> {
 fn troubleshooting_quotes_the_crates_own_texts() {
     let doc = read("docs/OPERATIONS.md");
     let mut corpus = String::new();
-    for dir in [
-        "src",
-        "src/admission",
-        "src/backend",
-        "src/crypto",
-        "src/server",
-        "examples",
-        "examples/common",
-    ] {
-        for entry in std::fs::read_dir(Path::new(ROOT).join(dir)).unwrap() {
+    // Every source file of the library and the programs, at any depth.
+    let mut dirs = vec![Path::new(ROOT).join("src"), Path::new(ROOT).join("examples")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "rs") {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
                 corpus.push_str(&std::fs::read_to_string(path).unwrap());
             }
         }

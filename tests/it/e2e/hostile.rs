@@ -142,7 +142,7 @@ pub async fn idle_peer_evicted_with_read_timeout<H: Harness>() {
         )),
     };
     let frame = publisher_transport::codec::frame_message(&ping, 1 << 20).unwrap();
-    idle.writer.write_frames(&frame).await.unwrap();
+    idle.writer.write_segments(&[frame]).await.unwrap();
     let mut reader = idle.reader;
     let disconnect = loop {
         let body = tokio::time::timeout(STEP_TIMEOUT, reader.read_frame())

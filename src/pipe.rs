@@ -1,0 +1,109 @@
+//! Frame pipes: the contract between the session layer and the back-ends.
+//!
+//! A back-end moves frames; it knows nothing of handshakes, signatures or
+//! sessions. It hands the session a [`FrameReader`] and a [`FrameWriter`]
+//! (together a [`Pipe`]). Writers take *segments*: shared buffers each
+//! holding whole frames in their wire form (4-byte length prefix + body), as
+//! the session encodes them once for every transport. A byte stream writes
+//! the segments as they are, in one vectored write; a transport that frames
+//! messages itself (gRPC) takes the bodies out with [`frame_bodies`], which
+//! slices the shared buffers without copying.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
+
+use bytes::{Buf, Bytes};
+
+use crate::{
+    codec::LENGTH_PREFIX_LEN,
+    error::{CodecError, DisconnectReason},
+    stream::ReadBudget,
+};
+
+/// Bytes of queued frames gathered into one write before it is issued.
+pub const WRITE_COALESCE_BYTES: usize = 64 * 1024;
+
+/// Reads frame bodies from a pipe.
+pub trait FrameReader: Send + 'static {
+    /// The next frame body; `None` at a clean end of stream.
+    fn read_frame(&mut self) -> impl Future<Output = Option<Result<Bytes, CodecError>>> + Send;
+    /// Changes the largest body accepted from now on.
+    fn set_max_frame_size(&mut self, max: usize);
+    /// Shares a budget for buffering large frames (see [`ReadBudget`]).
+    /// Readers that receive whole frames from their transport ignore it.
+    fn set_read_budget(&mut self, _budget: Arc<ReadBudget>) {}
+    /// Whether a complete frame is already buffered, so the next
+    /// `read_frame` returns without waiting. Delivery acknowledgements are
+    /// sent when this turns false; the default (false) acknowledges after
+    /// every frame.
+    fn has_buffered_frame(&self) -> bool {
+        false
+    }
+}
+
+/// Writes frames to a pipe.
+pub trait FrameWriter: Send + 'static {
+    /// Writes `segments` in order: each holds one or more complete frames,
+    /// length prefixes included.
+    fn write_segments(&mut self, segments: &[Bytes])
+    -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the sending side; `reason` says why, for transports that can
+    /// carry it out of band (gRPC trailers).
+    fn shutdown(
+        &mut self,
+        reason: Option<(DisconnectReason, &str)>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Both halves of a new connection.
+#[derive(Debug)]
+pub struct Pipe<R, W> {
+    /// Reading half.
+    pub reader: R,
+    /// Writing half.
+    pub writer: W,
+    /// The peer's address, when the back-end knows it.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+/// The frame bodies of `segments`, in order, as slices of the segments'
+/// buffers (no copy). A truncated frame is an error: segments come from the
+/// session's own encoder, so it means a bug, never peer input.
+pub fn frame_bodies(segments: &[Bytes]) -> io::Result<Vec<Bytes>> {
+    let mut bodies = Vec::new();
+    for segment in segments {
+        let mut rest = segment.clone();
+        while rest.has_remaining() {
+            let truncated = || io::Error::new(io::ErrorKind::InvalidInput, "truncated frame");
+            if rest.len() < LENGTH_PREFIX_LEN {
+                return Err(truncated());
+            }
+            let len = rest.get_u32() as usize;
+            if rest.len() < len {
+                return Err(truncated());
+            }
+            bodies.push(rest.split_to(len));
+        }
+    }
+    Ok(bodies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_sliced_across_segments_and_truncation_is_refused() {
+        let one = Bytes::from_static(b"\0\0\0\x02ab\0\0\0\0");
+        let two = Bytes::from_static(b"\0\0\0\x03xyz");
+        let bodies = frame_bodies(&[one.clone(), two]).unwrap();
+        assert_eq!(bodies, [&b"ab"[..], b"", b"xyz"]);
+        // Slices share the segment's buffer.
+        assert_eq!(bodies[0].as_ptr(), one[4..].as_ptr());
+        let cut = Bytes::from_static(b"\0\0\0\x05abc");
+        assert_eq!(
+            frame_bodies(&[cut]).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert!(frame_bodies(&[Bytes::from_static(b"\0\0")]).is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! The handle of a live connection, shared by its tasks, the manager and
+//! the application.
+
+use super::{Acks, Outbound, SIGNED_FRAME_OVERHEAD, SessionEnd};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use prost::Message as _;
+use tokio::sync::{
+    mpsc::{self, error::TrySendError as QueueError},
+    oneshot,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    codec::{self},
+    crypto::PublicKey,
+    error::{CodecError, DisconnectReason, TransportError, TrySendError},
+    handshake::unix_nanos,
+    proto::{Message, Payload, rollup::v1::Ping},
+};
+
+/// What one connection is, as reported by `connections()` and `stats()`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    /// Connection id, unique per server or client.
+    pub id: u64,
+    /// Verified identity (the connection id as text when unauthenticated).
+    pub identity: String,
+    /// The id the peer announced in its handshake.
+    pub client_id: Option<String>,
+    /// Session id from the handshake.
+    pub session_id: Option<String>,
+    /// The peer's address.
+    pub remote_addr: Option<SocketAddr>,
+    /// When the connection was established.
+    pub connected_at: SystemTime,
+    /// When the last frame arrived.
+    pub last_seen: SystemTime,
+    /// Chain id, if the application set one.
+    pub chain_id: Option<String>,
+    /// Whether frames are signed.
+    pub signed_frames: bool,
+    /// Bytes received, length prefixes included.
+    pub bytes_in: u64,
+    /// Bytes sent, length prefixes included.
+    pub bytes_out: u64,
+    /// Application messages received.
+    pub messages_in: u64,
+    /// Application messages sent.
+    pub messages_out: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) bytes_in: AtomicU64,
+    pub(super) bytes_out: AtomicU64,
+    pub(super) messages_in: AtomicU64,
+    pub(super) messages_out: AtomicU64,
+    pub(super) last_seen_nanos: AtomicI64,
+}
+
+/// A live connection, shared by its tasks, the manager and the application.
+#[derive(Debug)]
+pub struct Connection {
+    pub(super) id: u64,
+    pub(super) identity: Arc<str>,
+    pub(super) client_id: Option<String>,
+    pub(super) session_id: Option<String>,
+    pub(super) remote_addr: Option<SocketAddr>,
+    pub(super) connected_at: SystemTime,
+    /// Monotonic twin of `connected_at`; `last_seen` is kept relative to it.
+    pub(super) started: Instant,
+    pub(super) chain_id: Mutex<Option<String>>,
+    pub(super) peer_key: Option<PublicKey>,
+    pub(super) signed: bool,
+    pub(super) go_mode: bool,
+    pub(super) counters: Counters,
+    /// Present when the session negotiated delivery acknowledgements.
+    pub(super) acks: Option<Acks>,
+    pub(super) queue: mpsc::Sender<Outbound>,
+    pub(super) closed: CancellationToken,
+    pub(super) end: OnceLock<SessionEnd>,
+    pub(super) write_timeout: Duration,
+    pub(super) max_frame_size: usize,
+    /// Bytes of the `sender_id` field the writer stamps on application messages.
+    pub(super) stamp_len: usize,
+}
+
+impl Connection {
+    /// Connection id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Verified identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    pub(crate) fn identity_arc(&self) -> &Arc<str> {
+        &self.identity
+    }
+
+    /// The key the peer authenticated with (`None` without authentication).
+    pub fn peer_key(&self) -> Option<&PublicKey> {
+        self.peer_key.as_ref()
+    }
+
+    /// Whether the session was authenticated by the Go package's plain
+    /// handshake: no mutual authentication, no signed frames. On a server,
+    /// only peers whose key is trusted Go-compatible have such sessions.
+    pub fn is_go_mode(&self) -> bool {
+        self.go_mode
+    }
+
+    /// Whether frames are signed.
+    pub fn is_signed(&self) -> bool {
+        self.signed
+    }
+
+    /// Whether the connection is closed, or closing (sending its final
+    /// `Disconnect`): nothing queued from now on would be written.
+    pub fn is_closed(&self) -> bool {
+        // `end` is set before the token is ever cancelled, and reading it is
+        // one atomic load (the token's check takes a lock).
+        self.end.get().is_some()
+    }
+
+    /// Sets the chain id reported in [`ConnectionInfo`].
+    pub fn set_chain_id(&self, chain_id: impl Into<String>) {
+        *self.chain_id.lock().unwrap_or_else(PoisonError::into_inner) = Some(chain_id.into());
+    }
+
+    /// A snapshot of the connection's metadata and counters.
+    pub fn info(&self) -> ConnectionInfo {
+        let since_start = self.counters.last_seen_nanos.load(Ordering::Relaxed);
+        ConnectionInfo {
+            id: self.id,
+            identity: self.identity.to_string(),
+            client_id: self.client_id.clone(),
+            session_id: self.session_id.clone(),
+            remote_addr: self.remote_addr,
+            connected_at: self.connected_at,
+            last_seen: self.connected_at + Duration::from_nanos(since_start.max(0) as u64),
+            chain_id: self
+                .chain_id
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            signed_frames: self.signed,
+            bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
+            messages_in: self.counters.messages_in.load(Ordering::Relaxed),
+            messages_out: self.counters.messages_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues a `Ping` (answered with a `Pong`, never seen by handlers).
+    pub fn ping(&self) {
+        let ping = Payload::Ping(Ping {
+            timestamp: unix_nanos(SystemTime::now()),
+        });
+        let _ = self.queue.try_send(Outbound::control(ping));
+    }
+
+    /// Queues a complete frame that must precede everything else (the
+    /// handshake response); called before anyone else can reach the queue.
+    pub(crate) fn queue_first(&self, frame: Bytes, kind: usize) {
+        let _ = self.queue.try_send(Outbound::Frame(frame, kind));
+    }
+
+    /// Frames waiting in the send queue.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
+    /// How the session ended, once it has (from `close` on: why it is closing).
+    pub fn end(&self) -> Option<&SessionEnd> {
+        self.end.get()
+    }
+
+    /// Resolves when the connection is closed.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Queues `message`, waiting up to the write timeout for room. A peer
+    /// whose queue stays full is disconnected with `WRITE_TIMEOUT`.
+    ///
+    /// `Ok` means queued, not delivered: a message queued or in flight when
+    /// the connection breaks is lost (counted and logged). Use
+    /// [`send_confirmed`](Self::send_confirmed) to learn of delivery.
+    pub async fn send(&self, message: Message) -> Result<(), TransportError> {
+        let len = self.check_size(&message)?;
+        self.enqueue(Outbound::Message(message, len)).await
+    }
+
+    /// Queues `message` if the send queue has room, without waiting. On a
+    /// full queue the message comes back in [`TrySendError::Full`] and the
+    /// peer keeps its connection (unlike a `send` that times out).
+    pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
+        if self.is_closed() {
+            return Err(self.closed_error().into());
+        }
+        let len = self.check_size(&message)?;
+        match self.queue.try_send(Outbound::Message(message, len)) {
+            Ok(()) => Ok(()),
+            Err(QueueError::Full(Outbound::Message(message, _))) => {
+                Err(TrySendError::Full(Box::new(message)))
+            }
+            Err(_) => Err(self.closed_error().into()),
+        }
+    }
+
+    /// Whether the session negotiated delivery acknowledgements, which
+    /// [`send_confirmed`](Self::send_confirmed) needs.
+    pub fn confirms_delivery(&self) -> bool {
+        self.acks.is_some()
+    }
+
+    /// Sends `message` and waits until the peer acknowledges that its
+    /// transport dispatched it: its handler was called and returned (with
+    /// success or an error of its own), or, with no handler set, the message
+    /// was counted and logged as dropped there (docs/PROTOCOL.md §5.1).
+    ///
+    /// `Ok` means it arrived and was dispatched, in order after everything
+    /// sent before it. [`TransportError::Unconfirmed`] means the connection
+    /// ended first: the message may or may not have arrived, and resending it
+    /// is the caller's choice. A peer that leaves a confirmation unanswered
+    /// for the read timeout is disconnected with `READ_TIMEOUT`, which ends
+    /// the wait; wrap the call in a timeout to wait less. Dropping the future
+    /// does not withdraw the message. Do not await this from inside the
+    /// handler of the same connection: the ack is read by the task running
+    /// that handler. Needs a session that negotiated acknowledgements (both
+    /// sides this crate, authenticated with the handshake extensions), else
+    /// [`TransportError::ConfirmationUnavailable`].
+    pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
+        if self.acks.is_none() {
+            return Err(TransportError::ConfirmationUnavailable {
+                peer: self.identity.to_string(),
+            });
+        }
+        let len = self.check_size(&message)?;
+        let (done, confirmed) = oneshot::channel();
+        self.enqueue(Outbound::Confirmed(message, len, done))
+            .await?;
+        confirmed.await.map_err(|_| TransportError::Unconfirmed {
+            peer: self.identity.to_string(),
+            reason: self
+                .end
+                .get()
+                .map_or(DisconnectReason::Requested, |end| end.reason),
+        })
+    }
+
+    /// Queues `item`, waiting up to the write timeout for room.
+    async fn enqueue(&self, item: Outbound) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        match self.queue.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(QueueError::Closed(_)) => Err(self.closed_error()),
+            Err(QueueError::Full(item)) => {
+                match tokio::time::timeout(self.write_timeout, self.queue.send(item)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(self.closed_error()),
+                    Err(_) => {
+                        self.abort(DisconnectReason::WriteTimeout, "send queue stayed full");
+                        Err(TransportError::SendTimeout {
+                            peer: self.identity.to_string(),
+                            after: self.write_timeout,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuses a message the writer could not put in one frame; returns its
+    /// `encoded_len`, which the writer then need not compute again.
+    pub(super) fn check_size(&self, message: &Message) -> Result<usize, TransportError> {
+        let overhead = if self.signed {
+            SIGNED_FRAME_OVERHEAD
+        } else {
+            0
+        };
+        let len = message.encoded_len();
+        // At most this once the writer stamps its `sender_id`.
+        let stamped = len + self.stamp_len;
+        codec::check_frame_len(stamped, self.max_frame_size)?;
+        let size = stamped + overhead;
+        if size > self.max_frame_size {
+            return Err(CodecError::FrameTooLarge {
+                size,
+                max: self.max_frame_size,
+            }
+            .into());
+        }
+        Ok(len)
+    }
+
+    /// Queues a pre-encoded frame without waiting. On a full queue the peer is
+    /// too slow: it is disconnected with `WRITE_TIMEOUT` and the error says so.
+    pub(crate) fn try_send_frame(&self, frame: Bytes, kind: usize) -> Result<(), TransportError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        match self.queue.try_send(Outbound::Frame(frame, kind)) {
+            Ok(()) => Ok(()),
+            Err(QueueError::Closed(_)) => Err(self.closed_error()),
+            Err(QueueError::Full(_)) => {
+                self.abort(DisconnectReason::WriteTimeout, "send queue full");
+                Err(TransportError::QueueFull {
+                    peer: self.identity.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Sends `Disconnect{reason, details}` after what is already queued, then
+    /// closes. If the queue is full the connection closes at once.
+    pub fn close(&self, reason: DisconnectReason, details: impl Into<String>) {
+        let details = details.into();
+        match self
+            .queue
+            .try_send(Outbound::Close(reason, details.clone()))
+        {
+            // Record our reason now, not once the Disconnect is written: the
+            // peer may close on reading it before the writer gets to `abort`,
+            // and its EOF would otherwise be reported as the end
+            // (NetworkError, by_peer) of a session we ended.
+            Ok(()) => {
+                let _ = self.end.set(SessionEnd {
+                    reason,
+                    details,
+                    by_peer: false,
+                });
+            }
+            Err(_) => self.abort(reason, details),
+        }
+    }
+
+    /// Closes without waiting for queued frames.
+    pub(crate) fn abort(&self, reason: DisconnectReason, details: impl Into<String>) {
+        self.finish(SessionEnd {
+            reason,
+            details: details.into(),
+            by_peer: false,
+        });
+    }
+
+    pub(super) fn finish(&self, end: SessionEnd) {
+        let _ = self.end.set(end);
+        self.closed.cancel();
+    }
+
+    /// Counts an application message from the peer as dispatched.
+    pub(super) fn dispatched(&self) {
+        if let Some(acks) = &self.acks {
+            // Only the reader writes it: no read-modify-write needed.
+            let dispatched = acks.dispatched.load(Ordering::Relaxed);
+            acks.dispatched.store(dispatched + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues the ack the peer asked for, unless one is already queued (it
+    /// will carry the newest count). On a full queue the request stays
+    /// pending and the next frame or health check retries it.
+    pub(super) fn send_wanted_ack(&self) {
+        let Some(acks) = &self.acks else { return };
+        if !acks.ack_wanted.load(Ordering::Relaxed) {
+            return;
+        }
+        if !acks.ack_queued.swap(true, Ordering::AcqRel)
+            && self.queue.try_send(Outbound::Ack).is_err()
+        {
+            acks.ack_queued.store(false, Ordering::Release);
+            return;
+        }
+        acks.ack_wanted.store(false, Ordering::Relaxed);
+    }
+
+    pub(super) fn closed_error(&self) -> TransportError {
+        let end = self.end.get();
+        TransportError::ConnectionClosed {
+            peer: self.identity.to_string(),
+            reason: end.map_or(DisconnectReason::Requested, |e| e.reason),
+        }
+    }
+
+    /// Counts received bytes.
+    pub(super) fn received(&self, bytes: usize) {
+        self.counters
+            .bytes_in
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Records the reader's clock reading of its latest frames (the wall
+    /// clock is derived only when someone asks).
+    pub(super) fn seen(&self, now: Instant) {
+        let since_start = now.saturating_duration_since(self.started).as_nanos();
+        self.counters.last_seen_nanos.store(
+            i64::try_from(since_start).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}

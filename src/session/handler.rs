@@ -1,0 +1,153 @@
+//! The application's side of a session: handlers and what they receive.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::mpsc::{self, error::TrySendError as QueueError};
+
+use crate::{metrics::MessageTally, proto::Message};
+
+/// A verified message handed to the application.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Who sent it: the verified identity when authenticated, else the connection id.
+    pub from: Arc<str>,
+    /// The connection it arrived on.
+    pub connection_id: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// Error a handler returns; logged and counted, the connection goes on.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Future returned by a [`Handler`].
+pub type HandlerFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// What a [`Handler`] did with a message.
+#[non_exhaustive]
+pub enum Handled {
+    /// Finished on the spot: nothing allocated, nothing awaited.
+    Done(Result<(), HandlerError>),
+    /// Finishes when this completes; the connection reads nothing meanwhile.
+    Pending(HandlerFuture),
+}
+
+/// Receives verified application messages, on the connection's reader task
+/// and in order: a slow handler slows only that connection's reading.
+///
+/// Any `Fn(Inbound) -> impl Future<Output = Result<(), HandlerError>>` is a
+/// handler. [`SyncHandler`] and [`channel_handler`] finish most messages
+/// without boxing a future.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    fn handle(&self, inbound: Inbound) -> Handled;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Inbound) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(&self, inbound: Inbound) -> Handled {
+        Handled::Pending(Box::pin(self(inbound)))
+    }
+}
+
+/// A handler that never waits: `SyncHandler(|inbound| { …; Ok(()) })`.
+pub struct SyncHandler<F>(pub F);
+
+impl<F> Handler for SyncHandler<F>
+where
+    F: Fn(Inbound) -> Result<(), HandlerError> + Send + Sync + 'static,
+{
+    fn handle(&self, inbound: Inbound) -> Handled {
+        Handled::Done((self.0)(inbound))
+    }
+}
+
+/// Forwards messages into a bounded channel; see [`channel_handler`].
+struct ChannelHandler(mpsc::Sender<Inbound>);
+
+impl Handler for ChannelHandler {
+    fn handle(&self, inbound: Inbound) -> Handled {
+        match self.0.try_send(inbound) {
+            Ok(()) => Handled::Done(Ok(())),
+            Err(QueueError::Full(inbound)) => {
+                let tx = self.0.clone();
+                Handled::Pending(Box::pin(async move {
+                    tx.send(inbound)
+                        .await
+                        .map_err(|_| HandlerError::from("inbound receiver dropped"))
+                }))
+            }
+            Err(QueueError::Closed(_)) => Handled::Done(Err("inbound receiver dropped".into())),
+        }
+    }
+}
+
+/// A handler that forwards every message into a bounded channel. When the
+/// channel is full the connection waits for room (backpressure): nothing is
+/// dropped.
+pub fn channel_handler(capacity: usize) -> (Arc<dyn Handler>, mpsc::Receiver<Inbound>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (Arc::new(ChannelHandler(tx)), rx)
+}
+
+/// The slot a server or client keeps its handler in, changeable at any time.
+#[derive(Default)]
+pub(crate) struct HandlerSlot {
+    handler: std::sync::RwLock<Option<Arc<dyn Handler>>>,
+    /// Bumped by every `set`, so readers re-read the handler only then.
+    generation: AtomicU64,
+}
+
+impl HandlerSlot {
+    pub(crate) fn set(&self, handler: Arc<dyn Handler>) {
+        *self.handler.write().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(crate) fn get(&self) -> Option<Arc<dyn Handler>> {
+        self.handler
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A reader's copy of the handler: one atomic load per message instead of
+/// a lock, refreshed when the slot changes.
+pub(super) struct HandlerCache {
+    generation: u64,
+    handler: Option<Arc<dyn Handler>>,
+}
+
+impl HandlerCache {
+    pub(super) fn new(slot: &HandlerSlot) -> Self {
+        Self {
+            generation: slot.generation.load(Ordering::Acquire),
+            handler: slot.get(),
+        }
+    }
+
+    pub(super) fn current(&mut self, slot: &HandlerSlot) -> Option<&Arc<dyn Handler>> {
+        let generation = slot.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.generation = generation;
+            self.handler = slot.get();
+        }
+        self.handler.as_ref()
+    }
+}
+
+/// What the reader carries from message to message.
+pub(super) struct Dispatch {
+    pub(super) tally: MessageTally,
+    pub(super) handler: HandlerCache,
+}

@@ -1,0 +1,286 @@
+//! One authenticated connection over any ordered, reliable frame pipe.
+//!
+//! A back-end hands over a [`FrameReader`] and a [`FrameWriter`]; everything
+//! above frames lives here: driving the handshake, the writer task (one per
+//! connection, so frames never interleave; queued frames coalesced into few
+//! writes; unicast batches signed once), the reader loop (verify, answer
+//! pings, dispatch to the handler), idle eviction and orderly disconnects.
+
+mod acks;
+mod connection;
+mod establish;
+mod handler;
+mod reader;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock, atomic::AtomicI64},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::mpsc::{self};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, warn};
+
+use crate::{
+    codec::{self},
+    config::InboundLimit,
+    crypto::{CryptoBackend, PublicKey, SecretKey},
+    error::DisconnectReason,
+    metrics::Metrics,
+    pool::BufferPool,
+    proto::{Message, Payload},
+    signed::{FrameOpener, SequenceCounter},
+};
+
+pub use crate::pipe::{FrameReader, FrameWriter, WRITE_COALESCE_BYTES};
+pub use crate::stream::{ReadBudget, StreamFrameReader, StreamFrameWriter, stream_pipe};
+use acks::Acks;
+use connection::Counters;
+pub use connection::{Connection, ConnectionInfo};
+pub(crate) use establish::*;
+pub(crate) use handler::HandlerSlot;
+use handler::{Dispatch, HandlerCache};
+pub use handler::{
+    Handled, Handler, HandlerError, HandlerFuture, Inbound, SyncHandler, channel_handler,
+};
+use reader::read_loop;
+pub use writer::SIGNED_BATCH_MAX_MESSAGES;
+pub(crate) use writer::SIGNED_FRAME_OVERHEAD;
+use writer::{Outbound, write_loop};
+
+/// Per-connection settings shared by server and client.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Nothing received for this long evicts the peer with `READ_TIMEOUT`.
+    pub read_timeout: Duration,
+    /// Bound on one write, and on how long `send` waits for queue space.
+    pub write_timeout: Duration,
+    /// Ping after this long without receiving anything; `None` never pings.
+    pub ping_interval: Option<Duration>,
+    /// Frames queued per connection before senders wait (and broadcasts drop the peer).
+    pub send_queue_capacity: usize,
+    /// Largest frame body accepted after authentication.
+    pub max_frame_size: usize,
+    /// Bound on writing the final `Disconnect` frame.
+    pub disconnect_timeout: Duration,
+    /// What a peer may send per second; `None` for no limit.
+    pub inbound_limit: Option<InboundLimit>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            ping_interval: Some(Duration::from_secs(15)),
+            send_queue_capacity: 4096,
+            max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
+            disconnect_timeout: Duration::from_secs(1),
+            inbound_limit: None,
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// Why.
+    pub reason: DisconnectReason,
+    /// Details for logs.
+    pub details: String,
+    /// Whether the peer ended it (its `Disconnect`, or end of stream).
+    pub by_peer: bool,
+}
+
+/// Signing state of the sending side of a signed session.
+#[derive(Debug)]
+pub(crate) struct FrameSigner {
+    pub(crate) key: Arc<SecretKey>,
+    pub(crate) backend: CryptoBackend,
+    pub(crate) unicast: SequenceCounter,
+    pub(crate) recipient: PublicKey,
+    pub(crate) session_tag: [u8; 32],
+}
+
+/// Everything the handshake settled for a session.
+#[derive(Debug)]
+pub(crate) struct SessionSetup {
+    pub(crate) identity: Arc<str>,
+    pub(crate) client_id: Option<String>,
+    pub(crate) session_id: Option<String>,
+    pub(crate) remote_addr: Option<SocketAddr>,
+    pub(crate) signer: Option<FrameSigner>,
+    pub(crate) opener: Option<FrameOpener>,
+    /// The key the peer authenticated with, if any.
+    pub(crate) peer_key: Option<PublicKey>,
+    /// `sender_id` stamped on messages we send.
+    pub(crate) sender_id: Option<String>,
+    /// Whether both sides acknowledge delivered messages.
+    pub(crate) delivery_acks: bool,
+    /// Whether the peer authenticated with the Go package's handshake.
+    pub(crate) go_mode: bool,
+}
+
+/// What a server or client shares with each of its sessions.
+pub(crate) struct SessionContext {
+    pub(crate) config: SessionConfig,
+    pub(crate) handler: Arc<HandlerSlot>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) write_buffers: Arc<BufferPool>,
+    /// Shared by every connection of a server; `None` on a client.
+    pub(crate) read_budget: Option<Arc<ReadBudget>>,
+}
+
+impl SessionContext {
+    pub(crate) fn new(
+        config: SessionConfig,
+        handler: Arc<HandlerSlot>,
+        metrics: Arc<Metrics>,
+        write_buffers: Arc<BufferPool>,
+        read_budget: Option<Arc<ReadBudget>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            handler,
+            metrics,
+            write_buffers,
+            read_budget,
+        })
+    }
+}
+
+/// A write-buffer pool whose utilisation `metrics` reports.
+pub(crate) fn write_buffer_pool(metrics: &Metrics) -> Arc<BufferPool> {
+    let pool = Arc::new(BufferPool::new(WRITE_BUFFER_CAPACITY, WRITE_BUFFERS_KEPT));
+    let weak = Arc::downgrade(&pool);
+    let gauge = metrics.buffer_utilization.with_label_values(&["write"]);
+    metrics.add_probe(move || {
+        if let Some(pool) = weak.upgrade() {
+            gauge.set(pool.utilization());
+        }
+    });
+    pool
+}
+
+/// One message in this many has its handler time measured.
+const PROCESSING_SAMPLE: u64 = 16;
+
+/// Initial size of a pooled write buffer.
+const WRITE_BUFFER_CAPACITY: usize = 16 * 1024;
+/// Idle write buffers kept for reuse.
+const WRITE_BUFFERS_KEPT: usize = 64;
+
+/// Starts the reader and writer of an authenticated session. Returns the
+/// shared connection and a future that completes, with how it ended, when
+/// both halves are done.
+pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
+    id: u64,
+    mut reader: R,
+    writer: W,
+    setup: SessionSetup,
+    context: Arc<SessionContext>,
+) -> (Arc<Connection>, tokio::task::JoinHandle<SessionEnd>) {
+    let config = &context.config;
+    reader.set_max_frame_size(config.max_frame_size);
+    if let Some(budget) = &context.read_budget {
+        reader.set_read_budget(budget.clone());
+    }
+    let (queue, queue_rx) = mpsc::channel(config.send_queue_capacity.max(1));
+    let now = SystemTime::now();
+    let connection = Arc::new(Connection {
+        id,
+        identity: setup.identity,
+        client_id: setup.client_id,
+        session_id: setup.session_id,
+        remote_addr: setup.remote_addr,
+        connected_at: now,
+        started: Instant::now(),
+        chain_id: Mutex::new(None),
+        peer_key: setup.peer_key,
+        signed: setup.signer.is_some(),
+        go_mode: setup.go_mode,
+        counters: Counters {
+            last_seen_nanos: AtomicI64::new(0),
+            ..Counters::default()
+        },
+        acks: setup.delivery_acks.then(Acks::default),
+        queue,
+        closed: CancellationToken::new(),
+        end: OnceLock::new(),
+        write_timeout: config.write_timeout,
+        max_frame_size: config.max_frame_size,
+        stamp_len: setup
+            .sender_id
+            .as_ref()
+            .map_or(0, |id| prost::encoding::string::encoded_len(1, id)),
+    });
+    let span = tracing::info_span!(
+        "connection",
+        id,
+        identity = %connection.identity,
+        remote = ?connection.remote_addr,
+    );
+    let writer_task = tokio::spawn(
+        write_loop(
+            writer,
+            queue_rx,
+            connection.clone(),
+            setup.signer,
+            setup.sender_id,
+            context.clone(),
+        )
+        .instrument(span.clone()),
+    );
+    let reader_connection = connection.clone();
+    context.metrics.connection("opened");
+    context.metrics.connections_active.inc();
+    let started = Instant::now();
+    let task = tokio::spawn(
+        async move {
+            read_loop(reader, &reader_connection, setup.opener, &context).await;
+            let mut writer_task = writer_task;
+            let mut writer_done = false;
+            if !reader_connection.closed.is_cancelled() {
+                // A `Disconnect` is queued (`close`): let the writer send it.
+                let grace = context.config.disconnect_timeout.saturating_mul(2);
+                writer_done = tokio::time::timeout(grace, &mut writer_task).await.is_ok();
+            }
+            reader_connection.closed.cancel();
+            if !writer_done {
+                let _ = writer_task.await;
+            }
+            if let Some(acks) = &reader_connection.acks {
+                let unconfirmed = acks.fail_waiting();
+                if unconfirmed > 0 {
+                    context.metrics.errors("unconfirmed", "write", unconfirmed as u64);
+                    warn!(unconfirmed, "connection closed before the peer confirmed delivery");
+                }
+            }
+            let end = reader_connection.end.get().cloned().unwrap_or(SessionEnd {
+                reason: DisconnectReason::Requested,
+                details: "closed".into(),
+                by_peer: false,
+            });
+            let metrics = &context.metrics;
+            metrics.connection("closed");
+            metrics.connections_active.dec();
+            metrics.connection_duration.observe(started.elapsed().as_secs_f64());
+            info!(reason = %end.reason, details = %crate::log_safe(&end.details), by_peer = end.by_peer, "disconnected");
+            end
+        }
+        .instrument(span),
+    );
+    (connection, task)
+}
+
+/// A control message of the transport itself.
+fn control(payload: Payload) -> Message {
+    Message {
+        sender_id: String::new(),
+        payload: Some(payload),
+    }
+}

@@ -1,0 +1,404 @@
+//! The reading half of a session.
+
+use super::{
+    Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, Outbound, PROCESSING_SAMPLE,
+    SessionContext, SessionEnd,
+};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use prost::Message as _;
+use tracing::{info, warn};
+
+use crate::{
+    codec::{self},
+    config::InboundLimit,
+    decode_bound::{DecodeAllowance, DecodeBoundError},
+    error::{CodecError, DisconnectReason, SignedFrameError},
+    handshake::unix_nanos,
+    metrics::{ACK_KIND, Direction, MESSAGE_KINDS, SIGNED_FRAME_KIND, kind_index},
+    proto::{
+        Message, Payload,
+        rollup::v1::{Ping, Pong},
+        transport::v1::MessageExt,
+    },
+    signed::FrameOpener,
+};
+
+pub(super) async fn read_loop<R: FrameReader>(
+    mut reader: R,
+    connection: &Connection,
+    mut opener: Option<FrameOpener>,
+    context: &SessionContext,
+) {
+    let config = &context.config;
+    let check_every = config
+        .ping_interval
+        .unwrap_or(config.read_timeout)
+        .min(config.read_timeout)
+        .div_f32(2.0)
+        .max(Duration::from_millis(10));
+    let mut health = tokio::time::interval(check_every);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_received = Instant::now();
+    let mut last_ping: Option<Instant> = None;
+    let mut evicting = false;
+    let mut inbound = config.inbound_limit.map(InboundMeter::new);
+    let mut dispatch = Dispatch {
+        tally: context.metrics.tally(Direction::In),
+        handler: HandlerCache::new(&context.handler),
+    };
+    // Made once, and polled only when no frame is ready: polling it takes
+    // the token's lock.
+    let closed = connection.closed.cancelled();
+    tokio::pin!(closed);
+    loop {
+        // `end` is set before the token is cancelled, and is one atomic load:
+        // a stream of ready frames cannot keep an aborted reader going.
+        if connection.is_closed() && connection.closed.is_cancelled() {
+            return;
+        }
+        let frame = tokio::select! {
+            biased;
+            frame = reader.read_frame() => frame,
+            _ = &mut closed => return,
+            _ = health.tick() => {
+                let idle = last_received.elapsed();
+                if idle >= config.read_timeout && !evicting {
+                    evicting = true;
+                    warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
+                    connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));
+                    // Let the writer send the Disconnect; it cancels when done.
+                    continue;
+                }
+                // An ack that found the queue full is retried here.
+                connection.send_wanted_ack();
+                // A peer that answers pings but no longer acknowledges (its
+                // handler stuck) would keep confirmed sends waiting forever.
+                if let Some(acks) = &connection.acks
+                    && let Some(waited) = acks.oldest_wait()
+                    && waited >= config.read_timeout
+                    && !evicting
+                {
+                    evicting = true;
+                    warn!(waited_ms = waited.as_millis() as u64, "peer stopped acknowledging");
+                    connection.close(
+                        DisconnectReason::ReadTimeout,
+                        format!("no delivery acknowledgement for {waited:?}"),
+                    );
+                    continue;
+                }
+                if let Some(interval) = config.ping_interval
+                    && idle >= interval
+                    && last_ping.is_none_or(|at| at.elapsed() >= interval)
+                {
+                    last_ping = Some(Instant::now());
+                    let ping = Payload::Ping(Ping { timestamp: unix_nanos(SystemTime::now()) });
+                    let _ = connection.queue.try_send(Outbound::control(ping));
+                }
+                continue;
+            }
+        };
+        let body = match frame {
+            None => {
+                connection.finish(SessionEnd {
+                    reason: DisconnectReason::NetworkError,
+                    details: "peer closed the connection".into(),
+                    by_peer: true,
+                });
+                return;
+            }
+            Some(Err(err)) => {
+                let reason = err.disconnect_reason();
+                warn!(error = %err, "read failed");
+                context.metrics.error(reason.as_str(), "read");
+                if matches!(err, CodecError::Io(_)) {
+                    connection.abort(reason, err.to_string());
+                } else {
+                    connection.close(reason, err.to_string());
+                }
+                return;
+            }
+            Some(Ok(body)) => body,
+        };
+        last_ping = None;
+        connection.received(body.len() + codec::LENGTH_PREFIX_LEN);
+        if let Some(meter) = &mut inbound
+            && !meter.admit(body.len() + codec::LENGTH_PREFIX_LEN)
+        {
+            warn!("peer over its inbound rate limit");
+            context.metrics.error("throttled", "read");
+            connection.close(DisconnectReason::Throttled, "inbound rate limit exceeded");
+            return;
+        }
+        context
+            .metrics
+            .bytes(Direction::In, body.len() + codec::LENGTH_PREFIX_LEN);
+
+        let acks = connection.acks.is_some();
+        // One allowance for everything decoding the frame allocates.
+        let mut allowance = DecodeAllowance::for_frame(body.len());
+        let flow = match opener.as_mut() {
+            None => match decode_inbound(&body, acks, &mut allowance) {
+                Ok(inbound) => deliver(connection, inbound, &body, context, &mut dispatch).await,
+                Err(err) => Flow::Close(
+                    DisconnectReason::ProtocolError,
+                    format!("malformed Message: {err}"),
+                ),
+            },
+            Some(opener) => match opener.open_within(body.clone(), &mut allowance) {
+                Ok(encoded) => {
+                    dispatch.tally.add(SIGNED_FRAME_KIND, body.len());
+                    // Every message is decoded before the first is handled:
+                    // a frame with one undecodable message delivers nothing,
+                    // control messages included (docs/PROTOCOL.md §4.1).
+                    match decode_all(body.len(), &encoded, acks, &mut allowance) {
+                        Ok(decoded) => {
+                            let mut flow = Flow::Continue;
+                            for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
+                                flow = deliver(connection, inbound, bytes, context, &mut dispatch)
+                                    .await;
+                                if !matches!(flow, Flow::Continue) {
+                                    break;
+                                }
+                            }
+                            flow
+                        }
+                        Err(err) => {
+                            let err = SignedFrameError::Malformed(match err {
+                                DecodeBoundError::TooLarge { .. } => err.to_string(),
+                                err => format!("message does not decode: {err}"),
+                            });
+                            context
+                                .metrics
+                                .signature_failures_total
+                                .with_label_values(&[err.kind()])
+                                .inc();
+                            Flow::Close(err.disconnect_reason(), err.to_string())
+                        }
+                    }
+                }
+                Err(err) => {
+                    warn!(error = %err, kind = err.kind(), "signed frame refused");
+                    let metrics = &context.metrics;
+                    metrics
+                        .signature_failures_total
+                        .with_label_values(&[err.kind()])
+                        .inc();
+                    if matches!(
+                        err,
+                        SignedFrameError::Replayed { .. } | SignedFrameError::TooOld { .. }
+                    ) {
+                        metrics.replay_refusals_total.inc();
+                    }
+                    Flow::Close(err.disconnect_reason(), err.to_string())
+                }
+            },
+        };
+        match flow {
+            Flow::Continue => {
+                // Before waiting for more: one clock reading, one ack and one
+                // metrics update for everything that was buffered. (The
+                // health check cannot run while frames are buffered: the
+                // biased select takes the frame first.)
+                if !reader.has_buffered_frame() {
+                    last_received = Instant::now();
+                    connection.seen(last_received);
+                    dispatch.tally.flush();
+                    connection.send_wanted_ack();
+                }
+            }
+            Flow::PeerLeft => return,
+            Flow::Close(reason, details) => {
+                warn!(%reason, %details, "closing connection");
+                context.metrics.error(reason.as_str(), "read");
+                connection.close(reason, details);
+                return;
+            }
+        }
+    }
+}
+
+/// Token buckets of a connection's inbound frames and bytes.
+struct InboundMeter {
+    limit: InboundLimit,
+    frames: f64,
+    bytes: f64,
+    at: Instant,
+}
+
+impl InboundMeter {
+    fn new(limit: InboundLimit) -> Self {
+        Self {
+            limit,
+            frames: limit.frames_per_second,
+            bytes: limit.bytes_per_second,
+            at: Instant::now(),
+        }
+    }
+
+    /// Charges one frame of `size` bytes; false when over the limit.
+    fn admit(&mut self, size: usize) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let limit = self.limit;
+        self.frames =
+            (self.frames + elapsed * limit.frames_per_second).min(limit.frames_per_second) - 1.0;
+        self.bytes = (self.bytes + elapsed * limit.bytes_per_second).min(limit.bytes_per_second)
+            - size as f64;
+        self.frames >= 0.0 && self.bytes >= 0.0
+    }
+}
+
+/// What the reader does after a message.
+enum Flow {
+    Continue,
+    /// The peer sent `Disconnect`; its reason is recorded.
+    PeerLeft,
+    /// Send `Disconnect{reason}` and close.
+    Close(DisconnectReason, String),
+}
+
+/// A message as received: decoded, with its extension fields when it may
+/// carry an acknowledgement.
+pub(super) struct Decoded {
+    message: Message,
+    /// Present for payload-less messages in sessions with acknowledgements.
+    ext: Option<MessageExt>,
+}
+
+/// Decodes one received message. Extensions ride on payload-less messages
+/// (docs/PROTOCOL.md §5.1), and are decoded, and must decode, only then.
+fn decode_inbound(
+    encoded: &Bytes,
+    acks: bool,
+    allowance: &mut DecodeAllowance,
+) -> Result<Decoded, DecodeBoundError> {
+    let message = allowance.decode::<Message>(encoded.clone())?;
+    let ext = if acks && message.payload.is_none() {
+        // Allocates nothing: an inline `Ack` and a flag.
+        let ext =
+            MessageExt::decode(encoded.clone()).map_err(|source| DecodeBoundError::Decode {
+                what: "transport.v1.MessageExt",
+                source,
+            })?;
+        Some(ext)
+    } else {
+        None
+    };
+    Ok(Decoded { message, ext })
+}
+
+/// Decodes every message of an opened signed frame within the frame's
+/// allowance. The results' vector is charged up front, so that a frame of
+/// many tiny messages is refused before anything is built.
+pub(super) fn decode_all(
+    frame_len: usize,
+    encoded: &[Bytes],
+    acks: bool,
+    allowance: &mut DecodeAllowance,
+) -> Result<Vec<Decoded>, DecodeBoundError> {
+    let slots = (encoded.len() as u64).saturating_mul(std::mem::size_of::<Decoded>() as u64);
+    allowance.reserve("the messages of a signed frame", frame_len, slots)?;
+    let mut decoded = Vec::with_capacity(encoded.len());
+    for bytes in encoded {
+        decoded.push(decode_inbound(bytes, acks, allowance)?);
+    }
+    Ok(decoded)
+}
+
+/// Handles control messages; hands the rest to the application handler.
+async fn deliver(
+    connection: &Connection,
+    Decoded { message, ext }: Decoded,
+    encoded: &Bytes,
+    context: &SessionContext,
+    dispatch: &mut Dispatch,
+) -> Flow {
+    let tally = &mut dispatch.tally;
+    let size = encoded.len();
+    if let Some(acks) = &connection.acks
+        && let Some(ext) = ext
+        && (ext.ack.is_some() || ext.ack_request)
+    {
+        tally.add(ACK_KIND, size);
+        if let Some(ack) = ext.ack
+            && let Err(details) = acks.acknowledge(ack.delivered)
+        {
+            return Flow::Close(DisconnectReason::ProtocolError, details);
+        }
+        if ext.ack_request {
+            acks.ack_wanted.store(true, Ordering::Relaxed);
+        }
+        return Flow::Continue;
+    }
+    let kind = kind_index(&message);
+    tally.add(kind, size);
+    match &message.payload {
+        Some(Payload::Ping(ping)) => {
+            let pong = Outbound::control(Payload::Pong(Pong {
+                timestamp: ping.timestamp,
+            }));
+            // A peer too slow to take its pongs is caught by the write path.
+            let _ = connection.queue.try_send(pong);
+            Flow::Continue
+        }
+        Some(Payload::Pong(_)) => Flow::Continue,
+        Some(Payload::Disconnect(disconnect)) => {
+            let reason = DisconnectReason::from_proto(disconnect.reason);
+            info!(%reason, details = %crate::log_safe(&disconnect.details), "peer disconnected");
+            connection.finish(SessionEnd {
+                reason,
+                details: disconnect.details.clone(),
+                by_peer: true,
+            });
+            Flow::PeerLeft
+        }
+        Some(Payload::HandshakeRequest(_) | Payload::HandshakeResponse(_)) => Flow::Close(
+            DisconnectReason::ProtocolError,
+            "handshake message after the handshake".into(),
+        ),
+        _ => {
+            let received = connection
+                .counters
+                .messages_in
+                .fetch_add(1, Ordering::Relaxed);
+            let Some(handler) = dispatch.handler.current(&context.handler) else {
+                context.metrics.error("no_handler", "handle");
+                warn!(
+                    kind = MESSAGE_KINDS[kind],
+                    "no handler set; message dropped"
+                );
+                connection.dispatched();
+                return Flow::Continue;
+            };
+            let inbound = Inbound {
+                from: connection.identity.clone(),
+                connection_id: connection.id,
+                message,
+            };
+            // Handler time is sampled: two clock reads per message cost more
+            // than the figure is worth on a busy connection.
+            let started = received
+                .is_multiple_of(PROCESSING_SAMPLE)
+                .then(Instant::now);
+            let result = match handler.handle(inbound) {
+                Handled::Done(result) => result,
+                Handled::Pending(future) => future.await,
+            };
+            connection.dispatched();
+            if let Some(started) = started {
+                context.metrics.processing(kind, started.elapsed());
+            }
+            if let Err(err) = result {
+                context.metrics.error("handler", "handle");
+                warn!(error = %err, "handler failed");
+            }
+            Flow::Continue
+        }
+    }
+}

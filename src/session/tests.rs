@@ -1,0 +1,146 @@
+//! Decode allowance of signed batches as the writer builds them.
+
+use super::reader::{Decoded, decode_all};
+use super::*;
+use crate::proto::transport::v1::{Ack, MessageExt};
+use crate::{
+    decode_bound::{DecodeAllowance, DecodeBoundError},
+    proto::{Payload, rollup::v1::Pong},
+};
+use bytes::Bytes;
+use prost::Message as _;
+use std::sync::atomic::Ordering;
+use tokio::sync::oneshot;
+
+/// A signed frame body of `messages`, as the writer seals them (the
+/// signature's bytes do not matter to the allowance).
+fn frame_of(messages: Vec<Bytes>) -> Bytes {
+    crate::proto::transport::v1::SignedFrame {
+        sequence: 1,
+        audience: Some(
+            crate::proto::transport::v1::signed_frame::Audience::RecipientKey(Bytes::from_static(
+                &[2; 33],
+            )),
+        ),
+        messages,
+        signature: Bytes::from_static(&[0; 64]),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn decode_frame(body: &Bytes) -> Result<Vec<Decoded>, DecodeBoundError> {
+    let mut allowance = DecodeAllowance::for_frame(body.len());
+    allowance.charge::<crate::proto::transport::v1::SignedFrame>(
+        body,
+        crate::decode_bound::Source::Shared,
+    )?;
+    let frame = crate::proto::transport::v1::SignedFrame::decode(body.clone()).unwrap();
+    decode_all(body.len(), &frame.messages, true, &mut allowance)
+}
+
+#[test]
+fn the_largest_batch_of_the_smallest_messages_is_within_the_allowance() {
+    // The smallest messages a writer seals: payload-less acks and pongs.
+    let pong = Bytes::from(control(Payload::Pong(Pong { timestamp: 0 })).encode_to_vec());
+    let empty = Bytes::new();
+    for message in [pong, empty] {
+        let body = frame_of(vec![message; SIGNED_BATCH_MAX_MESSAGES]);
+        let decoded = decode_frame(&body).expect("an honest batch decodes");
+        assert_eq!(decoded.len(), SIGNED_BATCH_MAX_MESSAGES);
+    }
+}
+
+#[test]
+fn a_frame_of_many_tiny_messages_is_refused_before_decoding_them() {
+    // Few enough for the frame's own list of messages to fit its bound.
+    let body = frame_of(vec![Bytes::new(); 16 * SIGNED_BATCH_MAX_MESSAGES]);
+    match decode_frame(&body) {
+        Err(DecodeBoundError::TooLarge { what, .. }) => {
+            assert_eq!(what, "the messages of a signed frame")
+        }
+        other => panic!("expected TooLarge, got {:?}", other.map(|d| d.len())),
+    }
+}
+
+fn waiting(acks: &Acks, positions: &[u64]) -> Vec<oneshot::Receiver<()>> {
+    positions
+        .iter()
+        .map(|&position| {
+            let (done, confirmed) = oneshot::channel();
+            acks.waiting
+                .lock()
+                .unwrap()
+                .push_back((position, Instant::now(), done));
+            confirmed
+        })
+        .collect()
+}
+
+#[test]
+fn an_ack_confirms_exactly_the_positions_it_covers() {
+    let acks = Acks::default();
+    acks.written.store(10, Ordering::Release);
+    let mut confirmations = waiting(&acks, &[2, 5, 6, 10]);
+    acks.acknowledge(5).unwrap();
+    assert_eq!(confirmations[0].try_recv(), Ok(()));
+    assert_eq!(confirmations[1].try_recv(), Ok(()));
+    assert!(
+        confirmations[2].try_recv().is_err(),
+        "position 6 is not covered"
+    );
+    // A repeated count is harmless; a later one confirms the rest.
+    acks.acknowledge(5).unwrap();
+    assert!(confirmations[2].try_recv().is_err());
+    acks.acknowledge(10).unwrap();
+    assert_eq!(confirmations[2].try_recv(), Ok(()));
+    assert_eq!(confirmations[3].try_recv(), Ok(()));
+}
+
+#[test]
+fn impossible_acks_are_refused() {
+    let acks = Acks::default();
+    acks.written.store(3, Ordering::Release);
+    let mut confirmations = waiting(&acks, &[3]);
+    let err = acks.acknowledge(4).unwrap_err();
+    assert!(err.contains("ack of 4 messages; 3 sent"), "{err}");
+    assert!(confirmations[0].try_recv().is_err(), "nothing confirmed");
+    acks.acknowledge(2).unwrap();
+    let err = acks.acknowledge(1).unwrap_err();
+    assert!(err.contains("2 acknowledged before"), "{err}");
+}
+
+/// The example of docs/PROTOCOL.md §5.1.
+#[test]
+fn ack_bytes_match_the_protocol_document() {
+    let ack = MessageExt {
+        ack: Some(Ack { delivered: 300 }),
+        ack_request: false,
+    };
+    assert_eq!(ack.encode_to_vec(), [0xa2, 0x06, 0x03, 0x08, 0xac, 0x02]);
+    let as_message = Message::decode(&ack.encode_to_vec()[..]).unwrap();
+    assert_eq!(
+        as_message.payload, None,
+        "a Go peer would see an empty message"
+    );
+    let request = MessageExt {
+        ack: None,
+        ack_request: true,
+    };
+    assert_eq!(request.encode_to_vec(), [0xa8, 0x06, 0x01]);
+}
+
+#[test]
+fn failing_the_waiting_tells_every_sender() {
+    let acks = Acks::default();
+    acks.written.store(2, Ordering::Release);
+    let mut confirmations = waiting(&acks, &[1, 2]);
+    assert_eq!(acks.fail_waiting(), 2);
+    for confirmation in &mut confirmations {
+        assert_eq!(
+            confirmation.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+    }
+    assert_eq!(acks.fail_waiting(), 0);
+}
