@@ -48,6 +48,26 @@ impl Default for TcpOptions {
     }
 }
 
+/// Range of keep-alive times the kernel takes (whole seconds; Linux caps
+/// `TCP_KEEPIDLE` and `TCP_KEEPINTVL` at 32767).
+const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(32_767);
+
+impl TcpOptions {
+    /// Checks the values; the error names the offending field
+    /// (`tcp.keep_alive`). Binding and dialing check them too.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        if let Some(keep_alive) = self.keep_alive
+            && !KEEP_ALIVE_RANGE.contains(&keep_alive)
+        {
+            return Err(TransportError::Config(
+                "tcp.keep_alive: must be between 1 s and 32767 s".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The TCP back-end.
 #[derive(Debug, Clone, Default)]
 pub struct TcpBackend {
@@ -73,6 +93,7 @@ impl TcpBackend {
 
     /// Connects and applies the socket options.
     pub(crate) async fn dial_stream(&self, addr: &str) -> Result<TcpStream, TransportError> {
+        self.options.validate()?;
         let io_err = |source| TransportError::Io {
             op: "connect",
             addr: addr.to_owned(),
@@ -217,6 +238,8 @@ impl Backend for TcpBackend {
     }
 
     async fn bind(&self, addr: &str) -> Result<TcpFrameListener, TransportError> {
+        // Refused once here, rather than by every accepted socket.
+        self.options.validate()?;
         let io_err = |source| TransportError::Io {
             op: "bind",
             addr: addr.to_owned(),
