@@ -22,7 +22,7 @@ use common::backend::{self, BackendArgs, BackendKind};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
 use publisher_transport::{
-    Client, ClientConfig, Inbound, Message, Server, ServerConfig, SyncHandler,
+    Client, ClientConfig, Inbound, Message, Server, ServerConfig, SyncHandler, TcpOptions,
     proto::{
         Payload,
         rollup::v1::{Vote, XtId},
@@ -79,6 +79,7 @@ async fn connect(kind: BackendKind, tls: bool) -> Loopback {
             .with_listen_addr("127.0.0.1:0")
             .with_rate_limit(None)
             .with_inbound_limit(None),
+        TcpOptions::default(),
         None,
     )
     .expect("server");
@@ -99,7 +100,7 @@ async fn connect(kind: BackendKind, tls: bool) -> Loopback {
     config.auto_reconnect = false;
     let client = backend::ClientFactory::new(&args)
         .expect("client factory")
-        .client(config, None);
+        .client(config, TcpOptions::default(), None);
     client.connect(&addr.to_string()).await.expect("connect");
     Loopback {
         server: setup.server,

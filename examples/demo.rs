@@ -26,7 +26,7 @@ use clap::Parser;
 use common::backend::{self, BackendArgs, BackendKind};
 use publisher_transport::{
     Client, ClientAuth, ClientConfig, CryptoBackend, Inbound, SecretKey, ServerAuth, ServerConfig,
-    TrustStore, channel_handler, proto::Payload,
+    TcpOptions, TrustStore, channel_handler, proto::Payload,
 };
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -91,6 +91,7 @@ async fn run(args: Args) -> Result<bool, backend::BoxError> {
     let setup = backend::server(
         &transport,
         ServerConfig::default().with_listen_addr("127.0.0.1:0"),
+        TcpOptions::default(),
         Some(ServerAuth::new(server_key.clone(), trust.clone())),
     )?;
     let server = setup.server;
@@ -112,6 +113,7 @@ async fn run(args: Args) -> Result<bool, backend::BoxError> {
         trust.add(name.clone(), key.public_key().clone())?;
         let client = clients.client(
             ClientConfig::default().with_client_id(&name),
+            TcpOptions::default(),
             Some(ClientAuth::new(key).with_server_key(server_key.public_key().clone())),
         );
         let (handler, inbound) = channel_handler(4096);

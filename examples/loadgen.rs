@@ -54,7 +54,7 @@ use prost::Message as _;
 use publisher_transport::{
     Client, ClientAuth, ClientConfig, CryptoBackend, Handled, Handler, HandlerError, Inbound,
     Message, SecretKey, Server, ServerAuth, ServerConfig, SignedFramesPolicy, SyncHandler,
-    TransportError, TrustStore, TrySendError,
+    TcpOptions, TransportError, TrustStore, TrySendError,
     proto::{Payload, rollup::v1::Block},
 };
 use tokio::{
@@ -555,7 +555,8 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
         // Measures raw capacity: no per-connection inbound limit either.
         .with_inbound_limit(None)
         .with_max_connections((args.clients as usize).max(1000));
-    let server_setup = backend::server(&setup.transport, config, server_auth)?;
+    let server_setup =
+        backend::server(&setup.transport, config, TcpOptions::default(), server_auth)?;
     let server = server_setup.server;
     let mut transport = setup.transport.clone();
     transport.pin_sha256.extend(server_setup.fingerprint);
@@ -600,7 +601,7 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
             auto_reconnect: false,
             ..ClientConfig::default().with_client_id(client_id(n))
         };
-        let client = factory.client(config, auth);
+        let client = factory.client(config, TcpOptions::default(), auth);
         let echo = Arc::new(Notify::new());
         match args.mode {
             Mode::Stream => {}

@@ -25,7 +25,8 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use clap::Parser;
 use common::backend::{self, BackendArgs};
 use publisher_transport::{
-    PublicKey, SecretKey, ServerAuth, ServerConfig, TrustMode, TrustStore, channel_handler,
+    PublicKey, SecretKey, ServerAuth, ServerConfig, TcpOptions, TrustMode, TrustStore,
+    channel_handler,
 };
 use tracing::{info, warn};
 
@@ -108,10 +109,11 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
         .as_deref()
         .map(publisher_transport::config_file::PublisherFile::load)
         .transpose()?;
-    let (mut config, file_auth) = match file {
+    let (mut config, tcp, file_auth) = match file {
         Some(file) => file.into_parts(),
         None => (
             ServerConfig::default().with_listen_addr("127.0.0.1:8080"),
+            TcpOptions::default(),
             None,
         ),
     };
@@ -147,7 +149,7 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
     };
     let trust = auth.as_ref().map(|auth| auth.trust.clone());
 
-    let setup = backend::server(&args.transport, config, auth)?;
+    let setup = backend::server(&args.transport, config, tcp, auth)?;
     let server = setup.server;
     // Handler and coordinator first, so no early message finds nobody listening.
     let (handler, inbound) = channel_handler(INBOUND_CAPACITY);

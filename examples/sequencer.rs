@@ -26,7 +26,7 @@ use clap::{Parser, ValueEnum};
 use common::backend::{self, BackendArgs};
 use humantime_serde::re::humantime;
 use publisher_transport::{
-    Client, ClientAuth, ClientConfig, ConnectionEvent, Inbound, PublicKey, SecretKey,
+    Client, ClientAuth, ClientConfig, ConnectionEvent, Inbound, PublicKey, SecretKey, TcpOptions,
     channel_handler, proto::Payload,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
@@ -109,10 +109,11 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
     // Bad back-end flags are reported before a key is printed or created.
     let factory = backend::ClientFactory::new(&args.transport)?;
-    let (mut config, file_auth) = match &args.config {
+    let (mut config, tcp, file_auth) = match &args.config {
         Some(path) => publisher_transport::config_file::SequencerFile::load(path)?.into_parts(),
         None => (
             ClientConfig::default().with_reconnect_delay(RECONNECT_DELAY),
+            TcpOptions::default(),
             None,
         ),
     };
@@ -151,7 +152,7 @@ async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
         Some(auth)
     };
 
-    let client = factory.client(config, auth);
+    let client = factory.client(config, tcp, auth);
     let (handler, inbound) = channel_handler(1024);
     client.set_handler(handler);
     // Subscribed before connecting, so the first `Connected` is seen too.

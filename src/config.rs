@@ -1,13 +1,14 @@
 //! Server and client settings: plain structs whose `Default` is the Go
 //! package's defaults (see each field), with human-readable durations in
-//! serde (`"30s"`, `"5m"`).
+//! serde (`"30s"`, `"5m"`). They hold no back-end's options: those are
+//! given to the back-end (e.g. [`TcpOptions`](crate::TcpOptions) to
+//! [`TcpBackend::new`](crate::TcpBackend::new)).
 
 use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    backend::tcp::TcpOptions,
     codec::{DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE},
     crypto::{CryptoBackend, PublicKey, SecretKey, TrustStore},
     error::TransportError,
@@ -89,9 +90,6 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// Initial read buffer per connection (Go: 8192).
     pub buffer_size: usize,
-    /// Socket options (Go: TCP_NODELAY, keep-alive 30 s, accept queue 64;
-    /// here a backlog of 1024).
-    pub tcp: TcpOptions,
     /// Bound on a client's handshake (Go: 5 s).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -143,7 +141,6 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(30),
             max_message_size: DEFAULT_MAX_FRAME_SIZE,
             buffer_size: 8192,
-            tcp: TcpOptions::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_pending_handshakes: 4096,
             max_pending_handshakes_per_prefix: 128,
@@ -189,7 +186,6 @@ impl ServerConfig {
         common_checks(
             self.max_message_size,
             self.send_queue_capacity,
-            &self.tcp,
             [
                 ("read_timeout", self.read_timeout),
                 ("write_timeout", self.write_timeout),
@@ -258,22 +254,11 @@ fn invalid(field: &str, problem: &str) -> Result<(), TransportError> {
     Err(TransportError::Config(format!("{field}: {problem}")))
 }
 
-/// Range of TCP keep-alive times the kernel takes (whole seconds; Linux caps
-/// `TCP_KEEPIDLE` and `TCP_KEEPINTVL` at 32767).
-const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
-    Duration::from_secs(1)..=Duration::from_secs(32_767);
-
 fn common_checks<const N: usize>(
     max_message_size: usize,
     send_queue_capacity: usize,
-    tcp: &TcpOptions,
     timeouts: [(&str, Duration); N],
 ) -> Result<(), TransportError> {
-    if let Some(keep_alive) = tcp.keep_alive
-        && !KEEP_ALIVE_RANGE.contains(&keep_alive)
-    {
-        return invalid("tcp.keep_alive", "must be between 1 s and 32767 s");
-    }
     if max_message_size < HANDSHAKE_MAX_FRAME_SIZE || max_message_size > u32::MAX as usize {
         return invalid(
             "max_message_size",
@@ -326,8 +311,6 @@ pub struct ClientConfig {
     pub max_message_size: usize,
     /// Initial read buffer (Go: 8192).
     pub buffer_size: usize,
-    /// Socket options (Go: keep-alive 30 s).
-    pub tcp: TcpOptions,
     /// Bound on the handshake exchange (Go: 5 s on the server's side).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -354,7 +337,6 @@ impl Default for ClientConfig {
             auto_reconnect: true,
             max_message_size: DEFAULT_MAX_FRAME_SIZE,
             buffer_size: 8192,
-            tcp: TcpOptions::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
@@ -387,7 +369,6 @@ impl ClientConfig {
         common_checks(
             self.max_message_size,
             self.send_queue_capacity,
-            &self.tcp,
             [
                 ("connect_timeout", self.connect_timeout),
                 ("read_timeout", self.read_timeout),

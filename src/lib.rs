@@ -70,16 +70,26 @@ pub type TcpServer = TransportServer<TcpBackend>;
 pub type TcpClient = TransportClient<TcpBackend>;
 
 impl TcpServer {
-    /// A TCP server with the socket options of `config`.
+    /// A TCP server with the default socket options.
     pub fn tcp(config: ServerConfig, auth: Option<ServerAuth>) -> Self {
-        TransportServer::new(TcpBackend::new(config.tcp.clone()), config, auth)
+        Self::tcp_with(TcpOptions::default(), config, auth)
+    }
+
+    /// A TCP server with these socket options (checked when it starts).
+    pub fn tcp_with(options: TcpOptions, config: ServerConfig, auth: Option<ServerAuth>) -> Self {
+        TransportServer::new(TcpBackend::new(options), config, auth)
     }
 }
 
 impl TcpClient {
-    /// A TCP client with the socket options of `config`.
+    /// A TCP client with the default socket options.
     pub fn tcp(config: ClientConfig, auth: Option<ClientAuth>) -> Self {
-        TransportClient::new(TcpBackend::new(config.tcp.clone()), config, auth)
+        Self::tcp_with(TcpOptions::default(), config, auth)
+    }
+
+    /// A TCP client with these socket options (checked when it connects).
+    pub fn tcp_with(options: TcpOptions, config: ClientConfig, auth: Option<ClientAuth>) -> Self {
+        TransportClient::new(TcpBackend::new(options), config, auth)
     }
 }
 

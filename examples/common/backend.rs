@@ -13,7 +13,9 @@
 use std::{path::PathBuf, sync::Arc};
 
 use clap::ValueEnum;
-use publisher_transport::{Client, ClientAuth, ClientConfig, Server, ServerAuth, ServerConfig};
+use publisher_transport::{
+    Client, ClientAuth, ClientConfig, Server, ServerAuth, ServerConfig, TcpOptions,
+};
 
 /// Errors of setting up a back-end, also usable across tasks.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -136,12 +138,13 @@ pub struct ServerSetup {
     pub self_signed: bool,
 }
 
-/// Builds the server `args` select. A TLS server without `--tls-cert`
-/// presents a fresh self-signed certificate for the host of
-/// `config.listen_addr` (and localhost).
+/// Builds the server `args` select; `tcp` applies to the tcp back-end. A
+/// TLS server without `--tls-cert` presents a fresh self-signed certificate
+/// for the host of `config.listen_addr` (and localhost).
 pub fn server(
     args: &BackendArgs,
     config: ServerConfig,
+    tcp: TcpOptions,
     auth: Option<ServerAuth>,
 ) -> Result<ServerSetup, BoxError> {
     args.validate()?;
@@ -155,7 +158,9 @@ pub fn server(
     let tls: Option<std::convert::Infallible> = None;
 
     let server: Arc<dyn Server> = match (args.backend, &tls) {
-        (BackendKind::Tcp, None) => Arc::new(publisher_transport::TcpServer::tcp(config, auth)),
+        (BackendKind::Tcp, None) => {
+            Arc::new(publisher_transport::TcpServer::tcp_with(tcp, config, auth))
+        }
         #[cfg(feature = "tls")]
         (BackendKind::Tcp, Some(tls)) => {
             use publisher_transport::{TransportServer, backend::tcp::tls::TcpTlsBackend};
@@ -164,7 +169,7 @@ pub fn server(
                 &tls.clients,
                 &[publisher_transport::tls::ALPN],
             )?;
-            let backend = TcpTlsBackend::new(config.tcp.clone(), Some(rustls), None);
+            let backend = TcpTlsBackend::new(tcp, Some(rustls), None);
             Arc::new(TransportServer::new(backend, config, auth))
         }
         #[cfg(feature = "grpc")]
@@ -271,14 +276,19 @@ impl ClientFactory {
         Ok(Self { prepared })
     }
 
-    /// A new client.
-    pub fn client(&self, config: ClientConfig, auth: Option<ClientAuth>) -> Arc<dyn Client> {
+    /// A new client; `tcp` applies to the tcp back-end.
+    pub fn client(
+        &self,
+        config: ClientConfig,
+        tcp: TcpOptions,
+        auth: Option<ClientAuth>,
+    ) -> Arc<dyn Client> {
         match &self.prepared {
-            Prepared::Tcp => Arc::new(publisher_transport::TcpClient::tcp(config, auth)),
+            Prepared::Tcp => Arc::new(publisher_transport::TcpClient::tcp_with(tcp, config, auth)),
             #[cfg(feature = "tls")]
             Prepared::TcpTls(rustls) => {
                 use publisher_transport::{TransportClient, backend::tcp::tls::TcpTlsBackend};
-                let backend = TcpTlsBackend::new(config.tcp.clone(), None, Some(rustls.clone()));
+                let backend = TcpTlsBackend::new(tcp, None, Some(rustls.clone()));
                 Arc::new(TransportClient::new(backend, config, auth))
             }
             #[cfg(feature = "grpc")]

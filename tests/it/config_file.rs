@@ -8,9 +8,10 @@ use std::{
 
 use publisher_transport::{
     ClientConfig, CryptoBackend, KeyError, SecretKey, ServerConfig, SignedFramesPolicy, TcpClient,
-    TcpServer, TrustMode, channel_handler,
+    TcpOptions, TcpServer, TrustMode, channel_handler,
     config_file::{
-        ConfigError, Format, PublisherFile, PublisherSettings, SequencerFile, SequencerSettings,
+        ConfigError, Format, Publisher, PublisherFile, PublisherSettings, Role, Sequencer,
+        SequencerFile, SequencerSettings, Settings,
     },
 };
 
@@ -113,6 +114,7 @@ fn omitted_keys_take_the_structs_defaults() {
     ] {
         let file = PublisherFile::load(write(dir.path(), name, text)).unwrap();
         assert_eq!(file.transport, ServerConfig::default(), "{name}");
+        assert_eq!(file.tcp, TcpOptions::default(), "{name}");
         assert!(file.auth.is_none());
     }
     let file = SequencerFile::load(write(dir.path(), "s.toml", "[auth]\nenabled = false")).unwrap();
@@ -140,12 +142,10 @@ fn off_turns_optional_settings_off() {
     let yaml = "transport:\n  ping_interval: off\n  rate_limit: ~\n  tcp: { keep_alive: null }\n\
                 auth: { enabled: false }\n";
     for (name, text) in [("off.toml", toml), ("off.yaml", yaml)] {
-        let config = PublisherFile::load(write(dir.path(), name, text))
-            .unwrap()
-            .transport;
-        assert_eq!(config.ping_interval, None, "{name}");
-        assert_eq!(config.rate_limit, None, "{name}");
-        assert_eq!(config.tcp.keep_alive, None, "{name}");
+        let file = PublisherFile::load(write(dir.path(), name, text)).unwrap();
+        assert_eq!(file.transport.ping_interval, None, "{name}");
+        assert_eq!(file.transport.rate_limit, None, "{name}");
+        assert_eq!(file.tcp.keep_alive, None, "{name}");
     }
     let err = publisher_err(
         "p.toml",
@@ -163,6 +163,100 @@ fn off_turns_optional_settings_off() {
     ))
     .unwrap();
     assert_eq!(file.auth.unwrap().signed_frames, SignedFramesPolicy::Off);
+}
+
+/// What reading `text` as `name` gives one side: its socket options, or
+/// the error from the file name on.
+fn read_as<R: Role>(name: &str, text: &str) -> Result<TcpOptions, String> {
+    let dir = tempfile::tempdir().unwrap();
+    Settings::<R>::read(write(dir.path(), name, text))
+        .map(|settings| settings.tcp)
+        .map_err(|err| message(&err))
+}
+
+#[test]
+fn both_sides_share_the_file_handling() {
+    let off = "[transport]\nping_interval = \"off\"\n[transport.tcp]\nkeep_alive = \"off\"\n\
+               nodelay = false\nbacklog = 16\n[auth]\nenabled = false\n";
+    let secret = "11".repeat(32);
+    let both_keys =
+        format!("[auth]\nenabled = true\nprivate_key_file = \"k.key\"\nprivate_key = \"{secret}\"");
+    // Name, text, and the outcome both sides must give (`None`: some error).
+    type Case<'a> = (&'a str, &'a str, Option<Result<TcpOptions, &'a str>>);
+    let cases: [Case; 13] = [
+        (
+            "a.toml",
+            off,
+            Some(Ok(TcpOptions {
+                nodelay: false,
+                keep_alive: None,
+                backlog: 16,
+            })),
+        ),
+        (
+            "b.yaml",
+            "transport:\n  tcp: { keep_alive: 45s }\nauth: { enabled: false }",
+            Some(Ok(TcpOptions {
+                keep_alive: Some(Duration::from_secs(45)),
+                ..TcpOptions::default()
+            })),
+        ),
+        (
+            "c.toml",
+            "[transport.tcp]\nkeep_alive = \"40000s\"\n[auth]\nenabled = false",
+            Some(Err(
+                "c.toml: transport.tcp.keep_alive: must be between 1 s and 32767 s",
+            )),
+        ),
+        (
+            "d.yaml",
+            "transport:\n  tcp: { nodelay: off }\nauth: { enabled: false }",
+            Some(Err(
+                "d.yaml: transport.tcp.nodelay: \"off\" turns off optional settings only; this one needs a value",
+            )),
+        ),
+        (
+            "e.toml",
+            "[transport.tcp]\nkeep_alive = \"30 parsecs\"\n[auth]\nenabled = false",
+            None,
+        ),
+        (
+            "f.yaml",
+            "transport:\n  tcp: { no_delay: true }\nauth: { enabled: false }",
+            Some(Err(
+                "f.yaml: transport.tcp.no_delay: unknown field `no_delay`, expected one of `nodelay`, `keep_alive`, `backlog`",
+            )),
+        ),
+        ("g.toml", &both_keys, None),
+        (
+            "h.toml",
+            "[auth]\nenabled = false\ngenerate_key_if_missing = true",
+            None,
+        ),
+        (
+            "i.toml",
+            "[transport]\nmax_message_size = 1\n[auth]\nenabled = false",
+            None,
+        ),
+        ("j.yaml", "auth: {}", None),
+        ("k.toml", "[transport\n", None),
+        ("l.json", "{}", None),
+        (
+            "m.yaml",
+            "transport: { read_timeout: off }\nauth: { enabled: false }",
+            None,
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let publisher = read_as::<Publisher>(name, text);
+        let sequencer = read_as::<Sequencer>(name, text);
+        assert_eq!(publisher, sequencer, "{name}");
+        if let Some(expected) = expected {
+            assert_eq!(publisher, expected.map_err(str::to_owned), "{name}");
+        } else {
+            assert!(publisher.is_err(), "{name}: {publisher:?}");
+        }
+    }
 }
 
 #[test]
@@ -466,8 +560,8 @@ async fn files_drive_a_mutually_authenticated_session() {
         ),
     ))
     .unwrap();
-    let (config, auth) = publisher.into_parts();
-    let server = TcpServer::tcp(config, auth);
+    let (config, tcp, auth) = publisher.into_parts();
+    let server = TcpServer::tcp_with(tcp, config, auth);
     let (handler, _inbound) = channel_handler(16);
     server.set_handler(handler);
     let addr = server.start().await.unwrap();
@@ -482,9 +576,9 @@ async fn files_drive_a_mutually_authenticated_session() {
         ),
     ))
     .unwrap();
-    let (config, auth) = sequencer.into_parts();
+    let (config, tcp, auth) = sequencer.into_parts();
     let addr = config.server_addr.clone();
-    let client = TcpClient::tcp(config, auth);
+    let client = TcpClient::tcp_with(tcp, config, auth);
     client.connect(&addr).await.unwrap();
     let peers = server.connections();
     assert_eq!(peers.len(), 1);

@@ -1,6 +1,7 @@
 //! Property test: any settings `validate()` accepts, extremes included
 //! (`Duration::MAX`, the largest counts), give a server and a client that run
-//! a session without panicking and within a bounded time.
+//! a session without panicking and within a bounded time; socket options it
+//! refuses are refused by starting and connecting too.
 
 use std::{
     sync::{
@@ -16,7 +17,7 @@ use proptest::{
 };
 use publisher_transport::{
     ClientAuth, ClientConfig, Message, RateLimit, SecretKey, ServerAuth, ServerConfig, TcpClient,
-    TcpOptions, TcpServer, TrustStore, channel_handler,
+    TcpOptions, TcpServer, TransportError, TrustStore, channel_handler,
     codec::{DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE},
     config::{InboundLimit, MAX_COUNT},
     proto::{Payload, rollup::v1::Vote},
@@ -124,7 +125,9 @@ fn frame_size() -> impl Strategy<Value = usize> {
 #[derive(Debug, Clone)]
 struct Case {
     server: ServerConfig,
+    server_tcp: TcpOptions,
     client: ClientConfig,
+    client_tcp: TcpOptions,
     /// Every timeout on the session's path is workable: messages must pass.
     workable: bool,
 }
@@ -206,7 +209,6 @@ fn case() -> impl Strategy<Value = Case> {
             rate_limit,
             inbound_limit,
             read_budget,
-            tcp,
             ..ServerConfig::default().with_listen_addr("127.0.0.1:0")
         };
         let ((c_connect, c_read, c_write, c_handshake), grace_values, rest) = client;
@@ -224,7 +226,6 @@ fn case() -> impl Strategy<Value = Case> {
             send_queue_capacity: c_queue,
             max_message_size: c_size,
             ping_interval: c_ping,
-            tcp: c_tcp,
             ..ClientConfig::default().with_client_id("seq-a")
         };
         let workable = [
@@ -241,7 +242,9 @@ fn case() -> impl Strategy<Value = Case> {
         .all(|(_, ok)| *ok);
         Case {
             server: server_config,
+            server_tcp: tcp,
             client: client_config,
+            client_tcp: c_tcp,
             workable,
         }
     })
@@ -268,14 +271,16 @@ async fn session(case: &Case, keys: &Keys) {
     trust
         .add("seq-a", keys.client.public_key().clone())
         .unwrap();
-    let server = TcpServer::tcp(
+    let server = TcpServer::tcp_with(
+        case.server_tcp.clone(),
         case.server.clone(),
         Some(ServerAuth::new(keys.server.clone(), trust)),
     );
     let (handler, mut at_server) = channel_handler(8);
     server.set_handler(handler);
     let addr = server.start().await.unwrap().to_string();
-    let client = TcpClient::tcp(
+    let client = TcpClient::tcp_with(
+        case.client_tcp.clone(),
         case.client.clone(),
         Some(
             ClientAuth::new(keys.client.clone()).with_server_key(keys.server.public_key().clone()),
@@ -322,7 +327,10 @@ fn validated_settings_never_panic_and_run_a_session() {
         ..Config::default()
     };
     proptest!(config, |(case in case())| {
-        let valid = case.server.validate().is_ok() && case.client.validate().is_ok();
+        let valid = case.server.validate().is_ok()
+            && case.client.validate().is_ok()
+            && case.server_tcp.validate().is_ok()
+            && case.client_tcp.validate().is_ok();
         prop_assume!(valid);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -371,13 +379,38 @@ fn extremes_beyond_the_limits_are_refused_by_validate() {
     assert!(client.validate().is_err());
     // The kernel refuses keep-alive times of 0 s or over 32767 s.
     for keep_alive in [Duration::from_millis(500), Duration::MAX] {
-        let client = ClientConfig {
-            tcp: TcpOptions {
-                keep_alive: Some(keep_alive),
-                ..TcpOptions::default()
-            },
-            ..ClientConfig::default()
+        let tcp = TcpOptions {
+            keep_alive: Some(keep_alive),
+            ..TcpOptions::default()
         };
-        assert!(client.validate().is_err(), "{keep_alive:?}");
+        assert!(tcp.validate().is_err(), "{keep_alive:?}");
     }
+}
+
+#[tokio::test]
+async fn out_of_range_socket_options_are_refused_by_start_and_connect() {
+    let bad = TcpOptions {
+        keep_alive: Some(Duration::from_secs(32_768)),
+        ..TcpOptions::default()
+    };
+    let refused = |err: TransportError| match err {
+        TransportError::Config(text) => {
+            assert_eq!(text, "tcp.keep_alive: must be between 1 s and 32767 s");
+        }
+        other => panic!("{other:?}"),
+    };
+    let loopback = || ServerConfig::default().with_listen_addr("127.0.0.1:0");
+    let server = TcpServer::tcp_with(bad.clone(), loopback(), None);
+    refused(timeout(STEP, server.start()).await.unwrap().unwrap_err());
+
+    let server = TcpServer::tcp(loopback(), None);
+    let addr = timeout(STEP, server.start()).await.unwrap().unwrap();
+    let client = TcpClient::tcp_with(bad, ClientConfig::default(), None);
+    refused(
+        timeout(STEP, client.connect(&addr.to_string()))
+            .await
+            .unwrap()
+            .unwrap_err(),
+    );
+    server.stop().await.unwrap();
 }

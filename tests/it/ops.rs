@@ -10,8 +10,8 @@ use std::{
 
 use clap::Parser as _;
 use publisher_transport::{
-    ClientAuth, ClientConfig, Message, SecretKey, ServerAuth, ServerConfig, TcpClient, TcpServer,
-    TrustStore,
+    ClientAuth, ClientConfig, Message, SecretKey, ServerAuth, ServerConfig, TcpClient, TcpOptions,
+    TcpServer, TrustStore,
     config_file::{PublisherFile, PublisherSettings, SequencerFile, SequencerSettings},
     proto::{Payload, rollup::v1::Vote},
 };
@@ -518,17 +518,25 @@ fn auth_keys(publisher: bool) -> BTreeSet<String> {
 #[test]
 fn operations_reference_matches_the_config_structs() {
     let doc = read("docs/OPERATIONS.md");
-    let to_value = |v| serde_yaml_ng::to_value(v).unwrap();
+    // A `transport` section: the config's keys and `tcp`, the TCP back-end's.
+    let transport = |config: Value| {
+        let mut section = config;
+        section.as_mapping_mut().unwrap().insert(
+            "tcp".into(),
+            serde_yaml_ng::to_value(TcpOptions::default()).unwrap(),
+        );
+        section
+    };
     check_reference(
         &doc,
         "### `transport` (publisher: `ServerConfig`)",
-        &to_value(&ServerConfig::default()),
+        &transport(serde_yaml_ng::to_value(ServerConfig::default()).unwrap()),
         &[],
     );
     check_reference(
         &doc,
         "### `transport` (sequencer: `ClientConfig`)",
-        &serde_yaml_ng::to_value(ClientConfig::default()).unwrap(),
+        &transport(serde_yaml_ng::to_value(ClientConfig::default()).unwrap()),
         &["client_id"],
     );
     for (publisher, heading) in [

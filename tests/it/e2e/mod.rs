@@ -81,12 +81,12 @@ pub struct TcpHarness;
 impl Harness for TcpHarness {
     type Backend = TcpBackend;
 
-    fn server_backend(config: &ServerConfig) -> TcpBackend {
-        TcpBackend::new(config.tcp.clone())
+    fn server_backend(_: &ServerConfig) -> TcpBackend {
+        TcpBackend::default()
     }
 
-    fn client_backend(config: &ClientConfig) -> TcpBackend {
-        TcpBackend::new(config.tcp.clone())
+    fn client_backend(_: &ClientConfig) -> TcpBackend {
+        TcpBackend::default()
     }
 }
 
