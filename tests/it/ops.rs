@@ -600,7 +600,10 @@ fn troubleshooting_quotes_the_crates_own_texts() {
     let doc = read("docs/OPERATIONS.md");
     let mut corpus = String::new();
     // Every source file of the library and the programs, at any depth.
-    let mut dirs = vec![Path::new(ROOT).join("src"), Path::new(ROOT).join("examples")];
+    let mut dirs = vec![
+        Path::new(ROOT).join("src"),
+        Path::new(ROOT).join("examples"),
+    ];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
