@@ -49,7 +49,7 @@ pub struct PublisherAuthSettings {
     pub generate_key_if_missing: bool,
     /// Trusted sequencers: identity → public key (33 or 65 bytes, hex), or
     /// identity → `{ key = "…", go_compatible = true }` for a sequencer
-    /// running the Go package (see [`TrustMode::GoCompatible`]).
+    /// running the Go package (see [`TrustMode::GoCompatible`](crate::crypto::TrustMode::GoCompatible)).
     #[serde(default)]
     pub trusted_sequencers: BTreeMap<String, TrustedKey>,
     /// Signed frames: `off`, `offer` or `require` (needs a key).
