@@ -4,6 +4,7 @@ mod admission;
 mod codec_props;
 mod config_file;
 mod config_props;
+mod contract;
 mod crypto;
 mod decode_bombs;
 mod dos;

@@ -1,0 +1,182 @@
+//! The frame pipe over one gRPC stream: frame bodies in, batches of frame
+//! bodies out, and the status that ends a server stream.
+
+use std::{collections::VecDeque, io, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::{
+    Code, Status, Streaming,
+    metadata::{MetadataMap, MetadataValue},
+};
+
+use super::{DISCONNECT_DETAILS_TRAILER, DISCONNECT_REASON_TRAILER};
+use crate::{
+    backend::{grpc_codec, grpc_inbound::InboundLimits},
+    codec,
+    error::{CodecError, DisconnectReason},
+    pipe::{FrameReader, FrameWriter, frame_bodies},
+    proto::transport::v1::FrameBatch,
+};
+
+/// Reads frame bodies from the items of a gRPC stream.
+pub struct GrpcReader {
+    /// `None` once handed to the drain on drop.
+    pub(super) stream: Option<Streaming<FrameBatch>>,
+    pub(super) pending: VecDeque<Bytes>,
+    pub(super) max_frame_size: usize,
+    /// Server side: the limits the request body applies as items arrive.
+    pub(super) limits: Option<Arc<InboundLimits>>,
+    /// Client side: drain the response rather than reset it when dropped.
+    pub(super) drain_on_drop: bool,
+}
+
+impl Drop for GrpcReader {
+    fn drop(&mut self) {
+        // Dropping a response stream resets it (RST_STREAM), and HTTP/2 then
+        // discards our last request frames, the `Disconnect` among them.
+        // Reading to the server's end instead lets them arrive.
+        if let (true, Some(mut stream)) = (self.drain_on_drop, self.stream.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                })
+                .await;
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for GrpcReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcReader")
+            .field("pending", &self.pending.len())
+            .field("max_frame_size", &self.max_frame_size)
+            .finish()
+    }
+}
+
+impl FrameReader for GrpcReader {
+    async fn read_frame(&mut self) -> Option<Result<Bytes, CodecError>> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                // The same limits as the TCP codec, frame by frame.
+                return Some(
+                    codec::check_frame_len(frame.len(), self.max_frame_size).map(|()| frame),
+                );
+            }
+            // `Streaming::next` is cancel-safe: a partly received item stays buffered.
+            match self.stream.as_mut()?.next().await? {
+                Ok(batch) => self.pending.extend(batch.frames),
+                Err(status) if status.code() == Code::Ok => return None,
+                Err(status) => {
+                    let err = grpc_codec::codec_error(&status)
+                        .unwrap_or_else(|| CodecError::Io(status_to_io(&status)));
+                    return Some(Err(err));
+                }
+            }
+        }
+    }
+
+    fn set_max_frame_size(&mut self, max: usize) {
+        self.max_frame_size = max;
+        if let Some(limits) = &self.limits {
+            limits.set_max_frame_size(max);
+        }
+    }
+
+    fn set_read_budget(&mut self, budget: Arc<crate::stream::ReadBudget>) {
+        if let Some(limits) = &self.limits {
+            limits.set_read_budget(budget);
+        }
+    }
+
+    fn has_buffered_frame(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+pub(super) fn status_to_io(status: &Status) -> io::Error {
+    let kind = match status.code() {
+        Code::Unavailable | Code::Cancelled => io::ErrorKind::ConnectionReset,
+        Code::DeadlineExceeded => io::ErrorKind::TimedOut,
+        Code::Unauthenticated | Code::PermissionDenied => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(
+        kind,
+        format!("gRPC status {:?}: {}", status.code(), status.message()),
+    )
+}
+
+/// Where a writer's batches go: the server's response stream or the client's request stream.
+#[derive(Debug)]
+pub(super) enum Outlet {
+    Server(mpsc::Sender<Result<FrameBatch, Status>>),
+    Client(Option<mpsc::Sender<FrameBatch>>),
+}
+
+/// Writes frames as items of a gRPC stream: one item per coalesced write.
+#[derive(Debug)]
+pub struct GrpcWriter {
+    pub(super) outlet: Outlet,
+}
+
+impl FrameWriter for GrpcWriter {
+    async fn write_segments(&mut self, segments: &[Bytes]) -> io::Result<()> {
+        let batch = FrameBatch {
+            frames: frame_bodies(segments)?,
+        };
+        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "gRPC stream closed");
+        match &self.outlet {
+            Outlet::Server(tx) => tx.send(Ok(batch)).await.map_err(|_| closed()),
+            Outlet::Client(Some(tx)) => tx.send(batch).await.map_err(|_| closed()),
+            Outlet::Client(None) => Err(closed()),
+        }
+    }
+
+    async fn shutdown(&mut self, reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
+        match &mut self.outlet {
+            Outlet::Server(tx) => {
+                // Ends the response with a status whose trailers carry the reason.
+                let status = disconnect_status(reason);
+                let _ = tx.send(Err(status)).await;
+            }
+            // Dropping the sender ends the request stream (half-close).
+            Outlet::Client(tx) => drop(tx.take()),
+        }
+        Ok(())
+    }
+}
+
+/// The status ending a server stream: the gRPC code closest to the reason,
+/// with the reason and details in trailing metadata.
+fn disconnect_status(reason: Option<(DisconnectReason, &str)>) -> Status {
+    let (reason, details) = reason.unwrap_or((DisconnectReason::Requested, "closed"));
+    let code = match reason {
+        DisconnectReason::Requested => Code::Ok,
+        DisconnectReason::ProtocolError => Code::InvalidArgument,
+        DisconnectReason::TooManyPeers | DisconnectReason::Throttled => Code::ResourceExhausted,
+        DisconnectReason::AuthFailure => Code::PermissionDenied,
+        DisconnectReason::ReadTimeout | DisconnectReason::WriteTimeout => Code::DeadlineExceeded,
+        DisconnectReason::NetworkError => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    let mut trailers = MetadataMap::new();
+    trailers.insert(
+        DISCONNECT_REASON_TRAILER,
+        MetadataValue::from_static(reason.as_str()),
+    );
+    // Metadata values must be visible ASCII; keep what is and drop the rest.
+    let printable: String = details
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .collect();
+    if let Ok(value) = printable.parse() {
+        trailers.insert(DISCONNECT_DETAILS_TRAILER, value);
+    }
+    Status::with_metadata(code, details.to_owned(), trailers)
+}
