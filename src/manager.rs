@@ -151,7 +151,7 @@ impl ConnectionManager {
         recipients: impl Iterator<Item = &'a Arc<Connection>>,
         plain: Option<&Bytes>,
         signed: Option<&Bytes>,
-        kind: usize,
+        kind: crate::proto::MessageKind,
     ) -> BroadcastReport {
         let mut report = BroadcastReport::default();
         for connection in recipients {

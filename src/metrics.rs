@@ -15,60 +15,10 @@ use prometheus::{
     local::{LocalHistogram, LocalIntCounter},
 };
 
-use crate::error::TransportError;
+use crate::{error::TransportError, proto::MessageKind};
 
-/// Payload kinds, in the order of [`kind_index`].
-pub(crate) const MESSAGE_KINDS: [&str; 18] = [
-    "empty",
-    "xt_request",
-    "vote",
-    "decided",
-    "block",
-    "circ_message",
-    "start_slot",
-    "request_seal",
-    "roll_back_and_start_slot",
-    "l2_block",
-    "start_sc",
-    "handshake_request",
-    "handshake_response",
-    "ping",
-    "pong",
-    "disconnect",
-    "signed_frame",
-    "ack",
-];
-
-/// Index of a payload kind in [`MESSAGE_KINDS`].
-pub(crate) fn kind_index(message: &crate::Message) -> usize {
-    use crate::proto::Payload;
-    match &message.payload {
-        None => 0,
-        Some(Payload::XtRequest(_)) => 1,
-        Some(Payload::Vote(_)) => 2,
-        Some(Payload::Decided(_)) => 3,
-        Some(Payload::Block(_)) => 4,
-        Some(Payload::CircMessage(_)) => 5,
-        Some(Payload::StartSlot(_)) => 6,
-        Some(Payload::RequestSeal(_)) => 7,
-        Some(Payload::RollBackAndStartSlot(_)) => 8,
-        Some(Payload::L2Block(_)) => 9,
-        Some(Payload::StartSc(_)) => 10,
-        Some(Payload::HandshakeRequest(_)) => 11,
-        Some(Payload::HandshakeResponse(_)) => 12,
-        Some(Payload::Ping(_)) => 13,
-        Some(Payload::Pong(_)) => 14,
-        Some(Payload::Disconnect(_)) => 15,
-    }
-}
-
-/// Index of the `handshake_response` kind.
-pub(crate) const HANDSHAKE_RESPONSE_KIND: usize = 12;
-
-/// Index of the `signed_frame` kind, for frames counted before opening.
-pub(crate) const SIGNED_FRAME_KIND: usize = 16;
-/// Index of delivery acknowledgements in [`MESSAGE_KINDS`].
-pub(crate) const ACK_KIND: usize = 17;
+/// Per-kind metric tables are indexed by [`MessageKind::index`].
+const KINDS: usize = MessageKind::ALL.len();
 
 /// Local count and size histogram of one kind.
 type KindTally = (LocalIntCounter, LocalHistogram);
@@ -88,7 +38,8 @@ pub(crate) struct MessageTally {
 
 impl MessageTally {
     /// Counts one message of `kind` and `size` bytes.
-    pub(crate) fn add(&mut self, kind: usize, size: usize) {
+    pub(crate) fn add(&mut self, kind: MessageKind, size: usize) {
+        let kind = kind.index();
         let index = match self.slots.iter().position(|(seen, _)| *seen == kind) {
             Some(index) => index,
             None => {
@@ -149,9 +100,9 @@ pub(crate) enum Direction {
 
 /// Pre-resolved per-kind, per-direction series.
 struct PerKind {
-    messages: [[IntCounter; MESSAGE_KINDS.len()]; 2],
-    sizes: [[Histogram; MESSAGE_KINDS.len()]; 2],
-    processing: [Histogram; MESSAGE_KINDS.len()],
+    messages: [[IntCounter; KINDS]; 2],
+    sizes: [[Histogram; KINDS]; 2],
+    processing: [Histogram; KINDS],
 }
 
 /// The metrics of one server or client.
@@ -349,11 +300,13 @@ impl Metrics {
 
         let directions = ["in", "out"];
         let per_kind = PerKind {
-            messages: directions
-                .map(|d| MESSAGE_KINDS.map(|k| messages_total.with_label_values(&[k, d]))),
+            messages: directions.map(|d| {
+                MessageKind::ALL.map(|k| messages_total.with_label_values(&[k.label(), d]))
+            }),
             sizes: directions
-                .map(|d| MESSAGE_KINDS.map(|k| message_size.with_label_values(&[k, d]))),
-            processing: MESSAGE_KINDS.map(|k| processing_duration.with_label_values(&[k])),
+                .map(|d| MessageKind::ALL.map(|k| message_size.with_label_values(&[k.label(), d]))),
+            processing: MessageKind::ALL
+                .map(|k| processing_duration.with_label_values(&[k.label()])),
         };
         let bytes = directions.map(|d| bytes_total.with_label_values(&[d]));
         for kind in ["read", "write"] {
@@ -427,8 +380,8 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn processing(&self, kind: usize, took: Duration) {
-        self.per_kind.processing[kind].observe(took.as_secs_f64());
+    pub(crate) fn processing(&self, kind: MessageKind, took: Duration) {
+        self.per_kind.processing[kind.index()].observe(took.as_secs_f64());
     }
 
     pub(crate) fn bytes(&self, direction: Direction, count: usize) {
@@ -499,20 +452,19 @@ mod tests {
     use crate::proto::{Payload, rollup::v1::Ping};
 
     #[test]
-    fn kind_indexes_match_the_names() {
+    fn kinds_index_their_own_position_and_only_payloads_are_application() {
+        for (position, kind) in MessageKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), position, "{kind:?}");
+        }
         let ping = crate::Message {
             sender_id: String::new(),
             payload: Some(Payload::Ping(Ping { timestamp: 0 })),
         };
-        assert_eq!(
-            MESSAGE_KINDS[kind_index(&ping)],
-            crate::proto::payload_kind(&ping)
-        );
-        assert_eq!(
-            MESSAGE_KINDS[kind_index(&crate::Message::default())],
-            "empty"
-        );
-        assert_eq!(MESSAGE_KINDS[SIGNED_FRAME_KIND], "signed_frame");
-        assert_eq!(MESSAGE_KINDS[HANDSHAKE_RESPONSE_KIND], "handshake_response");
+        assert_eq!(MessageKind::of(&ping), MessageKind::Ping);
+        assert_eq!(MessageKind::of(&crate::Message::default()).label(), "empty");
+        assert!(!MessageKind::Ping.is_application());
+        assert!(!MessageKind::Ack.is_application());
+        assert!(MessageKind::Decided.is_application());
+        assert!(MessageKind::Empty.is_application());
     }
 }

@@ -11,7 +11,7 @@
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::{
     codec::LENGTH_PREFIX_LEN,
@@ -65,26 +65,50 @@ pub struct Pipe<R, W> {
     pub remote_addr: Option<SocketAddr>,
 }
 
-/// The frame bodies of `segments`, in order, as slices of the segments'
-/// buffers (no copy). A truncated frame is an error: segments come from the
+/// The frame bodies of `segments`, in order. A body that lies within one
+/// segment is a slice of its buffer (no copy); one that spans segments (a
+/// signed frame whose signature field follows it separately) is gathered
+/// into one buffer. A truncated frame is an error: segments come from the
 /// session's own encoder, so it means a bug, never peer input.
 pub fn frame_bodies(segments: &[Bytes]) -> io::Result<Vec<Bytes>> {
+    let truncated = || io::Error::new(io::ErrorKind::InvalidInput, "truncated frame");
     let mut bodies = Vec::new();
-    for segment in segments {
-        let mut rest = segment.clone();
-        while rest.has_remaining() {
-            let truncated = || io::Error::new(io::ErrorKind::InvalidInput, "truncated frame");
-            if rest.len() < LENGTH_PREFIX_LEN {
-                return Err(truncated());
+    let mut segments = segments.iter().filter(|s| !s.is_empty()).cloned();
+    let mut rest = Bytes::new();
+    loop {
+        if rest.is_empty() {
+            match segments.next() {
+                Some(next) => rest = next,
+                None => return Ok(bodies),
             }
-            let len = rest.get_u32() as usize;
-            if rest.len() < len {
-                return Err(truncated());
-            }
-            bodies.push(rest.split_to(len));
         }
+        // The prefix, then the body, each possibly continued in later segments.
+        let mut prefix = [0; LENGTH_PREFIX_LEN];
+        let mut filled = 0;
+        while filled < LENGTH_PREFIX_LEN {
+            if rest.is_empty() {
+                rest = segments.next().ok_or_else(truncated)?;
+            }
+            let take = (LENGTH_PREFIX_LEN - filled).min(rest.len());
+            prefix[filled..filled + take].copy_from_slice(&rest[..take]);
+            rest.advance(take);
+            filled += take;
+        }
+        let len = u32::from_be_bytes(prefix) as usize;
+        if rest.len() >= len {
+            bodies.push(rest.split_to(len));
+            continue;
+        }
+        let mut body = BytesMut::with_capacity(len);
+        while body.len() < len {
+            if rest.is_empty() {
+                rest = segments.next().ok_or_else(truncated)?;
+            }
+            let take = (len - body.len()).min(rest.len());
+            body.extend_from_slice(&rest.split_to(take));
+        }
+        bodies.push(body.freeze());
     }
-    Ok(bodies)
 }
 
 #[cfg(test)]
@@ -99,6 +123,14 @@ mod tests {
         assert_eq!(bodies, [&b"ab"[..], b"", b"xyz"]);
         // Slices share the segment's buffer.
         assert_eq!(bodies[0].as_ptr(), one[4..].as_ptr());
+        // A body continued in the next segment is gathered.
+        let spanning = frame_bodies(&[
+            Bytes::from_static(b"\0\0"),
+            Bytes::from_static(b"\0\x04ab"),
+            Bytes::from_static(b"cd\0\0\0\x01z"),
+        ])
+        .unwrap();
+        assert_eq!(spanning, [&b"abcd"[..], b"z"]);
         let cut = Bytes::from_static(b"\0\0\0\x05abc");
         assert_eq!(
             frame_bodies(&[cut]).unwrap_err().kind(),

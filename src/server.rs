@@ -10,8 +10,6 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use bytes::Bytes;
-use prost::Message as _;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -25,8 +23,8 @@ use crate::{
     error::{CodecError, DisconnectReason, TransportError, TrySendError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
     manager::{BroadcastReport, ConnectionManager},
-    metrics::{Metrics, kind_index},
-    proto::Message,
+    metrics::Metrics,
+    proto::{Message, MessageKind},
     session::{
         self, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionSetup, send_disconnect,
         server_handshake, signing_state,
@@ -299,20 +297,19 @@ impl<B: Backend> TransportServer<B> {
         };
         let sealed = match (recipients().any(|c| c.is_signed()), self.signing_key()) {
             (true, Some(key)) => {
-                let frame = signed::seal(
-                    key,
-                    self.inner
-                        .auth
-                        .as_ref()
-                        .map(|a| a.backend)
-                        .unwrap_or_default(),
-                    self.inner.broadcasts.next(),
-                    &Audience::Broadcast {
-                        exclude: exclude.unwrap_or_default().to_owned(),
-                    },
-                    vec![Bytes::from(message.encode_to_vec())],
-                );
-                Some(codec::frame_message(&frame, max)?)
+                let backend = self
+                    .inner
+                    .auth
+                    .as_ref()
+                    .map(|a| a.backend)
+                    .unwrap_or_default();
+                let audience = Audience::Broadcast {
+                    exclude: exclude.unwrap_or_default().to_owned(),
+                };
+                let sequence = self.inner.broadcasts.next();
+                Some(signed::seal_message(
+                    key, backend, sequence, &audience, &message, max,
+                )?)
             }
             _ => None,
         };
@@ -320,7 +317,7 @@ impl<B: Backend> TransportServer<B> {
             recipients(),
             plain.as_ref(),
             sealed.as_ref(),
-            kind_index(&message),
+            MessageKind::of(&message),
         );
         let metrics = &self.inner.context.metrics;
         metrics.broadcasts_total.inc();
@@ -675,7 +672,7 @@ async fn serve<B: Backend>(
     let (connection, task) =
         session::start_session(id, reader, writer, setup, inner.context.clone());
     if let Some(response) = response {
-        connection.queue_first(response, crate::metrics::HANDSHAKE_RESPONSE_KIND);
+        connection.queue_first(response, MessageKind::HandshakeResponse);
     }
     let replaces = inner.manager.get(connection.identity()).is_some();
     if !replaces && inner.manager.len() >= config.max_connections {

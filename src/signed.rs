@@ -12,10 +12,11 @@ use std::{
     time::SystemTime,
 };
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
 use crate::{
+    codec::LENGTH_PREFIX_LEN,
     crypto::{CryptoBackend, Keccak, PublicKey, SecretKey},
     decode_bound::{self, DecodeAllowance},
     error::SignedFrameError,
@@ -79,6 +80,21 @@ pub fn frame_digest(
     session: &[u8; 32],
     messages: &[Bytes],
 ) -> [u8; 32] {
+    let mut hasher = frame_hasher(sender, sequence, audience, session, messages.len());
+    for message in messages {
+        hasher.update_prefixed(message);
+    }
+    hasher.finalize()
+}
+
+/// The digest's hasher up to the messages, which follow, each prefixed.
+fn frame_hasher(
+    sender: &PublicKey,
+    sequence: u64,
+    audience: &signed_frame::Audience,
+    session: &[u8; 32],
+    count: usize,
+) -> Keccak {
     let mut hasher = Keccak::new();
     hasher
         .update(SIGNED_FRAME_DOMAIN)
@@ -93,16 +109,15 @@ pub fn frame_digest(
             .update_prefixed(key)
             .update(session),
     };
-    hasher.update(&(messages.len() as u32).to_be_bytes());
-    for message in messages {
-        hasher.update_prefixed(message);
-    }
-    hasher.finalize()
+    hasher.update(&(count as u32).to_be_bytes());
+    hasher
 }
 
 /// Seals encoded `rollup.v1.Message`s (at least one) into one signed frame.
 /// The signature is the 64-byte `r || s`: the receiver knows our key, so a
 /// recovery id would only give the same signature a second encoding.
+///
+/// The bytes are those of [`seal_in_place`], which the transport itself uses.
 pub fn seal(
     key: &SecretKey,
     backend: CryptoBackend,
@@ -114,19 +129,147 @@ pub fn seal(
         !messages.is_empty(),
         "a signed frame carries at least one message"
     );
+    let room = header_room(audience);
+    let mut batch = BytesMut::with_capacity(
+        room + messages.iter().map(|m| m.len() + 11).sum::<usize>() + SIGNATURE_FIELD_LEN,
+    );
+    batch.put_bytes(0, room);
+    for message in &messages {
+        put_message_field(&mut batch, message.len());
+        batch.put_slice(message);
+    }
+    let (start, signature) = seal_in_place(
+        key,
+        backend,
+        sequence,
+        audience,
+        &mut batch,
+        room,
+        messages.len(),
+    )
+    .expect("a batch laid out by put_message_field");
+    batch.put_slice(&signature);
+    // The frame body follows its 4-byte length prefix.
+    SignedFrame::decode(&batch[start + LENGTH_PREFIX_LEN..]).expect("a frame just encoded")
+}
+
+/// One message sealed alone into a complete wire frame (length prefix
+/// included), as a broadcast is: encoded once, in place, for every
+/// recipient. Refused if the frame would exceed `max_frame_size`.
+pub fn seal_message(
+    key: &SecretKey,
+    backend: CryptoBackend,
+    sequence: u64,
+    audience: &Audience,
+    message: &Message,
+    max_frame_size: usize,
+) -> Result<Bytes, crate::error::CodecError> {
+    let room = header_room(audience);
+    let len = message.encoded_len();
+    let mut batch = BytesMut::with_capacity(room + 11 + len + SIGNATURE_FIELD_LEN);
+    batch.put_bytes(0, room);
+    put_message_field(&mut batch, len);
+    message
+        .encode(&mut batch)
+        .map_err(|err| crate::error::CodecError::Io(std::io::Error::other(err)))?;
+    let (start, signature) =
+        seal_in_place(key, backend, sequence, audience, &mut batch, room, 1)
+            .map_err(|err| crate::error::CodecError::Io(std::io::Error::other(err)))?;
+    batch.put_slice(&signature);
+    let frame = batch.freeze().slice(start..);
+    crate::codec::check_frame_len(frame.len() - LENGTH_PREFIX_LEN, max_frame_size)?;
+    Ok(frame)
+}
+
+/// Bytes of the `signature` field that ends every signed frame.
+pub const SIGNATURE_FIELD_LEN: usize = 2 + 64;
+
+/// Room [`seal_in_place`] needs ahead of a batch's messages for the frame's
+/// length prefix, its sequence number and `audience`.
+pub fn header_room(audience: &Audience) -> usize {
+    let audience_len = match audience {
+        Audience::Broadcast { exclude } => exclude.len(),
+        Audience::Unicast { .. } => 33,
+    };
+    // Prefix, sequence (tag + up to 10 varint bytes), audience (tag + length).
+    LENGTH_PREFIX_LEN
+        + 11
+        + 1
+        + prost::encoding::encoded_len_varint(audience_len as u64)
+        + audience_len
+}
+
+/// Appends the header of one `messages` entry of `len` bytes; the encoded
+/// message follows it, in its final wire form.
+pub fn put_message_field(batch: &mut impl BufMut, len: usize) {
+    prost::encoding::encode_key(4, prost::encoding::WireType::LengthDelimited, batch);
+    prost::encoding::encode_varint(len as u64, batch);
+}
+
+/// The one place frames are signed. `batch[..room]` is free room (at least
+/// [`header_room`]), followed by `count` (at least one) entries written with
+/// [`put_message_field`]. Hashes the messages where they lie, signs, writes
+/// the length prefix, sequence number and audience at the end of the room,
+/// and returns where the frame (its length prefix) starts in `batch` and the
+/// signature field that must directly follow the batch on the wire. The
+/// bytes are exactly those of encoding the [`SignedFrame`].
+pub fn seal_in_place(
+    key: &SecretKey,
+    backend: CryptoBackend,
+    sequence: u64,
+    audience: &Audience,
+    batch: &mut [u8],
+    room: usize,
+    count: usize,
+) -> Result<(usize, [u8; SIGNATURE_FIELD_LEN]), SignedFrameError> {
+    let malformed = |what: &str| SignedFrameError::Malformed(format!("batch to seal: {what}"));
+    if room < header_room(audience) || room > batch.len() || count == 0 {
+        return Err(malformed("no room for the header, or no message"));
+    }
     let session = match audience {
         Audience::Unicast { session, .. } => *session,
         Audience::Broadcast { .. } => [0; 32],
     };
-    let audience = audience.to_proto();
-    let digest = frame_digest(key.public_key(), sequence, &audience, &session, &messages);
-    let signature = key.sign_digest_with(backend, &digest);
-    SignedFrame {
-        sequence,
-        audience: Some(audience),
-        messages,
-        signature: Bytes::copy_from_slice(&signature.to_compact()),
+    let proto_audience = audience.to_proto();
+    let mut hasher = frame_hasher(key.public_key(), sequence, &proto_audience, &session, count);
+    let mut entries = &batch[room..];
+    let mut seen = 0;
+    while !entries.is_empty() {
+        let key = prost::encoding::decode_varint(&mut entries).map_err(|_| malformed("tag"))?;
+        let len = prost::encoding::decode_varint(&mut entries).map_err(|_| malformed("length"))?;
+        let len = usize::try_from(len).map_err(|_| malformed("length"))?;
+        if key != (4 << 3 | 2) || len > entries.len() {
+            return Err(malformed("entry"));
+        }
+        hasher.update_prefixed(&entries[..len]);
+        entries = &entries[len..];
+        seen += 1;
     }
+    if seen != count {
+        return Err(malformed("message count"));
+    }
+    let signature = key.sign_digest_with(backend, &hasher.finalize());
+    let mut field = [0; SIGNATURE_FIELD_LEN];
+    field[0] = 5 << 3 | 2;
+    field[1] = 64;
+    field[2..].copy_from_slice(&signature.to_compact());
+
+    let mut header = Vec::with_capacity(room);
+    prost::encoding::uint64::encode(1, &sequence, &mut header);
+    match &proto_audience {
+        signed_frame::Audience::BroadcastExclude(exclude) => {
+            prost::encoding::string::encode(2, exclude, &mut header)
+        }
+        signed_frame::Audience::RecipientKey(key) => {
+            prost::encoding::bytes::encode(3, key, &mut header)
+        }
+    }
+    let body = header.len() + (batch.len() - room) + SIGNATURE_FIELD_LEN;
+    let body = u32::try_from(body).map_err(|_| malformed("too large"))?;
+    let start = room - header.len() - LENGTH_PREFIX_LEN;
+    batch[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+    batch[start + LENGTH_PREFIX_LEN..room].copy_from_slice(&header);
+    Ok((start, field))
 }
 
 /// A stream's sequence numbers: start from wall-clock nanoseconds, then count

@@ -6,10 +6,9 @@ use std::{
         Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
 };
 
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
 /// Delivery acknowledgements of a session that negotiated them
 /// (docs/PROTOCOL.md §5.1). Positions count application messages from 1, in
@@ -24,8 +23,6 @@ pub(super) struct Acks {
     /// Confirmed sends by position (and since when), waiting for an ack
     /// that covers them.
     pub(super) waiting: Mutex<VecDeque<(u64, Instant, oneshot::Sender<()>)>>,
-    /// An `Outbound::Ack` is queued: later requests fold into it.
-    pub(super) ack_queued: AtomicBool,
     /// The peer asked for an ack not yet queued (reader only).
     pub(super) ack_wanted: AtomicBool,
     /// Application messages from the peer whose dispatch has finished: the
@@ -58,10 +55,10 @@ impl Acks {
         Ok(())
     }
 
-    /// How long the oldest unconfirmed send has waited.
-    pub(super) fn oldest_wait(&self) -> Option<Duration> {
+    /// Since when the oldest unconfirmed send has waited.
+    pub(super) fn oldest_since(&self) -> Option<Instant> {
         let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        waiting.front().map(|(_, since, _)| since.elapsed())
+        waiting.front().map(|(_, since, _)| *since)
     }
 
     /// Fails every waiting confirmation (their senders see `Unconfirmed`);

@@ -1,7 +1,11 @@
 //! The handle of a live connection, shared by its tasks, the manager and
 //! the application.
 
-use super::{Acks, Outbound, SIGNED_FRAME_OVERHEAD, SessionEnd};
+use super::{
+    Acks, SIGNED_FRAME_OVERHEAD, SessionEnd,
+    outbox::{Outbox, Refused},
+};
+use crate::proto::{MessageKind, rollup::v1::DisconnectMessage};
 use std::{
     net::SocketAddr,
     sync::{
@@ -13,10 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::{
-    mpsc::{self, error::TrySendError as QueueError},
-    oneshot,
-};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -85,13 +86,11 @@ pub struct Connection {
     pub(super) counters: Counters,
     /// Present when the session negotiated delivery acknowledgements.
     pub(super) acks: Option<Acks>,
-    pub(super) queue: mpsc::Sender<Outbound>,
+    pub(super) outbox: Outbox,
     pub(super) closed: CancellationToken,
     pub(super) end: OnceLock<SessionEnd>,
     pub(super) write_timeout: Duration,
     pub(super) max_frame_size: usize,
-    /// Bytes of the `sender_id` field the writer stamps on application messages.
-    pub(super) stamp_len: usize,
 }
 
 impl Connection {
@@ -165,21 +164,28 @@ impl Connection {
 
     /// Queues a `Ping` (answered with a `Pong`, never seen by handlers).
     pub fn ping(&self) {
-        let ping = Payload::Ping(Ping {
+        self.push_control(Payload::Ping(Ping {
             timestamp: unix_nanos(SystemTime::now()),
-        });
-        let _ = self.queue.try_send(Outbound::control(ping));
+        }));
+    }
+
+    /// Queues a control message of the transport, whatever the budget (they
+    /// are few and small: pings, pongs).
+    pub(super) fn push_control(&self, payload: Payload) {
+        let mut message = super::control(payload);
+        let len = message.encoded_len();
+        let _ = self.outbox.push(&mut message, len, None, true);
     }
 
     /// Queues a complete frame that must precede everything else (the
-    /// handshake response); called before anyone else can reach the queue.
-    pub(crate) fn queue_first(&self, frame: Bytes, kind: usize) {
-        let _ = self.queue.try_send(Outbound::Frame(frame, kind));
+    /// handshake response); called before anyone else can reach the outbox.
+    pub(crate) fn queue_first(&self, frame: Bytes, kind: MessageKind) {
+        let _ = self.outbox.push_shared(frame, kind, true);
     }
 
-    /// Frames waiting in the send queue.
+    /// Messages waiting in the send queue (not yet taken by the writer).
     pub fn queued(&self) -> usize {
-        self.queue.max_capacity() - self.queue.capacity()
+        self.outbox.queued()
     }
 
     /// How the session ended, once it has (from `close` on: why it is closing).
@@ -199,24 +205,21 @@ impl Connection {
     /// the connection breaks is lost (counted and logged). Use
     /// [`send_confirmed`](Self::send_confirmed) to learn of delivery.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        let len = self.check_size(&message)?;
-        self.enqueue(Outbound::Message(message, len)).await
+        self.enqueue(message, None).await
     }
 
     /// Queues `message` if the send queue has room, without waiting. On a
     /// full queue the message comes back in [`TrySendError::Full`] and the
     /// peer keeps its connection (unlike a `send` that times out).
-    pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
+    pub fn try_send(&self, mut message: Message) -> Result<(), TrySendError> {
         if self.is_closed() {
             return Err(self.closed_error().into());
         }
         let len = self.check_size(&message)?;
-        match self.queue.try_send(Outbound::Message(message, len)) {
+        match self.outbox.push(&mut message, len, None, false) {
             Ok(()) => Ok(()),
-            Err(QueueError::Full(Outbound::Message(message, _))) => {
-                Err(TrySendError::Full(Box::new(message)))
-            }
-            Err(_) => Err(self.closed_error().into()),
+            Err((Refused::Full, _)) => Err(TrySendError::Full(Box::new(message))),
+            Err((Refused::Closed, _)) => Err(self.closed_error().into()),
         }
     }
 
@@ -248,10 +251,8 @@ impl Connection {
                 peer: self.identity.to_string(),
             });
         }
-        let len = self.check_size(&message)?;
         let (done, confirmed) = oneshot::channel();
-        self.enqueue(Outbound::Confirmed(message, len, done))
-            .await?;
+        self.enqueue(message, Some(done)).await?;
         confirmed.await.map_err(|_| TransportError::Unconfirmed {
             peer: self.identity.to_string(),
             reason: self
@@ -261,32 +262,38 @@ impl Connection {
         })
     }
 
-    /// Queues `item`, waiting up to the write timeout for room.
-    async fn enqueue(&self, item: Outbound) -> Result<(), TransportError> {
+    /// Queues `message`, waiting up to the write timeout for room.
+    async fn enqueue(
+        &self,
+        mut message: Message,
+        mut confirm: Option<oneshot::Sender<()>>,
+    ) -> Result<(), TransportError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        match self.queue.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(QueueError::Closed(_)) => Err(self.closed_error()),
-            Err(QueueError::Full(item)) => {
-                match tokio::time::timeout(self.write_timeout, self.queue.send(item)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(self.closed_error()),
-                    Err(_) => {
-                        self.abort(DisconnectReason::WriteTimeout, "send queue stayed full");
-                        Err(TransportError::SendTimeout {
-                            peer: self.identity.to_string(),
-                            after: self.write_timeout,
-                        })
-                    }
-                }
+        let len = self.check_size(&message)?;
+        let deadline = crate::deadline::deadline_after(self.write_timeout);
+        loop {
+            match self.outbox.push(&mut message, len, confirm, false) {
+                Ok(()) => return Ok(()),
+                Err((Refused::Closed, _)) => return Err(self.closed_error()),
+                Err((Refused::Full, back)) => confirm = back,
+            }
+            if tokio::time::timeout_at(deadline, self.outbox.room())
+                .await
+                .is_err()
+            {
+                self.abort(DisconnectReason::WriteTimeout, "send queue stayed full");
+                return Err(TransportError::SendTimeout {
+                    peer: self.identity.to_string(),
+                    after: self.write_timeout,
+                });
             }
         }
     }
 
     /// Refuses a message the writer could not put in one frame; returns its
-    /// `encoded_len`, which the writer then need not compute again.
+    /// `encoded_len`, which the outbox then need not compute again.
     pub(super) fn check_size(&self, message: &Message) -> Result<usize, TransportError> {
         let overhead = if self.signed {
             SIGNED_FRAME_OVERHEAD
@@ -294,8 +301,8 @@ impl Connection {
             0
         };
         let len = message.encoded_len();
-        // At most this once the writer stamps its `sender_id`.
-        let stamped = len + self.stamp_len;
+        // At most this once stamped with our `sender_id`.
+        let stamped = len + self.outbox.stamp_len();
         codec::check_frame_len(stamped, self.max_frame_size)?;
         let size = stamped + overhead;
         if size > self.max_frame_size {
@@ -310,14 +317,18 @@ impl Connection {
 
     /// Queues a pre-encoded frame without waiting. On a full queue the peer is
     /// too slow: it is disconnected with `WRITE_TIMEOUT` and the error says so.
-    pub(crate) fn try_send_frame(&self, frame: Bytes, kind: usize) -> Result<(), TransportError> {
+    pub(crate) fn try_send_frame(
+        &self,
+        frame: Bytes,
+        kind: MessageKind,
+    ) -> Result<(), TransportError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        match self.queue.try_send(Outbound::Frame(frame, kind)) {
+        match self.outbox.push_shared(frame, kind, false) {
             Ok(()) => Ok(()),
-            Err(QueueError::Closed(_)) => Err(self.closed_error()),
-            Err(QueueError::Full(_)) => {
+            Err(Refused::Closed) => Err(self.closed_error()),
+            Err(Refused::Full) => {
                 self.abort(DisconnectReason::WriteTimeout, "send queue full");
                 Err(TransportError::QueueFull {
                     peer: self.identity.to_string(),
@@ -327,25 +338,24 @@ impl Connection {
     }
 
     /// Sends `Disconnect{reason, details}` after what is already queued, then
-    /// closes. If the queue is full the connection closes at once.
+    /// closes; nothing queued later is sent.
     pub fn close(&self, reason: DisconnectReason, details: impl Into<String>) {
         let details = details.into();
-        match self
-            .queue
-            .try_send(Outbound::Close(reason, details.clone()))
-        {
-            // Record our reason now, not once the Disconnect is written: the
-            // peer may close on reading it before the writer gets to `abort`,
-            // and its EOF would otherwise be reported as the end
-            // (NetworkError, by_peer) of a session we ended.
-            Ok(()) => {
-                let _ = self.end.set(SessionEnd {
-                    reason,
-                    details,
-                    by_peer: false,
-                });
-            }
-            Err(_) => self.abort(reason, details),
+        let disconnect = super::control(Payload::Disconnect(DisconnectMessage {
+            reason: reason.to_proto() as i32,
+            details: details.clone(),
+        }));
+        // Record our reason now, not once the Disconnect is written: the
+        // peer may close on reading it before the writer gets to `abort`,
+        // and its EOF would otherwise be reported as the end (NetworkError,
+        // by_peer) of a session we ended.
+        let _ = self.end.set(SessionEnd {
+            reason,
+            details: details.clone(),
+            by_peer: false,
+        });
+        if !self.outbox.push_close(&disconnect, reason, details.clone()) {
+            self.abort(reason, details);
         }
     }
 
@@ -372,21 +382,12 @@ impl Connection {
         }
     }
 
-    /// Queues the ack the peer asked for, unless one is already queued (it
-    /// will carry the newest count). On a full queue the request stays
-    /// pending and the next frame or health check retries it.
+    /// Queues the ack the peer asked for (folded into one already queued).
     pub(super) fn send_wanted_ack(&self) {
         let Some(acks) = &self.acks else { return };
-        if !acks.ack_wanted.load(Ordering::Relaxed) {
-            return;
+        if acks.ack_wanted.swap(false, Ordering::Relaxed) {
+            self.outbox.push_ack();
         }
-        if !acks.ack_queued.swap(true, Ordering::AcqRel)
-            && self.queue.try_send(Outbound::Ack).is_err()
-        {
-            acks.ack_queued.store(false, Ordering::Release);
-            return;
-        }
-        acks.ack_wanted.store(false, Ordering::Relaxed);
     }
 
     pub(super) fn closed_error(&self) -> TransportError {

@@ -8,8 +8,10 @@
 
 mod acks;
 mod connection;
+mod core;
 mod establish;
 mod handler;
+mod outbox;
 mod reader;
 #[cfg(test)]
 mod tests;
@@ -21,7 +23,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::mpsc::{self};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
@@ -47,10 +48,11 @@ use handler::{Dispatch, HandlerCache};
 pub use handler::{
     Handled, Handler, HandlerError, HandlerFuture, Inbound, SyncHandler, channel_handler,
 };
+use outbox::{Outbox, OutboxConfig};
 use reader::read_loop;
 pub use writer::SIGNED_BATCH_MAX_MESSAGES;
 pub(crate) use writer::SIGNED_FRAME_OVERHEAD;
-use writer::{Outbound, write_loop};
+use writer::write_loop;
 
 /// Per-connection settings shared by server and client.
 #[derive(Debug, Clone)]
@@ -61,8 +63,12 @@ pub struct SessionConfig {
     pub write_timeout: Duration,
     /// Ping after this long without receiving anything; `None` never pings.
     pub ping_interval: Option<Duration>,
-    /// Frames queued per connection before senders wait (and broadcasts drop the peer).
+    /// Messages queued per connection before senders wait (and broadcasts
+    /// drop the peer).
     pub send_queue_capacity: usize,
+    /// Bytes queued per connection before senders wait (and broadcasts drop
+    /// the peer); a message larger than this still goes when nothing waits.
+    pub send_queue_bytes: usize,
     /// Largest frame body accepted after authentication.
     pub max_frame_size: usize,
     /// Bound on writing the final `Disconnect` frame.
@@ -78,12 +84,19 @@ impl Default for SessionConfig {
             write_timeout: Duration::from_secs(30),
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
+            send_queue_bytes: DEFAULT_SEND_QUEUE_BYTES,
             max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
             disconnect_timeout: Duration::from_secs(1),
             inbound_limit: None,
         }
     }
 }
+
+/// Default byte budget of a connection's send queue: it bounds what a
+/// queue of large messages holds (the message budget alone would let 4,096
+/// messages of 10 MiB wait), while small messages meet the message budget
+/// first.
+pub const DEFAULT_SEND_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,7 +202,6 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
     if let Some(budget) = &context.read_budget {
         reader.set_read_budget(budget.clone());
     }
-    let (queue, queue_rx) = mpsc::channel(config.send_queue_capacity.max(1));
     let now = SystemTime::now();
     let connection = Arc::new(Connection {
         id,
@@ -208,15 +220,19 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             ..Counters::default()
         },
         acks: setup.delivery_acks.then(Acks::default),
-        queue,
+        outbox: Outbox::new(OutboxConfig {
+            max_messages: config.send_queue_capacity,
+            max_bytes: config.send_queue_bytes,
+            signed: setup.signer.is_some(),
+            max_frame_size: config.max_frame_size,
+            sender_id: setup.sender_id,
+            pool: context.write_buffers.clone(),
+            metrics: context.metrics.clone(),
+        }),
         closed: CancellationToken::new(),
         end: OnceLock::new(),
         write_timeout: config.write_timeout,
         max_frame_size: config.max_frame_size,
-        stamp_len: setup
-            .sender_id
-            .as_ref()
-            .map_or(0, |id| prost::encoding::string::encoded_len(1, id)),
     });
     let span = tracing::info_span!(
         "connection",
@@ -225,15 +241,8 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         remote = ?connection.remote_addr,
     );
     let writer_task = tokio::spawn(
-        write_loop(
-            writer,
-            queue_rx,
-            connection.clone(),
-            setup.signer,
-            setup.sender_id,
-            context.clone(),
-        )
-        .instrument(span.clone()),
+        write_loop(writer, connection.clone(), setup.signer, context.clone())
+            .instrument(span.clone()),
     );
     let reader_connection = connection.clone();
     context.metrics.connection("opened");

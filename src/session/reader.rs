@@ -1,13 +1,11 @@
 //! The reading half of a session.
 
 use super::{
-    Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, Outbound, PROCESSING_SAMPLE,
+    Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, PROCESSING_SAMPLE,
     SessionContext, SessionEnd,
+    core::{Health, HealthAction},
 };
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant, SystemTime},
-};
+use std::{sync::atomic::Ordering, time::Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -18,13 +16,8 @@ use crate::{
     config::InboundLimit,
     decode_bound::{DecodeAllowance, DecodeBoundError},
     error::{CodecError, DisconnectReason, SignedFrameError},
-    handshake::unix_nanos,
-    metrics::{ACK_KIND, Direction, MESSAGE_KINDS, SIGNED_FRAME_KIND, kind_index},
-    proto::{
-        Message, Payload,
-        rollup::v1::{Ping, Pong},
-        transport::v1::MessageExt,
-    },
+    metrics::Direction,
+    proto::{Message, MessageKind, Payload, rollup::v1::Pong, transport::v1::MessageExt},
     signed::FrameOpener,
 };
 
@@ -35,17 +28,26 @@ pub(super) async fn read_loop<R: FrameReader>(
     context: &SessionContext,
 ) {
     let config = &context.config;
-    let check_every = config
-        .ping_interval
-        .unwrap_or(config.read_timeout)
-        .min(config.read_timeout)
-        .div_f32(2.0)
-        .max(Duration::from_millis(10));
-    let mut health = tokio::time::interval(check_every);
-    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_received = Instant::now();
-    let mut last_ping: Option<Instant> = None;
-    let mut evicting = false;
+    let mut health = Health::new(
+        config.read_timeout,
+        config.ping_interval,
+        tokio::time::Instant::now(),
+    );
+    let unconfirmed = || {
+        connection
+            .acks
+            .as_ref()
+            .and_then(|acks| acks.oldest_since())
+    };
+    // One timer for every deadline, reset only when it fires: traffic moves
+    // deadlines later, and the core says whether anything is due yet.
+    let timer = tokio::time::sleep_until(
+        health
+            .poll_timeout(None)
+            .unwrap_or_else(tokio::time::Instant::now),
+    );
+    tokio::pin!(timer);
+    let mut timer_armed = true;
     let mut inbound = config.inbound_limit.map(InboundMeter::new);
     let mut dispatch = Dispatch {
         tally: context.metrics.tally(Direction::In),
@@ -65,39 +67,28 @@ pub(super) async fn read_loop<R: FrameReader>(
             biased;
             frame = reader.read_frame() => frame,
             _ = &mut closed => return,
-            _ = health.tick() => {
-                let idle = last_received.elapsed();
-                if idle >= config.read_timeout && !evicting {
-                    evicting = true;
-                    warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
-                    connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));
-                    // Let the writer send the Disconnect; it cancels when done.
-                    continue;
+            () = &mut timer, if timer_armed => {
+                let now = tokio::time::Instant::now();
+                match health.handle_timeout(now, unconfirmed()) {
+                    Some(HealthAction::Ping) => connection.ping(),
+                    Some(HealthAction::Idle(idle)) => {
+                        warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
+                        connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));
+                    }
+                    Some(HealthAction::Unacknowledged(waited)) => {
+                        warn!(waited_ms = waited.as_millis() as u64, "peer stopped acknowledging");
+                        connection.close(
+                            DisconnectReason::ReadTimeout,
+                            format!("no delivery acknowledgement for {waited:?}"),
+                        );
+                    }
+                    None => {}
                 }
-                // An ack that found the queue full is retried here.
-                connection.send_wanted_ack();
-                // A peer that answers pings but no longer acknowledges (its
-                // handler stuck) would keep confirmed sends waiting forever.
-                if let Some(acks) = &connection.acks
-                    && let Some(waited) = acks.oldest_wait()
-                    && waited >= config.read_timeout
-                    && !evicting
-                {
-                    evicting = true;
-                    warn!(waited_ms = waited.as_millis() as u64, "peer stopped acknowledging");
-                    connection.close(
-                        DisconnectReason::ReadTimeout,
-                        format!("no delivery acknowledgement for {waited:?}"),
-                    );
-                    continue;
-                }
-                if let Some(interval) = config.ping_interval
-                    && idle >= interval
-                    && last_ping.is_none_or(|at| at.elapsed() >= interval)
-                {
-                    last_ping = Some(Instant::now());
-                    let ping = Payload::Ping(Ping { timestamp: unix_nanos(SystemTime::now()) });
-                    let _ = connection.queue.try_send(Outbound::control(ping));
+                // After an eviction the writer sends the Disconnect and
+                // cancels; the reader waits for that.
+                match health.poll_timeout(unconfirmed()) {
+                    Some(at) => timer.as_mut().reset(at),
+                    None => timer_armed = false,
                 }
                 continue;
             }
@@ -124,7 +115,6 @@ pub(super) async fn read_loop<R: FrameReader>(
             }
             Some(Ok(body)) => body,
         };
-        last_ping = None;
         connection.received(body.len() + codec::LENGTH_PREFIX_LEN);
         if let Some(meter) = &mut inbound
             && !meter.admit(body.len() + codec::LENGTH_PREFIX_LEN)
@@ -151,7 +141,7 @@ pub(super) async fn read_loop<R: FrameReader>(
             },
             Some(opener) => match opener.open_within(body.clone(), &mut allowance) {
                 Ok(encoded) => {
-                    dispatch.tally.add(SIGNED_FRAME_KIND, body.len());
+                    dispatch.tally.add(MessageKind::SignedFrame, body.len());
                     // Every message is decoded before the first is handled:
                     // a frame with one undecodable message delivers nothing,
                     // control messages included (docs/PROTOCOL.md §4.1).
@@ -205,8 +195,9 @@ pub(super) async fn read_loop<R: FrameReader>(
                 // health check cannot run while frames are buffered: the
                 // biased select takes the frame first.)
                 if !reader.has_buffered_frame() {
-                    last_received = Instant::now();
-                    connection.seen(last_received);
+                    let now = tokio::time::Instant::now();
+                    health.received(now);
+                    connection.seen(now.into_std());
                     dispatch.tally.flush();
                     connection.send_wanted_ack();
                 }
@@ -325,7 +316,7 @@ async fn deliver(
         && let Some(ext) = ext
         && (ext.ack.is_some() || ext.ack_request)
     {
-        tally.add(ACK_KIND, size);
+        tally.add(MessageKind::Ack, size);
         if let Some(ack) = ext.ack
             && let Err(details) = acks.acknowledge(ack.delivered)
         {
@@ -336,15 +327,13 @@ async fn deliver(
         }
         return Flow::Continue;
     }
-    let kind = kind_index(&message);
+    let kind = MessageKind::of(&message);
     tally.add(kind, size);
     match &message.payload {
         Some(Payload::Ping(ping)) => {
-            let pong = Outbound::control(Payload::Pong(Pong {
+            connection.push_control(Payload::Pong(Pong {
                 timestamp: ping.timestamp,
             }));
-            // A peer too slow to take its pongs is caught by the write path.
-            let _ = connection.queue.try_send(pong);
             Flow::Continue
         }
         Some(Payload::Pong(_)) => Flow::Continue,
@@ -369,10 +358,7 @@ async fn deliver(
                 .fetch_add(1, Ordering::Relaxed);
             let Some(handler) = dispatch.handler.current(&context.handler) else {
                 context.metrics.error("no_handler", "handle");
-                warn!(
-                    kind = MESSAGE_KINDS[kind],
-                    "no handler set; message dropped"
-                );
+                warn!(kind = kind.label(), "no handler set; message dropped");
                 connection.dispatched();
                 return Flow::Continue;
             };

@@ -71,7 +71,7 @@ fn waiting(acks: &Acks, positions: &[u64]) -> Vec<oneshot::Receiver<()>> {
             acks.waiting
                 .lock()
                 .unwrap()
-                .push_back((position, Instant::now(), done));
+                .push_back((position, tokio::time::Instant::now(), done));
             confirmed
         })
         .collect()

@@ -1,198 +1,34 @@
-//! The writing half of a session.
+//! The writing half of a session: a thin driver over the [outbox](super::outbox).
+//!
+//! It takes everything senders queued, seals signed batches where they lie,
+//! adds the frames only it writes (acknowledgements), and writes the lot with
+//! one vectored write, outside the outbox's lock. Counters and metrics are
+//! updated once per write.
 
-use super::{
-    Connection, FrameSigner, FrameWriter, SessionContext, WRITE_BUFFER_CAPACITY,
-    WRITE_COALESCE_BYTES, control,
-};
 use std::{
+    ops::Range,
     sync::{Arc, PoisonError, atomic::Ordering},
-    time::Instant,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
-use tokio::sync::{
-    mpsc::{self},
-    oneshot,
-};
+use tokio::time::Instant;
 use tracing::warn;
 
+use super::{
+    Connection, FrameSigner, FrameWriter, SessionContext,
+    outbox::{Entry, Taken, UNICAST_HEADER_ROOM},
+};
 use crate::{
-    codec::{self},
-    error::DisconnectReason,
-    metrics::{
-        ACK_KIND, Direction, MESSAGE_KINDS, MessageTally, Metrics, SIGNED_FRAME_KIND, kind_index,
-    },
+    codec::LENGTH_PREFIX_LEN,
+    error::{DisconnectReason, SignedFrameError},
+    metrics::{Direction, MessageTally},
     proto::{
-        Message, Payload,
-        rollup::v1::DisconnectMessage,
+        MessageKind,
         transport::v1::{Ack, MessageExt},
     },
     signed::{self, Audience},
 };
-
-/// Items of a connection's send queue.
-// Messages are queued by value: boxing them would cost an allocation per
-// message on the send path, more than the larger queue slots cost in memory.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub(crate) enum Outbound {
-    /// A message the writer encodes (and, in signed mode, seals with others),
-    /// with its `encoded_len` as measured when it was queued.
-    Message(Message, usize),
-    /// A message whose delivery the peer acknowledges; `done` fires when it has.
-    Confirmed(Message, usize, oneshot::Sender<()>),
-    /// Acknowledge the messages handed to the handler so far.
-    Ack,
-    /// A complete frame encoded (and sealed) once for many recipients,
-    /// with the payload kind of its message for the metrics.
-    Frame(Bytes, usize),
-    /// Write a `Disconnect` and close.
-    Close(DisconnectReason, String),
-}
-
-impl Outbound {
-    /// A control message of the transport itself.
-    pub(super) fn control(payload: Payload) -> Self {
-        let message = control(payload);
-        let len = message.encoded_len();
-        Self::Message(message, len)
-    }
-}
-
-/// Accumulates queued items into one write buffer. In signed mode unicast
-/// messages wait in `pending` and are sealed together as one frame.
-struct WriteBatch {
-    buffer: BytesMut,
-    /// Encoded messages awaiting a seal, split off as they are added.
-    scratch: BytesMut,
-    pending: Vec<Bytes>,
-    pending_bytes: usize,
-    messages: u64,
-    max_frame_size: usize,
-    metrics: Arc<Metrics>,
-    tally: MessageTally,
-    /// A sealed batch could not be encoded.
-    failed: bool,
-}
-
-impl WriteBatch {
-    fn len(&self) -> usize {
-        self.buffer.len() + self.pending_bytes
-    }
-
-    /// Queues `message`, whose `encoded_len` is `len`, preceded by the
-    /// pre-encoded `prefix` fields. Returns whether it was taken (the encoder
-    /// refuses only what size checks at queueing time let through by mistake).
-    fn push_message(
-        &mut self,
-        message: &Message,
-        prefix: &[u8],
-        len: usize,
-        signer: Option<&FrameSigner>,
-    ) -> bool {
-        debug_assert_eq!(len, message.encoded_len());
-        let size = prefix.len() + len;
-        self.push_encoded(kind_index(message), size, signer, |buffer| {
-            buffer.put_slice(prefix);
-            message.encode(buffer).expect("capacity reserved");
-        })
-    }
-
-    /// Queues an acknowledgement of `delivered` messages, or (`None`) a
-    /// request for one.
-    fn push_ack(&mut self, delivered: Option<u64>, signer: Option<&FrameSigner>) {
-        let ext = MessageExt {
-            ack: delivered.map(|delivered| Ack { delivered }),
-            ack_request: delivered.is_none(),
-        };
-        self.push_encoded(ACK_KIND, ext.encoded_len(), signer, |buffer| {
-            ext.encode(buffer).expect("capacity reserved");
-        });
-    }
-
-    /// Queues one message of `size` bytes that `encode` writes.
-    fn push_encoded(
-        &mut self,
-        kind: usize,
-        size: usize,
-        signer: Option<&FrameSigner>,
-        encode: impl FnOnce(&mut BytesMut),
-    ) -> bool {
-        let Some(signer) = signer else {
-            if let Err(err) = codec::check_frame_len(size, self.max_frame_size) {
-                self.metrics.error("encode", "write");
-                warn!(error = %err, "message refused by the encoder");
-                return false;
-            }
-            self.buffer.reserve(codec::LENGTH_PREFIX_LEN + size);
-            self.buffer.put_u32(size as u32);
-            encode(&mut self.buffer);
-            self.counted(kind, size);
-            return true;
-        };
-        if self.pending_bytes + size + SIGNED_FRAME_OVERHEAD > self.max_frame_size
-            || self.pending.len() >= SIGNED_BATCH_MAX_MESSAGES
-        {
-            self.seal(Some(signer));
-        }
-        // Messages of a batch are encoded side by side in one buffer; once
-        // sealed, their bytes are copied out and the buffer is reclaimed.
-        if self.scratch.capacity() == 0 {
-            self.scratch = BytesMut::with_capacity(WRITE_BUFFER_CAPACITY.max(size));
-        }
-        self.scratch.reserve(size);
-        encode(&mut self.scratch);
-        self.counted(kind, size);
-        self.pending_bytes += size + 8;
-        self.pending.push(self.scratch.split().freeze());
-        true
-    }
-
-    fn counted(&mut self, kind: usize, size: usize) {
-        self.messages += u64::from(is_application_kind(kind));
-        self.tally.add(kind, size);
-    }
-
-    fn push_frame(&mut self, frame: &[u8], kind: usize, signer: Option<&FrameSigner>) {
-        // Keep order: what was queued before this frame goes out before it.
-        self.seal(signer);
-        self.counted(kind, frame.len() - codec::LENGTH_PREFIX_LEN);
-        self.buffer.extend_from_slice(frame);
-    }
-
-    fn seal(&mut self, signer: Option<&FrameSigner>) {
-        let Some(signer) = signer else { return };
-        if self.pending.is_empty() {
-            return;
-        }
-        let frame = signed::seal(
-            &signer.key,
-            signer.backend,
-            signer.unicast.next(),
-            &Audience::Unicast {
-                recipient: signer.recipient.clone(),
-                session: signer.session_tag,
-            },
-            std::mem::take(&mut self.pending),
-        );
-        self.pending_bytes = 0;
-        let before = self.buffer.len();
-        match codec::encode_message(&frame, self.max_frame_size, &mut self.buffer) {
-            Ok(()) => {
-                let size = self.buffer.len() - before - codec::LENGTH_PREFIX_LEN;
-                self.tally.add(SIGNED_FRAME_KIND, size);
-            }
-            Err(err) => {
-                // Its messages were counted for acknowledgements: the session
-                // cannot go on (the writer aborts it).
-                self.metrics.error("encode", "write");
-                warn!(error = %err, "signed batch refused by the encoder");
-                self.failed = true;
-            }
-        }
-    }
-}
 
 /// Room a signed frame needs beyond its messages: sequence, audience,
 /// signature and field tags, with margin.
@@ -203,170 +39,291 @@ pub(crate) const SIGNED_FRAME_OVERHEAD: usize = 512;
 /// so a batch of many tiny messages must not outgrow it.
 pub const SIGNED_BATCH_MAX_MESSAGES: usize = 1024;
 
-/// The connection's single writer: drains the queue in batches of up to
-/// [`WRITE_COALESCE_BYTES`], encodes (and seals) them into one buffer, and
-/// writes it with one call.
+/// Where a piece of the next write lies.
+enum Piece {
+    /// In the chunk taken from the outbox.
+    Chunk(Range<usize>),
+    /// In the writer's own buffer (its frames, signature fields).
+    Own(Range<usize>),
+    /// A frame shared with other connections.
+    Shared(Bytes),
+}
+
+/// Adds `piece`, extending the last one where they are adjacent in one
+/// buffer, so unsigned messages around a confirmation go out as one slice.
+fn push_piece(pieces: &mut Vec<Piece>, piece: Piece) {
+    if let (Some(Piece::Chunk(last)), Piece::Chunk(next)) = (pieces.last_mut(), &piece)
+        && last.end == next.start
+    {
+        last.end = next.end;
+        return;
+    }
+    pieces.push(piece);
+}
+
+/// Seals the unicast batch `batch` (room, then `count` entries) in place.
+fn seal(
+    signer: &FrameSigner,
+    batch: &mut [u8],
+    count: usize,
+) -> Result<(usize, [u8; signed::SIGNATURE_FIELD_LEN]), SignedFrameError> {
+    signed::seal_in_place(
+        &signer.key,
+        signer.backend,
+        signer.unicast.next(),
+        &Audience::Unicast {
+            recipient: signer.recipient.clone(),
+            session: signer.session_tag,
+        },
+        batch,
+        UNICAST_HEADER_ROOM,
+        count,
+    )
+}
+
+/// What one write is made of, and what it carries.
+struct Write {
+    pieces: Vec<Piece>,
+    own: BytesMut,
+    /// Application messages in it.
+    messages: u64,
+    /// The writer's own traffic and signed frames, for the metrics.
+    tally: MessageTally,
+}
+
+impl Write {
+    /// Adds an acknowledgement (`Some(count)`) or a request for one (`None`).
+    fn push_ack(
+        &mut self,
+        delivered: Option<u64>,
+        signer: Option<&FrameSigner>,
+    ) -> Result<(), SignedFrameError> {
+        let ext = MessageExt {
+            ack: delivered.map(|delivered| Ack { delivered }),
+            ack_request: delivered.is_none(),
+        };
+        let size = ext.encoded_len();
+        let at = self.own.len();
+        match signer {
+            None => {
+                self.own.put_u32(size as u32);
+                let _ = ext.encode(&mut self.own);
+            }
+            Some(signer) => {
+                self.own.put_bytes(0, UNICAST_HEADER_ROOM);
+                signed::put_message_field(&mut self.own, size);
+                let _ = ext.encode(&mut self.own);
+                let (offset, signature) = seal(signer, &mut self.own[at..], 1)?;
+                self.own.put_slice(&signature);
+                self.tally.add(
+                    MessageKind::SignedFrame,
+                    self.own.len() - at - offset - LENGTH_PREFIX_LEN,
+                );
+                self.pieces.push(Piece::Own(at + offset..self.own.len()));
+                self.tally.add(MessageKind::Ack, size);
+                return Ok(());
+            }
+        }
+        self.pieces.push(Piece::Own(at..self.own.len()));
+        self.tally.add(MessageKind::Ack, size);
+        Ok(())
+    }
+}
+
+/// The connection's single writer.
 pub(super) async fn write_loop<W: FrameWriter>(
     mut writer: W,
-    mut queue: mpsc::Receiver<Outbound>,
     connection: Arc<Connection>,
     signer: Option<FrameSigner>,
-    sender_id: Option<String>,
     context: Arc<SessionContext>,
 ) {
     let config = &context.config;
-    let pool = &context.write_buffers;
+    let outbox = &connection.outbox;
     let signer = signer.as_ref();
-    // `sender_id` is field 1, which prost writes first: writing it ahead of a
-    // message whose own `sender_id` is empty gives the very same bytes as
-    // setting it, without a `String` per message.
-    let stamp = sender_id.map(|id| {
-        let mut field = Vec::new();
-        prost::encoding::string::encode(1, &id, &mut field);
-        field
-    });
-    let mut batch = WriteBatch {
-        buffer: BytesMut::new(),
-        scratch: BytesMut::new(),
-        pending: Vec::new(),
-        pending_bytes: 0,
+    let mut spare = Vec::new();
+    let mut write = Write {
+        pieces: Vec::new(),
+        own: BytesMut::new(),
         messages: 0,
-        max_frame_size: config.max_frame_size,
-        metrics: context.metrics.clone(),
         tally: context.metrics.tally(Direction::Out),
-        failed: false,
     };
-    // Application messages encoded so far: the position of the next one, less 1.
+    let mut segments: Vec<Bytes> = Vec::new();
+    // Application messages put on the wire so far: ack positions.
     let mut written: u64 = 0;
     let mut last_ack: u64 = 0;
-    // Application messages of batches that never fully left.
+    // Application messages of writes that never fully left.
     let mut lost: u64 = 0;
     let closed = connection.closed.cancelled();
     tokio::pin!(closed);
     loop {
-        let first = tokio::select! {
-            biased;
-            item = queue.recv() => item,
-            _ = &mut closed => None,
+        let Some(Taken {
+            mut chunk,
+            mut entries,
+            tally: mut taken,
+            ..
+        }) = outbox.take(&mut spare)
+        else {
+            tokio::select! {
+                biased;
+                () = outbox.parked() => continue,
+                () = &mut closed => break,
+            }
         };
-        let Some(first) = first else { break };
-        // Borrow a buffer only while there is something to write.
-        batch.buffer = pool.take();
-        let mut next = Some(first);
         let mut close = None;
         let mut confirming = false;
-        while let Some(item) = next {
-            match item {
-                Outbound::Message(mut message, len) => {
-                    let (prefix, len) = stamped(stamp.as_deref(), &mut message, len);
-                    batch.push_message(&message, prefix, len, signer);
+        let mut failed = None;
+        write.messages = 0;
+        for entry in entries.drain(..) {
+            match entry {
+                Entry::Frames {
+                    start,
+                    end,
+                    application,
+                } => {
+                    push_piece(&mut write.pieces, Piece::Chunk(start..end));
+                    write.messages += application;
                 }
-                Outbound::Confirmed(mut message, len, done) => {
-                    let (prefix, len) = stamped(stamp.as_deref(), &mut message, len);
-                    // A message the encoder refused drops `done`: its sender
-                    // learns it was not delivered.
-                    if batch.push_message(&message, prefix, len, signer)
-                        && let Some(acks) = &connection.acks
-                    {
-                        let position = written + batch.messages;
+                Entry::Batch {
+                    start,
+                    end,
+                    count,
+                    application,
+                } => {
+                    write.messages += application;
+                    let sealed = match signer {
+                        Some(signer) => seal(signer, &mut chunk[start..end], count),
+                        None => Err(SignedFrameError::Malformed("no signing key".into())),
+                    };
+                    match sealed {
+                        Ok((offset, signature)) => {
+                            let at = write.own.len();
+                            write.own.put_slice(&signature);
+                            write.tally.add(
+                                MessageKind::SignedFrame,
+                                end - start - offset - LENGTH_PREFIX_LEN + signature.len(),
+                            );
+                            write.pieces.push(Piece::Chunk(start + offset..end));
+                            write.pieces.push(Piece::Own(at..write.own.len()));
+                        }
+                        Err(err) => failed = Some(err),
+                    }
+                }
+                Entry::Shared { frame, application } => {
+                    write.pieces.push(Piece::Shared(frame));
+                    write.messages += u64::from(application);
+                }
+                Entry::Ack => {
+                    if let Some(acks) = &connection.acks {
+                        let delivered = acks.dispatched.load(Ordering::Relaxed);
+                        if delivered != last_ack {
+                            last_ack = delivered;
+                            if let Err(err) = write.push_ack(Some(delivered), signer) {
+                                failed = Some(err);
+                            }
+                        }
+                    }
+                }
+                Entry::Confirm(done) => {
+                    // A confirmation nobody can give drops `done`: its sender
+                    // learns the message was not confirmed.
+                    if let Some(acks) = &connection.acks {
                         confirming = true;
                         acks.waiting
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .push_back((position, Instant::now(), done));
+                            .push_back((written + write.messages, Instant::now(), done));
                     }
                 }
-                Outbound::Ack => {
-                    if let Some(acks) = &connection.acks {
-                        // Cleared before reading the count: a request made
-                        // after this read queues a new ack (see `send_wanted_ack`).
-                        acks.ack_queued.swap(false, Ordering::AcqRel);
-                        let delivered = acks.dispatched.load(Ordering::Relaxed);
-                        if delivered != last_ack {
-                            last_ack = delivered;
-                            batch.push_ack(Some(delivered), signer);
-                        }
-                    }
-                }
-                Outbound::Frame(frame, kind) => batch.push_frame(&frame, kind, signer),
-                Outbound::Close(reason, details) => {
-                    let disconnect = control(Payload::Disconnect(DisconnectMessage {
-                        reason: reason.to_proto() as i32,
-                        details: details.clone(),
-                    }));
-                    batch.push_message(&disconnect, &[], disconnect.encoded_len(), signer);
-                    close = Some((reason, details));
-                    break;
-                }
+                Entry::Close(reason, details) => close = Some((reason, details)),
             }
-            next = if batch.len() < WRITE_COALESCE_BYTES {
-                queue.try_recv().ok()
-            } else {
-                None
-            };
         }
-        if confirming && close.is_none() {
-            // After the messages it covers, in the same write (and frame).
-            batch.push_ack(None, signer);
+        spare = entries;
+        if confirming
+            && close.is_none()
+            && let Err(err) = write.push_ack(None, signer)
+        {
+            failed = Some(err);
         }
-        batch.seal(signer);
-        if batch.failed {
-            lost += batch.messages;
-            batch.tally.discard();
-            pool.give(std::mem::take(&mut batch.buffer));
+        if let Some(err) = failed {
+            // Messages counted for acknowledgements cannot be sent: the
+            // session cannot go on.
+            lost += write.messages;
+            taken.discard();
+            if chunk.capacity() > 0 {
+                outbox.recycle(chunk);
+            }
+            context.metrics.error("encode", "write");
+            warn!(error = %err, "a signed batch could not be sealed");
             connection.abort(
                 DisconnectReason::InternalError,
-                "a signed batch could not be encoded",
+                "a signed batch could not be sealed",
             );
             break;
         }
-        written += batch.messages;
         if let Some(acks) = &connection.acks {
             // Published before the bytes leave: an ack can cover no more.
-            acks.written.store(written, Ordering::Release);
+            acks.written
+                .store(written + write.messages, Ordering::Release);
         }
+
+        // Chunks with room came from the write-buffer pool.
+        let leased = chunk.capacity() > 0;
+        let chunk = chunk.freeze();
+        let own = std::mem::take(&mut write.own).freeze();
+        for piece in write.pieces.drain(..) {
+            segments.push(match piece {
+                Piece::Shared(frame) => frame,
+                Piece::Chunk(range) => chunk.slice(range),
+                Piece::Own(range) => own.slice(range),
+            });
+        }
+        let bytes: usize = segments.iter().map(Bytes::len).sum();
         let limit = if close.is_some() {
             config.disconnect_timeout
         } else {
             config.write_timeout
         };
-        let written = batch.buffer.len();
-        let segment = std::mem::take(&mut batch.buffer).freeze();
-        let result = if written == 0 {
+        let result = if bytes == 0 {
             Some(Ok(Ok(())))
         } else {
             // An aborted connection (too slow, replaced, stopped) stops even a
             // write that is blocked on a peer which does not read.
             tokio::select! {
-                result = tokio::time::timeout(limit, writer.write_segments(std::slice::from_ref(&segment))) => Some(result),
-                _ = &mut closed => None,
+                result = tokio::time::timeout(limit, writer.write_segments(&segments)) => Some(result),
+                () = &mut closed => None,
             }
         };
-        if let Ok(buffer) = segment.try_into_mut() {
-            pool.give(buffer);
+        segments.clear();
+        // Buffers nobody else holds any more are reused.
+        if leased {
+            // A buffer still shared (a transport keeps slices of it) is
+            // released to the allocator instead, ending its lease all the same.
+            outbox.recycle(chunk.try_into_mut().unwrap_or_default());
+        }
+        if let Ok(mut own) = own.try_into_mut() {
+            own.clear();
+            write.own = own;
         }
         if !matches!(result, Some(Ok(Ok(())))) {
             // Not (fully) written: lost, and not counted as sent.
-            lost += batch.messages;
-            batch.tally.discard();
+            lost += write.messages;
+            write.tally.discard();
+            taken.discard();
         }
         let Some(result) = result else { break };
-        if queue.is_empty() {
-            // Going idle: hold no buffer while waiting.
-            batch.scratch = BytesMut::new();
-        }
         match result {
             Ok(Ok(())) => {
+                written += write.messages;
                 let counters = &connection.counters;
                 counters
                     .bytes_out
-                    .fetch_add(written as u64, Ordering::Relaxed);
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
                 counters
                     .messages_out
-                    .fetch_add(batch.messages, Ordering::Relaxed);
-                context.metrics.bytes(Direction::Out, written);
-                batch.tally.flush();
-                batch.messages = 0;
+                    .fetch_add(write.messages, Ordering::Relaxed);
+                context.metrics.bytes(Direction::Out, bytes);
+                write.tally.flush();
+                taken.flush();
             }
             Ok(Err(err)) => {
                 context.metrics.error("io", "write");
@@ -394,53 +351,10 @@ pub(super) async fn write_loop<W: FrameWriter>(
     let reason = end.map(|end| (end.reason, end.details.as_str()));
     let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown(reason)).await;
     // Whatever is still queued will never be written: say so, counting
-    // application messages one by one, those of the batch cut off included.
-    queue.close();
-    let mut undelivered = lost;
-    while let Ok(item) = queue.try_recv() {
-        undelivered += u64::from(match &item {
-            Outbound::Message(message, _) | Outbound::Confirmed(message, ..) => {
-                is_application(message)
-            }
-            Outbound::Frame(_, kind) => is_application_kind(*kind),
-            Outbound::Ack | Outbound::Close(..) => false,
-        });
-    }
+    // application messages one by one, those of a write cut off included.
+    let undelivered = lost + outbox.close();
     if undelivered > 0 {
         context.metrics.errors("undelivered", "write", undelivered);
         warn!(undelivered, "connection closed with messages unsent");
     }
-}
-
-/// The `sender_id` field to write ahead of `message`, clearing its own, and
-/// the message's `encoded_len` once cleared (`len` is the one before).
-fn stamped<'a>(stamp: Option<&'a [u8]>, message: &mut Message, len: usize) -> (&'a [u8], usize) {
-    match stamp {
-        Some(stamp) if is_application(message) => {
-            let own = if message.sender_id.is_empty() {
-                0
-            } else {
-                prost::encoding::string::encoded_len(1, &message.sender_id)
-            };
-            message.sender_id.clear();
-            (stamp, len - own)
-        }
-        _ => (&[], len),
-    }
-}
-
-/// Whether a payload kind (an index of `MESSAGE_KINDS`) is an application
-/// message rather than handshake or control traffic.
-fn is_application_kind(kind: usize) -> bool {
-    !matches!(
-        MESSAGE_KINDS[kind],
-        "handshake_request" | "handshake_response" | "ping" | "pong" | "disconnect" | "ack"
-    )
-}
-
-fn is_application(message: &Message) -> bool {
-    !matches!(
-        message.payload,
-        Some(Payload::Ping(_) | Payload::Pong(_) | Payload::Disconnect(_))
-    )
 }

@@ -16,7 +16,7 @@ use crate::{
     backend::{grpc_codec, grpc_inbound::InboundLimits},
     codec,
     error::{CodecError, DisconnectReason},
-    pipe::{FrameReader, FrameWriter, frame_bodies},
+    pipe::{FrameReader, FrameWriter, WRITE_COALESCE_BYTES, frame_bodies},
     proto::transport::v1::FrameBatch,
 };
 
@@ -127,15 +127,32 @@ pub struct GrpcWriter {
 
 impl FrameWriter for GrpcWriter {
     async fn write_segments(&mut self, segments: &[Bytes]) -> io::Result<()> {
-        let batch = FrameBatch {
-            frames: frame_bodies(segments)?,
-        };
         let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "gRPC stream closed");
-        match &self.outlet {
-            Outlet::Server(tx) => tx.send(Ok(batch)).await.map_err(|_| closed()),
-            Outlet::Client(Some(tx)) => tx.send(batch).await.map_err(|_| closed()),
-            Outlet::Client(None) => Err(closed()),
+        // One item per coalesced write's worth of frames (the peer's item
+        // limit allows one largest frame plus that much).
+        let mut frames = Vec::new();
+        let mut size = 0;
+        let mut bodies = frame_bodies(segments)?.into_iter().peekable();
+        while let Some(body) = bodies.next() {
+            size += body.len();
+            frames.push(body);
+            let full = bodies
+                .peek()
+                .is_some_and(|next| size + next.len() > WRITE_COALESCE_BYTES);
+            if !full && bodies.peek().is_some() {
+                continue;
+            }
+            let batch = FrameBatch {
+                frames: std::mem::take(&mut frames),
+            };
+            size = 0;
+            match &self.outlet {
+                Outlet::Server(tx) => tx.send(Ok(batch)).await.map_err(|_| closed())?,
+                Outlet::Client(Some(tx)) => tx.send(batch).await.map_err(|_| closed())?,
+                Outlet::Client(None) => return Err(closed()),
+            }
         }
+        Ok(())
     }
 
     async fn shutdown(&mut self, reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
