@@ -88,6 +88,9 @@ pub struct StreamFrameReader<R> {
     /// The budget's overdraft, while this frame finishes beyond the budget.
     overdraft: Option<OwnedSemaphorePermit>,
     eof: bool,
+    /// How much one read asks for: doubles while reads fill it (a busy
+    /// stream reads many frames per system call), halves when they don't.
+    read_size: usize,
 }
 
 impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
@@ -101,6 +104,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
             held: None,
             overdraft: None,
             eof: false,
+            read_size: INITIAL_READ_BUFFER,
         }
     }
 
@@ -157,7 +161,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
                 Ok(Some(frame)) => {
                     self.held = None;
                     self.overdraft = None;
-                    if self.buffer.is_empty() && self.buffer.capacity() > 4 * INITIAL_READ_BUFFER {
+                    if self.buffer.is_empty() && self.buffer.capacity() > 4 * self.read_size {
                         // A large frame grew the buffer; do not keep it idle.
                         self.buffer = BytesMut::new();
                     }
@@ -181,7 +185,7 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
                 Some(body) => body
                     .saturating_sub(self.buffer.len())
                     .clamp(1, UNBUDGETED_FRAME_BYTES),
-                None => INITIAL_READ_BUFFER,
+                None => self.read_size,
             };
             let budgeted = self
                 .codec
@@ -199,13 +203,20 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
             } else {
                 UNBUDGETED_FRAME_BYTES
             };
+            let asked = (self.buffer.capacity() - self.buffer.len()).min(limit);
             match (&mut self.inner)
                 .take(limit as u64)
                 .read_buf(&mut self.buffer)
                 .await
             {
                 Ok(0) => self.eof = true,
-                Ok(_) => {}
+                Ok(read) => {
+                    if read >= asked && !budgeted {
+                        self.read_size = (self.read_size * 2).min(UNBUDGETED_FRAME_BYTES);
+                    } else if read < self.read_size / 4 {
+                        self.read_size = (self.read_size / 2).max(INITIAL_READ_BUFFER);
+                    }
+                }
                 Err(err) => return Some(Err(CodecError::Io(err))),
             }
         }

@@ -182,8 +182,10 @@ pub(crate) fn write_buffer_pool(metrics: &Metrics) -> Arc<BufferPool> {
 /// One message in this many has its handler time measured.
 const PROCESSING_SAMPLE: u64 = 16;
 
-/// Initial size of a pooled write buffer.
-const WRITE_BUFFER_CAPACITY: usize = 16 * 1024;
+/// Size of a pooled write buffer: an outbox chunk rolls over once it holds
+/// [`WRITE_COALESCE_BYTES`], so one buffer takes a whole chunk without
+/// growing (each growth would copy what it holds).
+const WRITE_BUFFER_CAPACITY: usize = WRITE_COALESCE_BYTES + 4 * 1024;
 /// Idle write buffers kept for reuse.
 const WRITE_BUFFERS_KEPT: usize = 64;
 
