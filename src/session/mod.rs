@@ -186,8 +186,8 @@ const PROCESSING_SAMPLE: u64 = 16;
 /// [`WRITE_COALESCE_BYTES`], so one buffer takes a whole chunk without
 /// growing (each growth would copy what it holds).
 const WRITE_BUFFER_CAPACITY: usize = WRITE_COALESCE_BYTES + 4 * 1024;
-/// Idle write buffers kept for reuse.
-const WRITE_BUFFERS_KEPT: usize = 64;
+/// Idle write buffers kept for reuse (about 1 MiB of them).
+const WRITE_BUFFERS_KEPT: usize = 16;
 
 /// Starts the reader and writer of an authenticated session. Returns the
 /// shared connection and a future that completes, with how it ended, when
