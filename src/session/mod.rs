@@ -1,10 +1,17 @@
 //! One authenticated connection over any ordered, reliable frame pipe.
 //!
 //! A back-end hands over a [`FrameReader`] and a [`FrameWriter`]; everything
-//! above frames lives here: driving the handshake, the writer task (one per
-//! connection, so frames never interleave; queued frames coalesced into few
-//! writes; unicast batches signed once), the reader loop (verify, answer
-//! pings, dispatch to the handler), idle eviction and orderly disconnects.
+//! above frames lives here, one job per module:
+//! - `establish`: the handshake over the pipe, and refusals;
+//! - `outbox`: senders encode each message once, in wire form, into the
+//!   connection's byte outbox (budgets in messages and bytes);
+//! - `writer`: the single writer (so frames never interleave) takes a
+//!   write's worth, seals signed batches in place, writes vectored;
+//! - `reader`: reads, verifies, answers pings, dispatches to the handler;
+//! - `core`: pings, idle eviction and acknowledgement waits as a sans-IO
+//!   state machine driven with `now`;
+//! - `connection`, `handler`, `acks`: the shared handle, the handler API,
+//!   delivery acknowledgements.
 
 mod acks;
 mod connection;
