@@ -5,7 +5,9 @@
 //! and with signed frames. The figure is every allocation in the process
 //! divided by the messages delivered; the protobuf decode of each delivered
 //! message is measured on its own and shown as part of it, since the
-//! application owns that `Message`.
+//! application owns that `Message`. The "recycling" rows use a handler that
+//! takes whole batches and gives each message back
+//! (`InboundBatch::recycle`), so the next ones are decoded into it.
 //!
 //! Run: `cargo bench --bench allocations`.
 
@@ -21,8 +23,8 @@ use std::{
 use bytes::Bytes;
 use prost::Message as _;
 use publisher_transport::{
-    ClientAuth, ClientConfig, Message, SecretKey, ServerAuth, ServerConfig, SyncHandler, TcpClient,
-    TcpServer, TrustStore,
+    ClientAuth, ClientConfig, Handled, Handler, Inbound, InboundBatch, Message, SecretKey,
+    ServerAuth, ServerConfig, SyncHandler, TcpClient, TcpServer, TrustStore,
     proto::{
         Payload,
         rollup::v1::{Vote, XtId},
@@ -71,8 +73,27 @@ fn vote(hash: &Bytes) -> Message {
     }
 }
 
+/// Counts messages, giving each back to be decoded into again.
+struct Recycling(Arc<dyn Fn() + Send + Sync>);
+
+impl Handler for Recycling {
+    fn handle(&self, _: Inbound) -> Handled {
+        (self.0)();
+        Handled::Done(Ok(()))
+    }
+
+    fn handle_batch(&self, batch: &mut InboundBatch) -> Handled {
+        while let Some(inbound) = batch.pop() {
+            (self.0)();
+            batch.recycle(inbound.message);
+        }
+        Handled::Done(Ok(()))
+    }
+}
+
 struct Row {
     mode: &'static str,
+    handler: &'static str,
     /// Signed frames received during the measurement (0 when unsigned).
     frames: u64,
     per_message: f64,
@@ -80,7 +101,7 @@ struct Row {
     elapsed: Duration,
 }
 
-async fn run(signed: bool) -> Row {
+async fn run(signed: bool, recycle: bool) -> Row {
     let server_key = Arc::new(SecretKey::generate());
     let client_key = Arc::new(SecretKey::generate());
     let trust = Arc::new(TrustStore::new());
@@ -96,12 +117,19 @@ async fn run(signed: bool) -> Row {
     let target = Arc::new(AtomicU64::new(WARM_UP));
     {
         let (received, done, target) = (received.clone(), done.clone(), target.clone());
-        server.set_handler(Arc::new(SyncHandler(move |_inbound| {
+        let count = move || {
             if received.fetch_add(1, Ordering::Relaxed) + 1 == target.load(Ordering::Relaxed) {
                 done.notify_one();
             }
-            Ok(())
-        })));
+        };
+        if recycle {
+            server.set_handler(Arc::new(Recycling(Arc::new(count))));
+        } else {
+            server.set_handler(Arc::new(SyncHandler(move |_inbound| {
+                count();
+                Ok(())
+            })));
+        }
     }
     let addr = server.start().await.unwrap();
     let client = TcpClient::tcp(
@@ -139,9 +167,18 @@ async fn run(signed: bool) -> Row {
     let mut stamped = vote(&hash);
     stamped.sender_id = "bench-client".into();
     let body = Bytes::from(stamped.encode_to_vec());
+    // A recycling handler's messages are decoded into one that already
+    // has its buffers.
+    let mut reused = Message::default();
     let before = ALLOCATIONS.load(Ordering::SeqCst);
     for _ in 0..1000 {
-        std::hint::black_box(Message::decode(body.clone()).unwrap());
+        if recycle {
+            reused.clear();
+            reused.merge(body.clone()).unwrap();
+            std::hint::black_box(&reused);
+        } else {
+            std::hint::black_box(Message::decode(body.clone()).unwrap());
+        }
     }
     let decode = (ALLOCATIONS.load(Ordering::SeqCst) - before) as f64 / 1000.0;
 
@@ -149,6 +186,7 @@ async fn run(signed: bool) -> Row {
     server.stop().await.unwrap();
     Row {
         mode: if signed { "signed" } else { "unsigned" },
+        handler: if recycle { "recycling" } else { "ordinary" },
         frames,
         per_message: allocations as f64 / MESSAGES as f64,
         decode_per_message: decode,
@@ -166,14 +204,15 @@ fn main() {
         "allocations per message, {MESSAGES} Vote messages client → server (after {WARM_UP} warm-up)"
     );
     println!(
-        "| mode | all allocations / message | of which protobuf decode | transport alone | signed frames | time |"
+        "| mode | handler | all allocations / message | of which protobuf decode | transport alone | signed frames | time |"
     );
-    println!("|---|---|---|---|---|---|");
-    for signed in [false, true] {
-        let row = runtime.block_on(run(signed));
+    println!("|---|---|---|---|---|---|---|");
+    for (signed, recycle) in [(false, false), (false, true), (true, false), (true, true)] {
+        let row = runtime.block_on(run(signed, recycle));
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} | {:.2} s |",
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {:.2} s |",
             row.mode,
+            row.handler,
             row.per_message,
             row.decode_per_message,
             (row.per_message - row.decode_per_message).max(0.0),

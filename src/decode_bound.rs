@@ -173,6 +173,24 @@ impl DecodeAllowance {
             source,
         })
     }
+
+    /// Charges decoding `body` as `M`, then decodes it into `target`,
+    /// which keeps the allocations it can reuse (string and vector
+    /// capacity) from an earlier message.
+    pub fn decode_into<M: BoundedMessage>(
+        &mut self,
+        body: Bytes,
+        target: &mut M,
+    ) -> Result<(), DecodeBoundError> {
+        self.charge::<M>(&body, Source::Shared)?;
+        target.clear();
+        target
+            .merge(body)
+            .map_err(|source| DecodeBoundError::Decode {
+                what: SCHEMAS[M::SCHEMA].name,
+                source,
+            })
+    }
 }
 
 /// The heap decoding `body` as `M` would take at most, by the same scan;

@@ -61,7 +61,8 @@ pub use proto::Message;
 pub use retry::RetryPolicy;
 pub use server::TransportServer;
 pub use session::{
-    ConnectionInfo, Handled, Handler, HandlerError, Inbound, SyncHandler, channel_handler,
+    ConnectionInfo, Handled, Handler, HandlerError, Inbound, InboundBatch, SyncHandler,
+    channel_handler,
 };
 
 /// A TCP server.

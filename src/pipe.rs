@@ -26,6 +26,14 @@ pub const WRITE_COALESCE_BYTES: usize = 64 * 1024;
 pub trait FrameReader: Send + 'static {
     /// The next frame body; `None` at a clean end of stream.
     fn read_frame(&mut self) -> impl Future<Output = Option<Result<Bytes, CodecError>>> + Send;
+    /// At least one frame: the next, and every complete frame already
+    /// received behind it, so that a byte stream hands over all the frames
+    /// one read brought in. The default returns one frame.
+    fn read_batch(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<FrameBatch, CodecError>>> + Send {
+        async { Some(self.read_frame().await?.map(FrameBatch::one)) }
+    }
     /// Changes the largest body accepted from now on.
     fn set_max_frame_size(&mut self, max: usize);
     /// Shares a budget for buffering large frames (see [`ReadBudget`]).
@@ -63,6 +71,78 @@ pub struct Pipe<R, W> {
     pub writer: W,
     /// The peer's address, when the back-end knows it.
     pub remote_addr: Option<SocketAddr>,
+}
+
+/// Frames received together: a first body, then complete frames in wire
+/// form (length prefix + body) sharing one buffer. Iterating yields the
+/// bodies, each a slice of a received buffer.
+#[derive(Debug, Clone, Default)]
+pub struct FrameBatch {
+    first: Option<Bytes>,
+    /// Whole frames, prefixes included, already checked against the limit.
+    rest: Bytes,
+    frames: usize,
+    wire_len: usize,
+}
+
+impl FrameBatch {
+    /// A batch of one frame body.
+    pub fn one(body: Bytes) -> Self {
+        Self {
+            wire_len: LENGTH_PREFIX_LEN + body.len(),
+            first: Some(body),
+            rest: Bytes::new(),
+            frames: 1,
+        }
+    }
+
+    /// `first`, then the `frames` whole frames of `rest`, which the caller
+    /// has split at frame boundaries.
+    pub(crate) fn with_rest(first: Bytes, rest: Bytes, frames: usize) -> Self {
+        Self {
+            wire_len: LENGTH_PREFIX_LEN + first.len() + rest.len(),
+            first: Some(first),
+            rest,
+            frames: frames + 1,
+        }
+    }
+
+    /// Frames not yet taken.
+    pub fn len(&self) -> usize {
+        self.frames
+    }
+
+    /// Whether every frame has been taken.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// Bytes the frames took on the wire, length prefixes included.
+    pub fn wire_len(&self) -> usize {
+        self.wire_len
+    }
+}
+
+impl Iterator for FrameBatch {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            self.frames -= 1;
+            return Some(first);
+        }
+        let prefix = self.rest.first_chunk::<LENGTH_PREFIX_LEN>()?;
+        let len = u32::from_be_bytes(*prefix) as usize;
+        self.rest.advance(LENGTH_PREFIX_LEN);
+        self.frames = self.frames.saturating_sub(1);
+        // `with_rest` holds whole frames only; `min` keeps a broken caller
+        // from panicking here.
+        Some(self.rest.split_to(len.min(self.rest.len())))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.frames, Some(self.frames))
+    }
 }
 
 /// The frame bodies of `segments`, in order. A body that lies within one
@@ -137,5 +217,18 @@ mod tests {
             io::ErrorKind::InvalidInput
         );
         assert!(frame_bodies(&[Bytes::from_static(b"\0\0")]).is_err());
+    }
+
+    #[test]
+    fn a_batch_yields_its_first_body_then_the_whole_frames_behind_it() {
+        let rest = Bytes::from_static(b"\0\0\0\x02ab\0\0\0\0\0\0\0\x01z");
+        let batch = FrameBatch::with_rest(Bytes::from_static(b"first"), rest, 3);
+        assert_eq!((batch.len(), batch.wire_len()), (4, 9 + 15));
+        let bodies: Vec<Bytes> = batch.collect();
+        assert_eq!(bodies, [&b"first"[..], b"ab", b"", b"z"]);
+        let mut one = FrameBatch::one(Bytes::from_static(b"x"));
+        assert_eq!((one.len(), one.wire_len()), (1, 5));
+        assert_eq!(one.next().as_deref(), Some(&b"x"[..]));
+        assert!(one.is_empty() && one.next().is_none());
     }
 }

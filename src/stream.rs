@@ -13,7 +13,7 @@ use tokio_util::codec::Decoder;
 use crate::{
     codec::{self, FrameCodec},
     error::{CodecError, DisconnectReason},
-    pipe::{FrameReader, FrameWriter},
+    pipe::{FrameBatch, FrameReader, FrameWriter},
 };
 
 /// Bytes a connection may buffer for a frame before it must draw on the
@@ -220,6 +220,29 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
                 Err(err) => return Some(Err(CodecError::Io(err))),
             }
         }
+    }
+
+    async fn read_batch(&mut self) -> Option<Result<FrameBatch, CodecError>> {
+        let first = match self.read_frame().await? {
+            Ok(first) => first,
+            Err(err) => return Some(Err(err)),
+        };
+        // Every whole frame behind it, in one piece. A prefix over the limit
+        // ends the batch; the next read reports it.
+        let (mut end, mut frames) = (0, 0);
+        while let Some(prefix) = self.buffer[end..].first_chunk::<{ codec::LENGTH_PREFIX_LEN }>() {
+            let len = u32::from_be_bytes(*prefix) as usize;
+            let next = end + codec::LENGTH_PREFIX_LEN + len;
+            if len > self.codec.max_frame_size() || next > self.buffer.len() {
+                break;
+            }
+            (end, frames) = (next, frames + 1);
+        }
+        if frames == 0 {
+            return Some(Ok(FrameBatch::one(first)));
+        }
+        let rest = self.buffer.split_to(end).freeze();
+        Some(Ok(FrameBatch::with_rest(first, rest, frames)))
     }
 
     fn set_max_frame_size(&mut self, max: usize) {

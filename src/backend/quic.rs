@@ -34,7 +34,7 @@ use super::{Backend, Listener, Pipe};
 use crate::{
     codec::HANDSHAKE_MAX_FRAME_SIZE,
     error::{CodecError, DisconnectReason, TransportError},
-    pipe::{FrameReader, FrameWriter},
+    pipe::{FrameBatch, FrameReader, FrameWriter},
     stream::{StreamFrameReader, StreamFrameWriter},
     tls::{self, ALPN, ClientTrust, Identity, ServerTrust},
 };
@@ -214,6 +214,15 @@ pub struct QuicReader {
 impl FrameReader for QuicReader {
     async fn read_frame(&mut self) -> Option<Result<Bytes, CodecError>> {
         match self.frames.read_frame().await {
+            Some(Err(CodecError::Io(err))) => {
+                Some(Err(CodecError::Io(self.connection.explain(err))))
+            }
+            other => other,
+        }
+    }
+
+    async fn read_batch(&mut self) -> Option<Result<FrameBatch, CodecError>> {
+        match self.frames.read_batch().await {
             Some(Err(CodecError::Io(err))) => {
                 Some(Err(CodecError::Io(self.connection.explain(err))))
             }

@@ -169,12 +169,10 @@ impl Connection {
         }));
     }
 
-    /// Queues a control message of the transport, whatever the budget (they
-    /// are few and small: pings, pongs).
+    /// Queues a ping or pong ahead of queued messages, whatever the budget
+    /// (they are few and small).
     pub(super) fn push_control(&self, payload: Payload) {
-        let mut message = super::control(payload);
-        let len = message.encoded_len();
-        let _ = self.outbox.push(&mut message, len, None, true);
+        self.outbox.push_urgent(&super::control(payload));
     }
 
     /// Queues a complete frame that must precede everything else (the

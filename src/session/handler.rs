@@ -1,6 +1,7 @@
 //! The application's side of a session: handlers and what they receive.
 
 use std::{
+    collections::VecDeque,
     future::Future,
     sync::{
         Arc, PoisonError,
@@ -47,6 +48,76 @@ pub enum Handled {
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message.
     fn handle(&self, inbound: Inbound) -> Handled;
+
+    /// Handles messages received together (the application messages of one
+    /// read), taking one or more of them from the front of `batch`; the
+    /// reader calls it until the batch is empty. The default takes one and
+    /// hands it to [`handle`](Self::handle). A handler that takes many at
+    /// once, and gives each `Message` back with [`InboundBatch::recycle`],
+    /// receives without allocating: the next messages are decoded into the
+    /// recycled ones.
+    fn handle_batch(&self, batch: &mut InboundBatch) -> Handled {
+        match batch.pop() {
+            Some(inbound) => self.handle(inbound),
+            None => Handled::Done(Ok(())),
+        }
+    }
+}
+
+/// Messages received together, in order; see [`Handler::handle_batch`].
+#[derive(Debug, Default)]
+pub struct InboundBatch {
+    messages: VecDeque<Inbound>,
+    /// Messages given back, decoded into again.
+    spare: Vec<Message>,
+}
+
+/// Recycled messages kept per connection: enough for the largest signed
+/// frame, whose messages are all decoded before the first is handled.
+const SPARE_MESSAGES: usize = super::SIGNED_BATCH_MAX_MESSAGES;
+
+impl InboundBatch {
+    /// Messages not yet taken.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether every message has been taken.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Takes the first message.
+    pub fn pop(&mut self) -> Option<Inbound> {
+        self.messages.pop_front()
+    }
+
+    /// The first message, left in place.
+    pub fn front(&self) -> Option<&Inbound> {
+        self.messages.front()
+    }
+
+    /// Takes every message, in order.
+    pub fn drain(&mut self) -> impl Iterator<Item = Inbound> + '_ {
+        self.messages.drain(..)
+    }
+
+    /// Gives a handled message back; a later message is decoded into it,
+    /// reusing its allocations.
+    pub fn recycle(&mut self, message: Message) {
+        if self.spare.len() < SPARE_MESSAGES {
+            self.spare.push(message);
+        }
+    }
+
+    pub(super) fn push(&mut self, inbound: Inbound) {
+        self.messages.push_back(inbound);
+    }
+
+    /// A message to decode into: a recycled one, or a new one.
+    pub(super) fn spare(&mut self) -> Message {
+        self.spare.pop().unwrap_or_default()
+    }
 }
 
 impl<F, Fut> Handler for F
@@ -150,4 +221,10 @@ impl HandlerCache {
 pub(super) struct Dispatch {
     pub(super) tally: MessageTally,
     pub(super) handler: HandlerCache,
+    /// Application messages waiting for the handler.
+    pub(super) batch: InboundBatch,
+    /// Memory the waiting messages hold, as charged when decoding them.
+    pub(super) held: u64,
+    /// Handler calls so far, for sampling their duration.
+    pub(super) calls: u64,
 }

@@ -53,7 +53,8 @@ pub(crate) use establish::*;
 pub(crate) use handler::HandlerSlot;
 use handler::{Dispatch, HandlerCache};
 pub use handler::{
-    Handled, Handler, HandlerError, HandlerFuture, Inbound, SyncHandler, channel_handler,
+    Handled, Handler, HandlerError, HandlerFuture, Inbound, InboundBatch, SyncHandler,
+    channel_handler,
 };
 use outbox::{Outbox, OutboxConfig};
 use reader::read_loop;

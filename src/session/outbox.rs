@@ -112,6 +112,8 @@ struct State {
     open_bytes: usize,
     /// Full chunks, each one write's worth, waiting for the writer.
     ready: std::collections::VecDeque<Taken>,
+    /// Control messages that go ahead of everything else.
+    urgent: Option<Taken>,
 }
 
 /// See the module documentation.
@@ -177,6 +179,7 @@ impl Outbox {
                 open_messages: 0,
                 open_bytes: 0,
                 ready: std::collections::VecDeque::new(),
+                urgent: None,
             }),
             metrics: config.metrics,
             wake: Notify::new(),
@@ -273,6 +276,58 @@ impl Outbox {
         });
         self.wake_writer(state);
         Ok(())
+    }
+
+    /// Queues a control message ahead of everything waiting, whatever the
+    /// budget: a ping or pong measures the link, and behind a backlog it
+    /// would measure the backlog (a busy sender's peer would be evicted as
+    /// silent). Each goes as a frame of its own; in signed sessions the
+    /// writer seals it, so sequence numbers still follow the wire order.
+    pub(super) fn push_urgent(&self, message: &Message) {
+        let kind = MessageKind::of(message);
+        let size = message.encoded_len();
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        let urgent = state.urgent.get_or_insert_with(|| Taken {
+            // Pooled like every chunk: the writer gives it back.
+            chunk: self.pool.take(),
+            entries: Vec::new(),
+            tally: self.metrics.tally(Direction::Out),
+            messages: 0,
+            bytes: 0,
+        });
+        let start = urgent.chunk.len();
+        if self.signed {
+            urgent.chunk.put_bytes(0, UNICAST_HEADER_ROOM);
+            signed::put_message_field(&mut urgent.chunk, size);
+        } else {
+            urgent.chunk.put_u32(size as u32);
+        }
+        let _ = message.encode(&mut urgent.chunk);
+        let end = urgent.chunk.len();
+        urgent.entries.push(if self.signed {
+            Entry::Batch {
+                start,
+                end,
+                count: 1,
+                application: 0,
+            }
+        } else {
+            Entry::Frames {
+                start,
+                end,
+                application: 0,
+            }
+        });
+        let bytes = end - start;
+        urgent.messages += 1;
+        urgent.bytes += bytes;
+        urgent.tally.add(kind, size);
+        state.messages += 1;
+        state.bytes += bytes;
+        self.wake_writer(state);
     }
 
     /// Queues an acknowledgement unless one is already waiting (it will
@@ -436,7 +491,7 @@ impl Outbox {
     /// writer is marked parked) when nothing waits.
     pub(super) fn take(&self, spare: &mut Vec<Entry>) -> Option<Taken> {
         let mut state = self.lock();
-        let taken = match state.ready.pop_front() {
+        let taken = match state.urgent.take().or_else(|| state.ready.pop_front()) {
             Some(taken) => taken,
             None if state.entries.is_empty() => {
                 state.parked = true;
@@ -504,7 +559,8 @@ impl Outbox {
         // be forgotten first.
         state.tally.discard();
         let mut chunks = vec![std::mem::take(&mut state.chunk)];
-        for mut taken in std::mem::take(&mut state.ready) {
+        let urgent = state.urgent.take();
+        for mut taken in std::mem::take(&mut state.ready).into_iter().chain(urgent) {
             taken.tally.discard();
             entries.extend(taken.entries);
             chunks.push(taken.chunk);

@@ -1,8 +1,8 @@
 //! The reading half of a session.
 
 use super::{
-    Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, PROCESSING_SAMPLE,
-    SessionContext, SessionEnd,
+    Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, InboundBatch,
+    PROCESSING_SAMPLE, SessionContext, SessionEnd,
     core::{Health, HealthAction},
 };
 use std::{sync::atomic::Ordering, time::Instant};
@@ -12,7 +12,6 @@ use prost::Message as _;
 use tracing::{info, warn};
 
 use crate::{
-    codec::{self},
     config::InboundLimit,
     decode_bound::{DecodeAllowance, DecodeBoundError},
     error::{CodecError, DisconnectReason, SignedFrameError},
@@ -52,6 +51,9 @@ pub(super) async fn read_loop<R: FrameReader>(
     let mut dispatch = Dispatch {
         tally: context.metrics.tally(Direction::In),
         handler: HandlerCache::new(&context.handler),
+        batch: InboundBatch::default(),
+        held: 0,
+        calls: 0,
     };
     // Made once, and polled only when no frame is ready: polling it takes
     // the token's lock.
@@ -63,9 +65,9 @@ pub(super) async fn read_loop<R: FrameReader>(
         if connection.is_closed() && connection.closed.is_cancelled() {
             return;
         }
-        let frame = tokio::select! {
+        let batch = tokio::select! {
             biased;
-            frame = reader.read_frame() => frame,
+            batch = reader.read_batch() => batch,
             _ = &mut closed => return,
             () = &mut timer, if timer_armed => {
                 let now = tokio::time::Instant::now();
@@ -93,7 +95,7 @@ pub(super) async fn read_loop<R: FrameReader>(
                 continue;
             }
         };
-        let body = match frame {
+        let batch = match batch {
             None => {
                 connection.finish(SessionEnd {
                     reason: DisconnectReason::NetworkError,
@@ -113,81 +115,30 @@ pub(super) async fn read_loop<R: FrameReader>(
                 }
                 return;
             }
-            Some(Ok(body)) => body,
+            Some(Ok(batch)) => batch,
         };
-        connection.received(body.len() + codec::LENGTH_PREFIX_LEN);
+        // Byte counters, metrics and the rate limit once per read.
+        let wire_len = batch.wire_len();
+        connection.received(wire_len);
         if let Some(meter) = &mut inbound
-            && !meter.admit(body.len() + codec::LENGTH_PREFIX_LEN)
+            && !meter.admit(batch.len(), wire_len)
         {
             warn!("peer over its inbound rate limit");
             context.metrics.error("throttled", "read");
             connection.close(DisconnectReason::Throttled, "inbound rate limit exceeded");
             return;
         }
-        context
-            .metrics
-            .bytes(Direction::In, body.len() + codec::LENGTH_PREFIX_LEN);
+        context.metrics.bytes(Direction::In, wire_len);
 
-        let acks = connection.acks.is_some();
-        // One allowance for everything decoding the frame allocates.
-        let mut allowance = DecodeAllowance::for_frame(body.len());
-        let flow = match opener.as_mut() {
-            None => match decode_inbound(&body, acks, &mut allowance) {
-                Ok(inbound) => deliver(connection, inbound, &body, context, &mut dispatch).await,
-                Err(err) => Flow::Close(
-                    DisconnectReason::ProtocolError,
-                    format!("malformed Message: {err}"),
-                ),
-            },
-            Some(opener) => match opener.open_within(body.clone(), &mut allowance) {
-                Ok(encoded) => {
-                    dispatch.tally.add(MessageKind::SignedFrame, body.len());
-                    // Every message is decoded before the first is handled:
-                    // a frame with one undecodable message delivers nothing,
-                    // control messages included (docs/PROTOCOL.md §4.1).
-                    match decode_all(body.len(), &encoded, acks, &mut allowance) {
-                        Ok(decoded) => {
-                            let mut flow = Flow::Continue;
-                            for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
-                                flow = deliver(connection, inbound, bytes, context, &mut dispatch)
-                                    .await;
-                                if !matches!(flow, Flow::Continue) {
-                                    break;
-                                }
-                            }
-                            flow
-                        }
-                        Err(err) => {
-                            let err = SignedFrameError::Malformed(match err {
-                                DecodeBoundError::TooLarge { .. } => err.to_string(),
-                                err => format!("message does not decode: {err}"),
-                            });
-                            context
-                                .metrics
-                                .signature_failures_total
-                                .with_label_values(&[err.kind()])
-                                .inc();
-                            Flow::Close(err.disconnect_reason(), err.to_string())
-                        }
-                    }
-                }
-                Err(err) => {
-                    warn!(error = %err, kind = err.kind(), "signed frame refused");
-                    let metrics = &context.metrics;
-                    metrics
-                        .signature_failures_total
-                        .with_label_values(&[err.kind()])
-                        .inc();
-                    if matches!(
-                        err,
-                        SignedFrameError::Replayed { .. } | SignedFrameError::TooOld { .. }
-                    ) {
-                        metrics.replay_refusals_total.inc();
-                    }
-                    Flow::Close(err.disconnect_reason(), err.to_string())
-                }
-            },
-        };
+        let mut flow = Flow::Continue;
+        for body in batch {
+            flow = receive_frame(body, connection, opener.as_mut(), context, &mut dispatch).await;
+            if !matches!(flow, Flow::Continue) {
+                break;
+            }
+        }
+        // What arrived before a Disconnect or a bad frame is still handled.
+        handle_batch(connection, context, &mut dispatch).await;
         match flow {
             Flow::Continue => {
                 // Before waiting for more: one clock reading, one ack and one
@@ -202,7 +153,10 @@ pub(super) async fn read_loop<R: FrameReader>(
                     connection.send_wanted_ack();
                 }
             }
-            Flow::PeerLeft => return,
+            Flow::PeerLeft(end) => {
+                connection.finish(end);
+                return;
+            }
             Flow::Close(reason, details) => {
                 warn!(%reason, %details, "closing connection");
                 context.metrics.error(reason.as_str(), "read");
@@ -212,6 +166,155 @@ pub(super) async fn read_loop<R: FrameReader>(
         }
     }
 }
+
+/// Opens (in signed sessions) and decodes one frame; control messages are
+/// acted on, application messages join the batch for the handler.
+async fn receive_frame(
+    body: Bytes,
+    connection: &Connection,
+    opener: Option<&mut FrameOpener>,
+    context: &SessionContext,
+    dispatch: &mut Dispatch,
+) -> Flow {
+    let acks = connection.acks.is_some();
+    // One allowance for everything decoding the frame allocates.
+    let mut allowance = DecodeAllowance::for_frame(body.len());
+    let flow = match opener {
+        None => {
+            let message = dispatch.batch.spare();
+            match decode_inbound(&body, message, acks, &mut allowance) {
+                Ok(inbound) => deliver(connection, inbound, body.len(), dispatch),
+                Err(err) => Flow::Close(
+                    DisconnectReason::ProtocolError,
+                    format!("malformed Message: {err}"),
+                ),
+            }
+        }
+        Some(opener) => match opener.open_within(body.clone(), &mut allowance) {
+            Ok(encoded) => {
+                dispatch.tally.add(MessageKind::SignedFrame, body.len());
+                // Every message is decoded before the first is handled:
+                // a frame with one undecodable message delivers nothing,
+                // control messages included (docs/PROTOCOL.md §4.1).
+                match decode_all(
+                    body.len(),
+                    &encoded,
+                    acks,
+                    &mut allowance,
+                    &mut dispatch.batch,
+                ) {
+                    Ok(decoded) => {
+                        let mut flow = Flow::Continue;
+                        for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
+                            flow = deliver(connection, inbound, bytes.len(), dispatch);
+                            if !matches!(flow, Flow::Continue) {
+                                break;
+                            }
+                        }
+                        flow
+                    }
+                    Err(err) => {
+                        let err = SignedFrameError::Malformed(match err {
+                            DecodeBoundError::TooLarge { .. } => err.to_string(),
+                            err => format!("message does not decode: {err}"),
+                        });
+                        context
+                            .metrics
+                            .signature_failures_total
+                            .with_label_values(&[err.kind()])
+                            .inc();
+                        Flow::Close(err.disconnect_reason(), err.to_string())
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(error = %err, kind = err.kind(), "signed frame refused");
+                let metrics = &context.metrics;
+                metrics
+                    .signature_failures_total
+                    .with_label_values(&[err.kind()])
+                    .inc();
+                if matches!(
+                    err,
+                    SignedFrameError::Replayed { .. } | SignedFrameError::TooOld { .. }
+                ) {
+                    metrics.replay_refusals_total.inc();
+                }
+                Flow::Close(err.disconnect_reason(), err.to_string())
+            }
+        },
+    };
+    // Waiting messages hold what decoding them was charged; past a bound
+    // the handler takes them before more is decoded, so that a read of
+    // many small frames cannot pile up what each alone was allowed.
+    dispatch.held += allowance.bound() - allowance.remaining();
+    if dispatch.held >= BATCH_HELD_BYTES || dispatch.batch.len() >= BATCH_MESSAGES {
+        handle_batch(connection, context, dispatch).await;
+    }
+    flow
+}
+
+/// Hands the waiting application messages to the handler, in order.
+async fn handle_batch(connection: &Connection, context: &SessionContext, dispatch: &mut Dispatch) {
+    dispatch.held = 0;
+    if dispatch.batch.is_empty() {
+        return;
+    }
+    let Some(handler) = dispatch.handler.current(&context.handler).cloned() else {
+        let dropped = dispatch.batch.len();
+        context
+            .metrics
+            .errors("no_handler", "handle", dropped as u64);
+        warn!(messages = dropped, "no handler set; messages dropped");
+        for inbound in dispatch.batch.drain() {
+            drop(inbound);
+            connection.dispatched();
+        }
+        return;
+    };
+    while let Some(first) = dispatch.batch.front() {
+        let kind = MessageKind::of(&first.message);
+        let before = dispatch.batch.len();
+        // Handler time is sampled: two clock reads per call cost more than
+        // the figure is worth on a busy connection.
+        let calls = dispatch.calls;
+        dispatch.calls = calls.wrapping_add(1);
+        let started = calls.is_multiple_of(PROCESSING_SAMPLE).then(Instant::now);
+        let result = match handler.handle_batch(&mut dispatch.batch) {
+            Handled::Done(result) => result,
+            Handled::Pending(future) => future.await,
+        };
+        let taken = before.saturating_sub(dispatch.batch.len());
+        for _ in 0..taken {
+            connection.dispatched();
+        }
+        if let Some(started) = started {
+            context.metrics.processing(kind, started.elapsed());
+        }
+        if let Err(err) = result {
+            context.metrics.error("handler", "handle");
+            warn!(error = %err, "handler failed");
+        }
+        if taken == 0 {
+            // A batch handler that takes nothing would be called forever.
+            let dropped = dispatch.batch.len();
+            context.metrics.errors("handler", "handle", dropped as u64);
+            warn!(
+                messages = dropped,
+                "handler took no message; the rest of the batch is dropped"
+            );
+            for _ in dispatch.batch.drain() {
+                connection.dispatched();
+            }
+        }
+    }
+}
+
+/// Application messages handed to the handler at most at once.
+const BATCH_MESSAGES: usize = 256;
+
+/// Decoded memory (as charged) that waiting messages may hold.
+const BATCH_HELD_BYTES: u64 = 256 * 1024;
 
 /// Token buckets of a connection's inbound frames and bytes.
 struct InboundMeter {
@@ -231,14 +334,15 @@ impl InboundMeter {
         }
     }
 
-    /// Charges one frame of `size` bytes; false when over the limit.
-    fn admit(&mut self, size: usize) -> bool {
+    /// Charges `frames` frames of `size` bytes in all; false when over the limit.
+    fn admit(&mut self, frames: usize, size: usize) -> bool {
         let now = Instant::now();
         let elapsed = now.duration_since(self.at).as_secs_f64();
         self.at = now;
         let limit = self.limit;
-        self.frames =
-            (self.frames + elapsed * limit.frames_per_second).min(limit.frames_per_second) - 1.0;
+        self.frames = (self.frames + elapsed * limit.frames_per_second)
+            .min(limit.frames_per_second)
+            - frames as f64;
         self.bytes = (self.bytes + elapsed * limit.bytes_per_second).min(limit.bytes_per_second)
             - size as f64;
         self.frames >= 0.0 && self.bytes >= 0.0
@@ -248,8 +352,8 @@ impl InboundMeter {
 /// What the reader does after a message.
 enum Flow {
     Continue,
-    /// The peer sent `Disconnect`; its reason is recorded.
-    PeerLeft,
+    /// The peer sent `Disconnect`, for this reason.
+    PeerLeft(SessionEnd),
     /// Send `Disconnect{reason}` and close.
     Close(DisconnectReason, String),
 }
@@ -266,10 +370,11 @@ pub(super) struct Decoded {
 /// (docs/PROTOCOL.md §5.1), and are decoded, and must decode, only then.
 fn decode_inbound(
     encoded: &Bytes,
+    mut message: Message,
     acks: bool,
     allowance: &mut DecodeAllowance,
 ) -> Result<Decoded, DecodeBoundError> {
-    let message = allowance.decode::<Message>(encoded.clone())?;
+    allowance.decode_into(encoded.clone(), &mut message)?;
     let ext = if acks && message.payload.is_none() {
         // Allocates nothing: an inline `Ack` and a flag.
         let ext =
@@ -292,31 +397,32 @@ pub(super) fn decode_all(
     encoded: &[Bytes],
     acks: bool,
     allowance: &mut DecodeAllowance,
+    batch: &mut InboundBatch,
 ) -> Result<Vec<Decoded>, DecodeBoundError> {
     let slots = (encoded.len() as u64).saturating_mul(std::mem::size_of::<Decoded>() as u64);
     allowance.reserve("the messages of a signed frame", frame_len, slots)?;
     let mut decoded = Vec::with_capacity(encoded.len());
     for bytes in encoded {
-        decoded.push(decode_inbound(bytes, acks, allowance)?);
+        let message = batch.spare();
+        decoded.push(decode_inbound(bytes, message, acks, allowance)?);
     }
     Ok(decoded)
 }
 
-/// Handles control messages; hands the rest to the application handler.
-async fn deliver(
+/// Acts on a control message; queues an application message for the handler.
+fn deliver(
     connection: &Connection,
     Decoded { message, ext }: Decoded,
-    encoded: &Bytes,
-    context: &SessionContext,
+    size: usize,
     dispatch: &mut Dispatch,
 ) -> Flow {
     let tally = &mut dispatch.tally;
-    let size = encoded.len();
     if let Some(acks) = &connection.acks
         && let Some(ext) = ext
         && (ext.ack.is_some() || ext.ack_request)
     {
         tally.add(MessageKind::Ack, size);
+        dispatch.batch.recycle(message);
         if let Some(ack) = ext.ack
             && let Err(details) = acks.acknowledge(ack.delivered)
         {
@@ -329,7 +435,7 @@ async fn deliver(
     }
     let kind = MessageKind::of(&message);
     tally.add(kind, size);
-    match &message.payload {
+    let flow = match &message.payload {
         Some(Payload::Ping(ping)) => {
             connection.push_control(Payload::Pong(Pong {
                 timestamp: ping.timestamp,
@@ -340,51 +446,30 @@ async fn deliver(
         Some(Payload::Disconnect(disconnect)) => {
             let reason = DisconnectReason::from_proto(disconnect.reason);
             info!(%reason, details = %crate::log_safe(&disconnect.details), "peer disconnected");
-            connection.finish(SessionEnd {
+            Flow::PeerLeft(SessionEnd {
                 reason,
                 details: disconnect.details.clone(),
                 by_peer: true,
-            });
-            Flow::PeerLeft
+            })
         }
         Some(Payload::HandshakeRequest(_) | Payload::HandshakeResponse(_)) => Flow::Close(
             DisconnectReason::ProtocolError,
             "handshake message after the handshake".into(),
         ),
         _ => {
-            let received = connection
+            connection
                 .counters
                 .messages_in
                 .fetch_add(1, Ordering::Relaxed);
-            let Some(handler) = dispatch.handler.current(&context.handler) else {
-                context.metrics.error("no_handler", "handle");
-                warn!(kind = kind.label(), "no handler set; message dropped");
-                connection.dispatched();
-                return Flow::Continue;
-            };
-            let inbound = Inbound {
+            dispatch.held += std::mem::size_of::<Inbound>() as u64;
+            dispatch.batch.push(Inbound {
                 from: connection.identity.clone(),
                 connection_id: connection.id,
                 message,
-            };
-            // Handler time is sampled: two clock reads per message cost more
-            // than the figure is worth on a busy connection.
-            let started = received
-                .is_multiple_of(PROCESSING_SAMPLE)
-                .then(Instant::now);
-            let result = match handler.handle(inbound) {
-                Handled::Done(result) => result,
-                Handled::Pending(future) => future.await,
-            };
-            connection.dispatched();
-            if let Some(started) = started {
-                context.metrics.processing(kind, started.elapsed());
-            }
-            if let Err(err) = result {
-                context.metrics.error("handler", "handle");
-                warn!(error = %err, "handler failed");
-            }
-            Flow::Continue
+            });
+            return Flow::Continue;
         }
-    }
+    };
+    dispatch.batch.recycle(message);
+    flow
 }

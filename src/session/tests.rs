@@ -36,7 +36,13 @@ fn decode_frame(body: &Bytes) -> Result<Vec<Decoded>, DecodeBoundError> {
         crate::decode_bound::Source::Shared,
     )?;
     let frame = crate::proto::transport::v1::SignedFrame::decode(body.clone()).unwrap();
-    decode_all(body.len(), &frame.messages, true, &mut allowance)
+    decode_all(
+        body.len(),
+        &frame.messages,
+        true,
+        &mut allowance,
+        &mut super::InboundBatch::default(),
+    )
 }
 
 #[test]
@@ -143,4 +149,59 @@ fn failing_the_waiting_tells_every_sender() {
         );
     }
     assert_eq!(acks.fail_waiting(), 0);
+}
+
+fn outbox(signed: bool) -> Outbox {
+    Outbox::new(OutboxConfig {
+        max_messages: 4,
+        max_bytes: 1 << 20,
+        signed,
+        max_frame_size: 1 << 20,
+        sender_id: Some("me".into()),
+        pool: std::sync::Arc::new(BufferPool::new(WRITE_BUFFER_CAPACITY, 2)),
+        metrics: Metrics::new("outbox_test"),
+    })
+}
+
+#[test]
+fn pings_and_pongs_overtake_a_full_queue() {
+    for signed in [false, true] {
+        let outbox = outbox(signed);
+        let mut data = Message {
+            sender_id: String::new(),
+            payload: Some(Payload::L2Block(crate::proto::rollup::v1::L2Block {
+                block: vec![7; 100].into(),
+                ..Default::default()
+            })),
+        };
+        for _ in 0..4 {
+            let len = data.encoded_len();
+            outbox.push(&mut data.clone(), len, None, false).unwrap();
+        }
+        // The budget is spent, yet control messages go, and go first.
+        let len = data.encoded_len();
+        assert!(outbox.push(&mut data, len, None, false).is_err());
+        outbox.push_urgent(&control(Payload::Pong(Pong { timestamp: 9 })));
+        assert_eq!(outbox.queued(), 5);
+        let first = outbox.take(&mut Vec::new()).expect("the pong");
+        assert_eq!(first.entries.len(), 1, "signed {signed}");
+        let (start, end) = match first.entries[0] {
+            outbox::Entry::Frames { start, end, .. } | outbox::Entry::Batch { start, end, .. } => {
+                (start, end)
+            }
+            _ => panic!("a frame"),
+        };
+        let body = &first.chunk[start..end];
+        let room = if signed {
+            outbox::UNICAST_HEADER_ROOM
+        } else {
+            0
+        };
+        let pong = control(Payload::Pong(Pong { timestamp: 9 })).encode_to_vec();
+        assert!(body[room..].ends_with(&pong), "signed {signed}");
+        let rest = outbox.take(&mut Vec::new()).expect("the data");
+        assert_eq!(rest.entries.len(), 1, "one frame or batch of four");
+        assert!(outbox.take(&mut Vec::new()).is_none());
+        assert_eq!(outbox.queued(), 0);
+    }
 }

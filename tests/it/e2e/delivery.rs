@@ -5,8 +5,8 @@
 use std::{sync::Arc, time::Duration};
 
 use publisher_transport::{
-    ClientAuth, DisconnectReason, Handled, Handler, Inbound, ServerAuth, TransportError,
-    TrySendError, channel_handler,
+    ClientAuth, DisconnectReason, Handled, Handler, Inbound, InboundBatch, ServerAuth,
+    TransportError, TrySendError, channel_handler,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -321,4 +321,74 @@ pub async fn a_peer_that_stops_acknowledging_is_disconnected<H: Harness>() {
     // Let every held or later message through.
     gate.add_permits(Semaphore::MAX_PERMITS / 2);
     server.stop().await.unwrap();
+}
+
+/// Takes every message of a batch at once, notes its number and where its
+/// `sender_id` lives, and gives the message back for reuse.
+struct RecyclingHandler {
+    seen: mpsc::UnboundedSender<(u64, usize)>,
+}
+
+impl Handler for RecyclingHandler {
+    fn handle(&self, _: Inbound) -> Handled {
+        Handled::Done(Err("only batches are expected".into()))
+    }
+
+    fn handle_batch(&self, batch: &mut InboundBatch) -> Handled {
+        let messages: Vec<Inbound> = batch.drain().collect();
+        for inbound in messages {
+            let _ = self.seen.send((
+                number_of(&inbound.message),
+                inbound.message.sender_id.as_ptr() as usize,
+            ));
+            batch.recycle(inbound.message);
+        }
+        Handled::Done(Ok(()))
+    }
+}
+
+/// A handler that takes whole batches gets every message once, in order,
+/// and messages it gives back are decoded into again (their `sender_id`
+/// buffers come back), in plain and signed sessions.
+pub async fn a_batch_handler_gets_everything_in_order_and_reuses_messages<H: Harness>() {
+    const MESSAGES: u64 = 3_000;
+    for signed in [false, true] {
+        let keys = Keys::new(1);
+        let server = H::server(server_config(), Some(keys.server_auth()));
+        let (seen, mut seen_rx) = mpsc::unbounded_channel();
+        server.set_handler(Arc::new(RecyclingHandler { seen }));
+        let addr = server.start().await.unwrap();
+        let client = H::client(
+            client_config("a-client-id-long-enough-to-live-on-the-heap"),
+            Some(ClientAuth {
+                signed_frames: signed,
+                ..keys.client_auth(0)
+            }),
+        );
+        client.connect(&H::dial_addr(addr)).await.unwrap();
+        for n in 0..MESSAGES {
+            client.send(numbered(n)).await.unwrap();
+        }
+        let mut buffers = std::collections::HashSet::new();
+        let mut reused = 0;
+        for expected in 0..MESSAGES {
+            let (n, buffer) = tokio::time::timeout(STEP_TIMEOUT, seen_rx.recv())
+                .await
+                .expect("message in time")
+                .expect("handler alive");
+            assert_eq!(n, expected, "signed {signed}: out of order");
+            if !buffers.insert(buffer) {
+                reused += 1;
+            }
+        }
+        // Only the first batch (at most one signed frame's worth) has
+        // nothing recycled to decode into.
+        let first_batch = publisher_transport::session::SIGNED_BATCH_MAX_MESSAGES as u64;
+        assert!(
+            reused >= MESSAGES - first_batch,
+            "signed {signed}: only {reused} of {MESSAGES} messages reused a buffer"
+        );
+        client.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    }
 }

@@ -121,6 +121,7 @@ macro_rules! e2e_suite {
                 delivery::sessions_without_acks_refuse_confirmation,
                 delivery::try_send_hands_back_what_a_full_queue_cannot_take,
                 delivery::a_peer_that_stops_acknowledging_is_disconnected,
+                delivery::a_batch_handler_gets_everything_in_order_and_reuses_messages,
                 flow::broadcast_reaches_100_authenticated_clients,
                 flow::broadcast_exclusion_skips_only_the_excluded,
                 flow::two_phase_commit_in_miniature,
