@@ -41,6 +41,11 @@ pub mod stream;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+/// README.md's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use backend::tcp::{TcpBackend, TcpOptions};

@@ -5,7 +5,7 @@
 //!
 //! Memory is measured in a process of its own (see [`isolated`]).
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -13,7 +13,6 @@ use prost::Message as _;
 use publisher_transport::{
     CodecError, CryptoBackend, DisconnectReason, FrameCodec, Message, SecretKey, TcpServer,
     codec::{DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE, RawFrame, frame_body},
-    handshake::{ClientHandshake, ClientHandshakeConfig},
     proto::{Payload, rollup::v1::HandshakeResponse},
     signed::{Audience, FrameOpener, seal},
 };
@@ -23,6 +22,7 @@ use tokio_util::codec::Framed;
 use crate::{
     dos::{in_isolation, isolated, mib, peak_rss, rss},
     e2e::{Keys, STEP_TIMEOUT, bounded, server_config},
+    raw_peer::signed_handshake,
 };
 
 /// Resident memory a refused bomb may add: the frame itself, buffered while
@@ -247,20 +247,8 @@ impl SignedPeer {
     async fn connect(addr: SocketAddr, keys: &Keys) -> Self {
         let key = keys.clients[0].clone();
         let mut peer = raw(addr).await;
-        let mut config = ClientHandshakeConfig::new(key.clone(), "bomber");
-        config.expected_server_key = Some(keys.server.public_key().clone());
-        let handshake = ClientHandshake::start(config, SystemTime::now(), rand::random(), 1);
-        let request = frame_body(handshake.request(), HANDSHAKE_MAX_FRAME_SIZE).unwrap();
-        peer.send(RawFrame(request)).await.unwrap();
-        let response = next(&mut peer).await.expect("a handshake response");
-        let session = handshake.finish(&response).unwrap();
-        let signed = session.signed_frames.expect("signed frames negotiated");
-        let opener = FrameOpener::new(
-            &signed,
-            key.public_key().clone(),
-            session.identity.clone(),
-            CryptoBackend::default(),
-        );
+        let (signed, opener) =
+            signed_handshake(&mut peer, &key, keys.server.public_key(), "bomber").await;
         Self {
             peer,
             key,

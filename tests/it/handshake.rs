@@ -16,7 +16,8 @@ use publisher_transport::{
     handshake::{
         AcceptedClient, ClientHandshake, ClientHandshakeConfig, DEFAULT_MAX_CLOCK_SKEW,
         MAX_NONCES_PER_KEY, NONCE_LEN, SequenceFloors, ServerHandshake, ServerHandshakeConfig,
-        ServerSession, ServerVerdict, SignedFrameSession, SignedFramesPolicy, go_request_digest,
+        ServerSession, ServerVerdict, SignedFrameSession, SignedFramesPolicy,
+        client_transcript_digest, go_request_digest, server_transcript_digest, session_tag,
         unix_nanos,
     },
     proto::{
@@ -851,6 +852,116 @@ fn delivery_acks_need_both_sides() {
         let (accepted, session) =
             handshake(&ext_server(backend), go_client_config(backend), t0(), 3);
         assert!(!accepted.delivery_acks && !session.delivery_acks);
+    }
+}
+
+/// Signs `ext` as the server would (`server_signature` = the proof over the
+/// transcript of `request` and this response), so that only the client's
+/// checks after the proof can refuse it.
+fn resign_response(
+    backend: CryptoBackend,
+    request: &[u8],
+    base: &HandshakeResponse,
+    ext: &mut HandshakeResponseExt,
+) {
+    let digest = server_transcript_digest(request, base, ext);
+    let proof = server_key().sign_digest_with(backend, &digest);
+    ext.server_signature = Bytes::copy_from_slice(proof.as_bytes());
+}
+
+// PROTOCOL.md §3
+#[test]
+fn a_later_ext_version_is_answered_and_signed_as_version_1() {
+    for &backend in CryptoBackend::available() {
+        // A request announcing version 2, correctly signed.
+        let client = start(client_config(backend), t0(), 1);
+        let (request, mut ext) = decode_request(client.request());
+        ext.ext_version = 2;
+        let digest = client_transcript_digest(&request, &ext);
+        ext.ext_signature =
+            Bytes::copy_from_slice(client_key().sign_digest_with(backend, &digest).as_bytes());
+        let body = concat(&request, &ext);
+
+        let (response, accepted) =
+            expect_accept(ext_server(backend).respond(&body, t0(), SERVER_FLOORS));
+        assert!(accepted.extended);
+        let (base, ext) = decode_response(&response);
+        assert_eq!(ext.ext_version, 1, "the server answers 1");
+        // ... and its proof covers that 1.
+        let proof = Signature::from_slice(&ext.server_signature).unwrap();
+        let signed = server_transcript_digest(&body, &base, &ext);
+        assert_eq!(
+            &recover(backend, &signed, &proof).unwrap(),
+            server_key().public_key()
+        );
+
+        // A client treats a response of version 2 as version 1, with the
+        // received value in the transcript.
+        let (client, response) = accepted_response(backend, client_config(backend), 2);
+        let (base, mut ext) = decode_response(&response);
+        ext.ext_version = 2;
+        resign_response(backend, client.request(), &base, &mut ext);
+        let session = client.finish(&concat(&base, &ext)).unwrap();
+        assert!(session.signed_frames.is_some() && session.delivery_acks);
+    }
+}
+
+// PROTOCOL.md §3.2, client checks 6 and 7
+#[test]
+fn client_refuses_features_it_did_not_offer() {
+    for &backend in CryptoBackend::available() {
+        let cases = [
+            (
+                Feature::SignedFrames,
+                "server enabled signed frames that were not offered",
+            ),
+            (
+                Feature::DeliveryAcks,
+                "server enabled delivery acknowledgements that were not offered",
+            ),
+        ];
+        for (feature, text) in cases {
+            let mut config = client_config(backend);
+            config.signed_frames = false;
+            config.delivery_acks = false;
+            let (client, response) = accepted_response(backend, config, 1);
+            let (base, mut ext) = decode_response(&response);
+            assert_eq!(ext.features, Feature::MutualAuth as u32);
+            ext.features |= feature as u32;
+            resign_response(backend, client.request(), &base, &mut ext);
+            let error = client.finish(&concat(&base, &ext)).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!("handshake rejected by server: {text}")
+            );
+        }
+    }
+}
+
+// PROTOCOL.md §3, `server_public_key`
+#[test]
+fn a_65_byte_server_public_key_is_accepted() {
+    for &backend in CryptoBackend::available() {
+        let mut config = client_config(backend);
+        config.expected_server_key = Some(server_key().public_key().clone());
+        let (client, response) = accepted_response(backend, config, 1);
+        let (base, mut ext) = decode_response(&response);
+        assert_eq!(
+            ext.server_public_key.len(),
+            33,
+            "this server sends 33 bytes"
+        );
+        ext.server_public_key =
+            Bytes::copy_from_slice(&server_key().public_key().to_uncompressed());
+        resign_response(backend, client.request(), &base, &mut ext);
+        let request = client.request().clone();
+        let body = concat(&base, &ext);
+        let session = client.finish(&body).unwrap();
+        // The expected key matches whatever its encoding; frames use the key.
+        assert_eq!(session.server_key.as_ref(), Some(server_key().public_key()));
+        let signed = session.signed_frames.unwrap();
+        assert_eq!(&signed.peer_key, server_key().public_key());
+        assert_eq!(signed.session_tag, session_tag(&request, &body));
     }
 }
 

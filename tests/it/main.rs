@@ -22,6 +22,7 @@ mod netns;
 mod ops;
 #[cfg(feature = "quic")]
 mod quic;
+mod raw_peer;
 mod refused_frames;
 mod restart;
 mod sighup;

@@ -10,7 +10,6 @@ use publisher_transport::{
     ClientAuth, ClientConfig, FrameCodec, Message, RateLimit, RetryPolicy, SecretKey, ServerAuth,
     ServerConfig, TcpClient, TcpServer, TrustStore, channel_handler,
     codec::RawFrame,
-    handshake::{ClientHandshake, ClientHandshakeConfig},
     metrics,
     proto::{
         Payload,
@@ -22,6 +21,8 @@ use publisher_transport::{
 };
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpStream, sync::oneshot, time::timeout};
 use tokio_util::codec::Framed;
+
+use crate::raw_peer::signed_handshake;
 
 /// Sum of every sample of `name` (all label sets), from the text format.
 fn parse(text: &str) -> HashMap<String, f64> {
@@ -305,15 +306,8 @@ async fn forged_and_replayed_frames(
     for replay in [false, true] {
         let stream = TcpStream::connect(addr).await.unwrap();
         let mut framed = Framed::new(stream, FrameCodec::default());
-        let mut config = ClientHandshakeConfig::new(client_key.clone(), "raw");
-        config.expected_server_key = Some(server_key.public_key().clone());
-        let handshake =
-            ClientHandshake::start(config, std::time::SystemTime::now(), rand::random(), 1);
-        let request = publisher_transport::codec::frame_body(handshake.request(), 1 << 20).unwrap();
-        framed.send(RawFrame(request)).await.unwrap();
-        let response = framed.next().await.unwrap().unwrap();
-        let session = handshake.finish(&response).unwrap();
-        let signed = session.signed_frames.expect("signed frames negotiated");
+        let (signed, _) =
+            signed_handshake(&mut framed, client_key, server_key.public_key(), "raw").await;
         let audience = Audience::Unicast {
             recipient: server_key.public_key().clone(),
             session: signed.session_tag,

@@ -345,6 +345,16 @@ fn frames_further_behind_than_the_window_are_refused() {
     }
 }
 
+/// A refusal as misaddressed, with the text PROTOCOL.md §4.5 gives for `why`.
+fn assert_misaddressed<T: std::fmt::Debug>(result: Result<T, SignedFrameError>, why: &str) {
+    match result {
+        Err(err @ SignedFrameError::Misaddressed(_)) => {
+            assert_eq!(err.to_string(), format!("signed frame misaddressed: {why}"));
+        }
+        other => panic!("expected misaddressed ({why}), got {other:?}"),
+    }
+}
+
 // PROTOCOL.md §4.5
 #[test]
 fn unicast_to_another_key_is_misaddressed() {
@@ -355,16 +365,10 @@ fn unicast_to_another_key_is_misaddressed() {
             session: f.negotiated.client_view.session_tag,
         };
         let frame = seal(&server_key(), backend, UNICAST, &audience, messages(1)).encode_to_vec();
-        assert!(matches!(
-            f.at_client.open(&frame),
-            Err(SignedFrameError::Misaddressed(_))
-        ));
+        assert_misaddressed(f.at_client.open(&frame), "unicast to another key");
         // A frame the client meant for the server cannot be bounced back to it.
         let frame = f.to_server(CLIENT_FLOOR, messages(1));
-        assert!(matches!(
-            f.at_client.open(&frame),
-            Err(SignedFrameError::Misaddressed(_))
-        ));
+        assert_misaddressed(f.at_client.open(&frame), "unicast to another key");
         // Refusal left the unicast window untouched.
         f.at_client
             .open(&f.to_client(UNICAST, messages(1)))
@@ -378,10 +382,10 @@ fn broadcast_audience_is_checked_against_our_identity() {
     for &backend in CryptoBackend::available() {
         let mut f = Fixture::new(backend);
         let floor = SERVER_FLOORS.broadcast.unwrap();
-        assert!(matches!(
+        assert_misaddressed(
             f.at_client.open(&f.broadcast(floor, IDENTITY)),
-            Err(SignedFrameError::Misaddressed(_))
-        ));
+            "broadcast excludes us",
+        );
         assert_eq!(
             f.at_client.open(&f.broadcast(floor, "")).unwrap(),
             messages(1)
@@ -399,10 +403,10 @@ fn broadcast_audience_is_checked_against_our_identity() {
             None,
             backend,
         );
-        assert!(matches!(
+        assert_misaddressed(
             anonymous.open(&f.broadcast(floor, "seq-b")),
-            Err(SignedFrameError::Misaddressed(_))
-        ));
+            "broadcast excludes us",
+        );
         anonymous.open(&f.broadcast(floor, "")).unwrap();
     }
 }
@@ -419,10 +423,14 @@ fn broadcast_from_a_peer_without_broadcast_floor_is_misaddressed() {
         };
         let frame =
             seal(&client_key(), backend, CLIENT_FLOOR, &audience, messages(1)).encode_to_vec();
-        assert!(matches!(
-            f.at_server.open(&frame),
-            Err(SignedFrameError::Misaddressed(_))
-        ));
+        assert_misaddressed(f.at_server.open(&frame), "peer does not broadcast");
+        // A client broadcast excluding anyone is refused first for that.
+        let audience = Audience::Broadcast {
+            exclude: "seq-b".into(),
+        };
+        let frame =
+            seal(&client_key(), backend, CLIENT_FLOOR, &audience, messages(1)).encode_to_vec();
+        assert_misaddressed(f.at_server.open(&frame), "broadcast excludes us");
     }
 }
 
