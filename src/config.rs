@@ -88,7 +88,10 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Largest frame body (Go: 10 MiB).
     pub max_message_size: usize,
-    /// Initial read buffer per connection (Go: 8192).
+    /// Read buffer per connection (Go: 8192): what the first read asks
+    /// for, and the least a busy connection's reads shrink back to; reads
+    /// grow to 64 KiB (or this, if larger) while they fill the buffer.
+    /// Applies to the TCP, TLS and QUIC back-ends (gRPC buffers itself).
     pub buffer_size: usize,
     /// Bound on a client's handshake (Go: 5 s).
     #[serde(with = "humantime_serde")]
@@ -115,8 +118,11 @@ pub struct ServerConfig {
     /// Ping a peer silent for this long; `None` never pings.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Option<Duration>,
-    /// Frames queued per connection.
+    /// Messages queued per connection.
     pub send_queue_capacity: usize,
+    /// Bytes queued per connection (at least 64 KiB); a message larger
+    /// than this still goes when nothing else waits.
+    pub send_queue_bytes: usize,
     /// Connection rate limit per address prefix; `None` disables it.
     pub rate_limit: Option<RateLimit>,
     /// How long `stop` waits for peers to take their `Disconnect`.
@@ -148,6 +154,7 @@ impl Default for ServerConfig {
             disconnect_timeout: Duration::from_secs(1),
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
+            send_queue_bytes: crate::session::DEFAULT_SEND_QUEUE_BYTES,
             rate_limit: Some(RateLimit::default()),
             stop_timeout: Duration::from_secs(5),
             read_budget: 256 * 1024 * 1024,
@@ -186,6 +193,8 @@ impl ServerConfig {
         common_checks(
             self.max_message_size,
             self.send_queue_capacity,
+            self.send_queue_bytes,
+            self.buffer_size,
             [
                 ("read_timeout", self.read_timeout),
                 ("write_timeout", self.write_timeout),
@@ -239,13 +248,19 @@ impl ServerConfig {
             write_timeout: self.write_timeout,
             ping_interval: self.ping_interval,
             send_queue_capacity: self.send_queue_capacity,
-            send_queue_bytes: crate::session::DEFAULT_SEND_QUEUE_BYTES,
+            send_queue_bytes: self.send_queue_bytes,
+            read_buffer_size: self.buffer_size,
             max_frame_size: self.max_message_size,
             disconnect_timeout: self.disconnect_timeout,
             inbound_limit: self.inbound_limit,
         }
     }
 }
+
+/// Smallest `buffer_size`: below this a read costs more than it carries.
+pub const MIN_READ_BUFFER: usize = 1024;
+/// Largest `buffer_size`: the most one connection reads ahead at once.
+pub const MAX_READ_BUFFER: usize = 16 * 1024 * 1024;
 
 /// Largest count a setting backed by a semaphore or bounded channel may hold
 /// (tokio's `Semaphore::MAX_PERMITS`, about 2.3 × 10¹⁸ on 64-bit targets).
@@ -258,6 +273,8 @@ fn invalid(field: &str, problem: &str) -> Result<(), TransportError> {
 fn common_checks<const N: usize>(
     max_message_size: usize,
     send_queue_capacity: usize,
+    send_queue_bytes: usize,
+    buffer_size: usize,
     timeouts: [(&str, Duration); N],
 ) -> Result<(), TransportError> {
     if max_message_size < HANDSHAKE_MAX_FRAME_SIZE || max_message_size > u32::MAX as usize {
@@ -273,6 +290,15 @@ fn common_checks<const N: usize>(
         return invalid(
             "send_queue_capacity",
             &format!("must be between 1 and {MAX_COUNT}"),
+        );
+    }
+    if send_queue_bytes < 64 * 1024 {
+        return invalid("send_queue_bytes", "must be at least 64 KiB");
+    }
+    if !(MIN_READ_BUFFER..=MAX_READ_BUFFER).contains(&buffer_size) {
+        return invalid(
+            "buffer_size",
+            &format!("must be between {MIN_READ_BUFFER} and {MAX_READ_BUFFER} bytes"),
         );
     }
     for (field, timeout) in timeouts {
@@ -310,7 +336,7 @@ pub struct ClientConfig {
     pub auto_reconnect: bool,
     /// Largest frame body (Go: 10 MiB).
     pub max_message_size: usize,
-    /// Initial read buffer (Go: 8192).
+    /// Read buffer (Go: 8192); see [`ServerConfig::buffer_size`].
     pub buffer_size: usize,
     /// Bound on the handshake exchange (Go: 5 s on the server's side).
     #[serde(with = "humantime_serde")]
@@ -318,8 +344,10 @@ pub struct ClientConfig {
     /// Ping after this long without receiving anything (Go: every 15 s).
     #[serde(with = "humantime_serde")]
     pub ping_interval: Option<Duration>,
-    /// Frames queued before `send` waits.
+    /// Messages queued before `send` waits.
     pub send_queue_capacity: usize,
+    /// Bytes queued before `send` waits; see [`ServerConfig::send_queue_bytes`].
+    pub send_queue_bytes: usize,
     /// Bound on writing a final `Disconnect` (Go: 1 s).
     #[serde(with = "humantime_serde")]
     pub disconnect_timeout: Duration,
@@ -341,6 +369,7 @@ impl Default for ClientConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
+            send_queue_bytes: crate::session::DEFAULT_SEND_QUEUE_BYTES,
             disconnect_timeout: Duration::from_secs(1),
         }
     }
@@ -370,6 +399,8 @@ impl ClientConfig {
         common_checks(
             self.max_message_size,
             self.send_queue_capacity,
+            self.send_queue_bytes,
+            self.buffer_size,
             [
                 ("connect_timeout", self.connect_timeout),
                 ("read_timeout", self.read_timeout),
@@ -389,7 +420,8 @@ impl ClientConfig {
             write_timeout: self.write_timeout,
             ping_interval: self.ping_interval,
             send_queue_capacity: self.send_queue_capacity,
-            send_queue_bytes: crate::session::DEFAULT_SEND_QUEUE_BYTES,
+            send_queue_bytes: self.send_queue_bytes,
+            read_buffer_size: self.buffer_size,
             max_frame_size: self.max_message_size,
             disconnect_timeout: self.disconnect_timeout,
             inbound_limit: None,

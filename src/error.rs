@@ -485,9 +485,6 @@ pub enum TransportError {
     /// A setting is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The operation was cancelled (e.g. by `disconnect`).
-    #[error("cancelled")]
-    Cancelled,
 }
 
 /// Why [`try_send`](crate::TransportClient::try_send) did not queue a message.

@@ -66,7 +66,7 @@ pub use proto::Message;
 pub use retry::RetryPolicy;
 pub use server::TransportServer;
 pub use session::{
-    ConnectionInfo, Handled, Handler, HandlerError, Inbound, InboundBatch, SyncHandler,
+    ConnectionInfo, Handled, Handler, HandlerError, Inbound, InboundBatch, Messages, SyncHandler,
     channel_handler,
 };
 

@@ -309,9 +309,9 @@ impl Metrics {
                 .map(|k| processing_duration.with_label_values(&[k.label()])),
         };
         let bytes = directions.map(|d| bytes_total.with_label_values(&[d]));
-        for kind in ["read", "write"] {
-            buffer_utilization.with_label_values(&[kind]).set(0.0);
-        }
+        // Only the pooled write buffers are measured (`type="write"`): the
+        // read buffers belong to their connections, not to a pool.
+        buffer_utilization.with_label_values(&["write"]).set(0.0);
 
         Arc::new(Self {
             registry,

@@ -36,6 +36,10 @@ pub trait FrameReader: Send + 'static {
     }
     /// Changes the largest body accepted from now on.
     fn set_max_frame_size(&mut self, max: usize);
+    /// Sets what a read asks for at first and at least (reads grow while
+    /// they fill the buffer). Readers that receive whole frames from their
+    /// transport ignore it.
+    fn set_read_buffer_size(&mut self, _size: usize) {}
     /// Shares a budget for buffering large frames (see [`ReadBudget`]).
     /// Readers that receive whole frames from their transport ignore it.
     fn set_read_budget(&mut self, _budget: Arc<ReadBudget>) {}

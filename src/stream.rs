@@ -20,7 +20,9 @@ use crate::{
 /// shared [`ReadBudget`]: small frames never wait for it.
 pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
 
-/// Initial read buffer; it grows only with bytes that actually arrive.
+/// What a read asks for at first and at least, unless set
+/// ([`FrameReader::set_read_buffer_size`]); the buffer grows only with
+/// bytes that actually arrive.
 const INITIAL_READ_BUFFER: usize = 8 * 1024;
 
 /// A memory budget for partly received large frames, shared by every
@@ -91,6 +93,10 @@ pub struct StreamFrameReader<R> {
     /// How much one read asks for: doubles while reads fill it (a busy
     /// stream reads many frames per system call), halves when they don't.
     read_size: usize,
+    /// The least `read_size` shrinks to.
+    min_read: usize,
+    /// The most `read_size` grows to.
+    max_read: usize,
 }
 
 impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
@@ -105,6 +111,8 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamFrameReader<R> {
             overdraft: None,
             eof: false,
             read_size: INITIAL_READ_BUFFER,
+            min_read: INITIAL_READ_BUFFER,
+            max_read: UNBUDGETED_FRAME_BYTES,
         }
     }
 
@@ -194,15 +202,11 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
             if budgeted && let Err(err) = self.cover(self.buffer.len() + want).await {
                 return Some(Err(err));
             }
-            self.buffer.reserve(want.max(INITIAL_READ_BUFFER / 2));
+            self.buffer.reserve(want.max(self.min_read / 2));
             // `read_buf` fills all spare capacity, which a large frame grows
             // far beyond `want`: uncapped, it reads bytes the budget does not
             // cover (8 peers could buffer 19 MiB against a 4 MiB budget).
-            let limit = if budgeted {
-                want
-            } else {
-                UNBUDGETED_FRAME_BYTES
-            };
+            let limit = if budgeted { want } else { self.max_read };
             let asked = (self.buffer.capacity() - self.buffer.len()).min(limit);
             match (&mut self.inner)
                 .take(limit as u64)
@@ -212,9 +216,9 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
                 Ok(0) => self.eof = true,
                 Ok(read) => {
                     if read >= asked && !budgeted {
-                        self.read_size = (self.read_size * 2).min(UNBUDGETED_FRAME_BYTES);
+                        self.read_size = (self.read_size * 2).min(self.max_read);
                     } else if read < self.read_size / 4 {
-                        self.read_size = (self.read_size / 2).max(INITIAL_READ_BUFFER);
+                        self.read_size = (self.read_size / 2).max(self.min_read);
                     }
                 }
                 Err(err) => return Some(Err(CodecError::Io(err))),
@@ -247,6 +251,12 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
 
     fn set_max_frame_size(&mut self, max: usize) {
         self.codec.set_max_frame_size(max);
+    }
+
+    fn set_read_buffer_size(&mut self, size: usize) {
+        self.min_read = size.max(1);
+        self.max_read = UNBUDGETED_FRAME_BYTES.max(self.min_read);
+        self.read_size = self.min_read;
     }
 
     fn set_read_budget(&mut self, budget: Arc<ReadBudget>) {
@@ -354,6 +364,61 @@ where
 mod tests {
     use super::*;
     use crate::codec::frame_body;
+
+    /// Fills every read completely with 1-byte frames (`0,0,0,1,x`
+    /// repeated) and records how much each read asked for.
+    struct Firehose {
+        asked: Vec<usize>,
+        offset: usize,
+    }
+
+    impl AsyncRead for Firehose {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let want = buf.remaining();
+            self.asked.push(want);
+            for _ in 0..want {
+                let byte = [0, 0, 0, 1, 7][self.offset % 5];
+                buf.put_slice(&[byte]);
+                self.offset += 1;
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn asks(buffer_size: Option<usize>) -> Vec<usize> {
+        let mut reader = StreamFrameReader::new(
+            Firehose {
+                asked: Vec::new(),
+                offset: 0,
+            },
+            1024,
+        );
+        if let Some(size) = buffer_size {
+            reader.set_read_buffer_size(size);
+        }
+        for _ in 0..8 {
+            reader.read_batch().await.unwrap().unwrap();
+        }
+        reader.inner.asked
+    }
+
+    #[tokio::test]
+    async fn buffer_size_sets_the_first_read_and_reads_grow_while_they_fill() {
+        // (buffer_size, first read, largest read)
+        for (size, first, cap) in [
+            (None, 8192, 65536),
+            (Some(2048), 2048, 65536),
+            (Some(256 * 1024), 256 * 1024, 256 * 1024),
+        ] {
+            let asked = asks(size).await;
+            assert_eq!(asked[0], first, "{size:?}: {asked:?}");
+            assert_eq!(asked.iter().max(), Some(&cap), "{size:?}: {asked:?}");
+        }
+    }
 
     #[tokio::test]
     async fn reads_frames_split_across_writes() {

@@ -234,6 +234,10 @@ impl FrameReader for QuicReader {
         self.frames.set_max_frame_size(max);
     }
 
+    fn set_read_buffer_size(&mut self, size: usize) {
+        self.frames.set_read_buffer_size(size);
+    }
+
     fn set_read_budget(&mut self, budget: std::sync::Arc<crate::stream::ReadBudget>) {
         self.frames.set_read_budget(budget);
     }

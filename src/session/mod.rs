@@ -18,6 +18,7 @@ mod connection;
 mod core;
 mod establish;
 mod handler;
+mod messages;
 mod outbox;
 mod reader;
 #[cfg(test)]
@@ -56,6 +57,7 @@ pub use handler::{
     Handled, Handler, HandlerError, HandlerFuture, Inbound, InboundBatch, SyncHandler,
     channel_handler,
 };
+pub use messages::{Messages, message_stream};
 use outbox::{Outbox, OutboxConfig};
 use reader::read_loop;
 pub use writer::SIGNED_BATCH_MAX_MESSAGES;
@@ -77,6 +79,9 @@ pub struct SessionConfig {
     /// Bytes queued per connection before senders wait (and broadcasts drop
     /// the peer); a message larger than this still goes when nothing waits.
     pub send_queue_bytes: usize,
+    /// What a read asks for at first and at least; see
+    /// [`FrameReader::set_read_buffer_size`].
+    pub read_buffer_size: usize,
     /// Largest frame body accepted after authentication.
     pub max_frame_size: usize,
     /// Bound on writing the final `Disconnect` frame.
@@ -93,6 +98,7 @@ impl Default for SessionConfig {
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
             send_queue_bytes: DEFAULT_SEND_QUEUE_BYTES,
+            read_buffer_size: 8192,
             max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
             disconnect_timeout: Duration::from_secs(1),
             inbound_limit: None,
@@ -209,6 +215,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
 ) -> (Arc<Connection>, tokio::task::JoinHandle<SessionEnd>) {
     let config = &context.config;
     reader.set_max_frame_size(config.max_frame_size);
+    reader.set_read_buffer_size(config.read_buffer_size);
     if let Some(budget) = &context.read_budget {
         reader.set_read_budget(budget.clone());
     }

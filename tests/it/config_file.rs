@@ -587,3 +587,33 @@ async fn files_drive_a_mutually_authenticated_session() {
     client.disconnect().await.unwrap();
     server.stop().await.unwrap();
 }
+
+#[test]
+fn queue_bytes_and_read_buffer_are_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        "[transport]\nsend_queue_bytes = 1048576\nbuffer_size = 16384\n[auth]\nenabled = false";
+    let file = PublisherFile::load(write(dir.path(), "p.toml", text)).unwrap();
+    assert_eq!(file.transport.send_queue_bytes, 1 << 20);
+    assert_eq!(file.transport.buffer_size, 16384);
+    let file = SequencerFile::load(write(
+        dir.path(),
+        "s.yaml",
+        "transport: { send_queue_bytes: 131072, buffer_size: 4096 }\nauth: { enabled: false }",
+    ))
+    .unwrap();
+    assert_eq!(file.transport.send_queue_bytes, 128 * 1024);
+    assert_eq!(file.transport.buffer_size, 4096);
+    for (text, expected) in [
+        (
+            "[transport]\nbuffer_size = 0\n[auth]\nenabled = false",
+            "p.toml: transport.buffer_size: must be between 1024 and 16777216 bytes",
+        ),
+        (
+            "[transport]\nsend_queue_bytes = 100\n[auth]\nenabled = false",
+            "p.toml: transport.send_queue_bytes: must be at least 64 KiB",
+        ),
+    ] {
+        assert_eq!(message(&publisher_err("p.toml", text)), expected);
+    }
+}

@@ -12,6 +12,7 @@ mod auth;
 mod delivery;
 mod flow;
 mod hostile;
+mod stream;
 mod tcp_only;
 
 use std::{
@@ -133,6 +134,8 @@ macro_rules! e2e_suite {
                 hostile::slow_consumer_is_dropped_others_keep_receiving,
                 hostile::silent_peer_dropped_after_handshake_timeout,
                 hostile::idle_peer_evicted_with_read_timeout,
+                stream::a_message_stream_pushes_back_and_loses_nothing,
+                stream::a_message_stream_takes_only_the_kinds_asked_for,
             );
         }
     };
