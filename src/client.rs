@@ -476,6 +476,7 @@ async fn try_establish<B: Backend>(
         peer_key: None,
         delivery_acks: false,
         go_mode: false,
+        chain_id: None,
     };
     if let Some((auth, unicast, handshake)) = prepared {
         let server = client_handshake(

@@ -187,6 +187,9 @@ pub enum KeyError {
     /// A trust entry with an empty identity.
     #[error("a trusted identity must not be empty")]
     EmptyIdentity,
+    /// A trust entry with an empty chain id (give none instead).
+    #[error("a trusted chain id must not be empty")]
+    EmptyChainId,
     /// A trust-store change would map one key to two identities.
     #[error("public key is already trusted as {existing:?}")]
     KeyAlreadyTrusted {

@@ -48,8 +48,10 @@ pub struct PublisherAuthSettings {
     #[serde(default)]
     pub generate_key_if_missing: bool,
     /// Trusted sequencers: identity → public key (33 or 65 bytes, hex), or
-    /// identity → `{ key = "…", go_compatible = true }` for a sequencer
-    /// running the Go package (see [`TrustMode::GoCompatible`](crate::crypto::TrustMode::GoCompatible)).
+    /// identity → `{ key = "…", go_compatible = true, chain_id = "…" }`:
+    /// `go_compatible` for a sequencer running the Go package (see
+    /// [`TrustMode::GoCompatible`](crate::crypto::TrustMode::GoCompatible)),
+    /// `chain_id` for the chain its sessions report.
     #[serde(default)]
     pub trusted_sequencers: BTreeMap<String, TrustedKey>,
     /// Signed frames: `off`, `offer` or `require` (needs a key).
@@ -154,7 +156,12 @@ impl Role for Publisher {
         let trust = TrustStore::new();
         for (id, trusted) in &auth.trusted_sequencers {
             trust
-                .add_with_mode(id.clone(), trusted.key.clone(), trusted.mode)
+                .add_with_chain(
+                    id.clone(),
+                    trusted.key.clone(),
+                    trusted.mode,
+                    trusted.chain_id.clone(),
+                )
                 .map_err(|source| ConfigError::Key {
                     path: path.to_owned(),
                     field: format!("auth.trusted_sequencers.{id}"),
