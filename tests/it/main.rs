@@ -10,6 +10,7 @@ mod decode_bombs;
 mod dos;
 mod e2e;
 mod fuzz_regressions;
+mod go_api;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
