@@ -8,7 +8,6 @@ use std::{
 };
 
 use serde::Deserialize;
-use tracing::warn;
 
 use super::{ConfigError, KeySource, Role, TrustedKey, invalid, keys, validation_error};
 use crate::{
@@ -168,12 +167,6 @@ impl Role for Publisher {
                     source,
                 })?;
         }
-        if trust.is_empty() {
-            warn!(
-                file = %path.display(),
-                "auth.trusted_sequencers is empty: every sequencer is refused until a key is trusted"
-            );
-        }
         let server_auth = ServerAuth {
             trust: Arc::new(trust),
             key: key.map(Arc::new),
@@ -219,9 +212,6 @@ impl Role for Sequencer {
     fn check_auth(path: &Path, auth: &SequencerAuthSettings) -> Result<(), ConfigError> {
         if !auth.enabled {
             return Ok(());
-        }
-        if auth.private_key_file.is_none() && auth.private_key.is_none() {
-            return Err(no_key(path));
         }
         if auth.signed_frames == SignedFramesPolicy::Require {
             return Err(invalid(

@@ -2,6 +2,9 @@
 
 mod admission;
 mod codec_props;
+/// The example programs' shared code, for tests of their parts.
+#[path = "../../examples/common/mod.rs"]
+mod common;
 mod config_file;
 mod config_props;
 mod contract;
@@ -21,6 +24,7 @@ mod metrics;
 mod multi;
 mod netns;
 mod ops;
+mod programs;
 #[cfg(feature = "quic")]
 mod quic;
 mod refused_frames;
