@@ -14,73 +14,35 @@
 //! `metrics on http://IP:PORT/metrics` with `--metrics-listen`, then `tls
 //! fingerprint <sha256 hex>` when TLS is on (QUIC, or `--tls`); without
 //! `--tls-cert`/`--tls-key` the certificate is a self-signed one generated at
-//! start-up, which sequencers pin with `--pin-sha256`. Logs on stderr
+//! start-up, which sequencers pin with `--pin-sha256`. With `--stats-every`
+//! it prints `stats connections=N started=N committed=N aborted=N
+//! relayed=N chains=ID:CHAIN,…` that often, `-` for a sequencer without a
+//! chain id (one comes from its `trusted_sequencers` entry). Logs on stderr
 //! (`RUST_LOG`, default `info`). Stops gracefully on Ctrl-C or SIGTERM.
 
 #[path = "common/mod.rs"]
 mod common;
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use clap::Parser;
-use common::backend::{self, BackendArgs};
-use publisher_transport::{
-    PublicKey, SecretKey, ServerAuth, ServerConfig, TcpOptions, TrustMode, TrustStore,
-    channel_handler,
+use common::{
+    CoordinatorStats, backend,
+    cli::{FlagTrust, PublisherArgs},
 };
+use publisher_transport::{Server, TrustStore, channel_handler};
 use tracing::{info, warn};
 
 /// Inbound messages buffered for the coordinator before readers wait.
 const INBOUND_CAPACITY: usize = 4096;
 
-#[derive(Debug, Parser)]
-#[command(about = "Publisher: coordinates cross-chain transactions between sequencers")]
-struct Args {
-    /// Configuration file (TOML or YAML, see examples/config/); the flags
-    /// below override it. SIGHUP reloads its trusted keys.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Address to listen on (port 0 picks a free one) [default: 127.0.0.1:8080,
-    /// or the file's transport.listen_addr].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Private key file (64 hex chars); created with mode 0600 if missing.
-    /// Without it the key is ephemeral.
-    #[arg(long, value_name = "PATH")]
-    key_file: Option<PathBuf>,
-    /// Trust a sequencer's key under an identity, for the extended handshake
-    /// only (repeatable). The key is a 33-byte compressed or 65-byte
-    /// uncompressed secp256k1 key in hex.
-    #[arg(long = "trust", value_name = "ID=PUBKEY", value_parser = parse_trust)]
-    trust: Vec<(String, PublicKey)>,
-    /// Trust a sequencer running the Go package: like --trust, but its Go-mode
-    /// handshake is accepted too, and its session is unsigned (repeatable).
-    #[arg(long = "trust-go", value_name = "ID=PUBKEY", value_parser = parse_trust)]
-    trust_go: Vec<(String, PublicKey)>,
-    /// Go's auth-disabled mode: no handshake, no signatures.
-    #[arg(long)]
-    no_auth: bool,
-    /// Address to serve Prometheus metrics on.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<String>,
-    #[command(flatten)]
-    transport: BackendArgs,
-}
-
-fn parse_trust(text: &str) -> Result<(String, PublicKey), String> {
-    let (id, key) = text
-        .split_once('=')
-        .ok_or_else(|| "expected ID=PUBKEY".to_owned())?;
-    if id.is_empty() {
-        return Err("empty identity in ID=PUBKEY".to_owned());
-    }
-    let key = PublicKey::from_hex(key).map_err(|err| err.to_string())?;
-    Ok((id.to_owned(), key))
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = PublisherArgs::parse();
     common::init_tracing("info");
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,70 +53,20 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), backend::BoxError> {
-    // Bad back-end flags are reported before anything else happens.
-    args.transport.validate()?;
-    let flag_trust: Vec<(String, PublicKey, TrustMode)> = args
-        .trust
-        .iter()
-        .map(|(id, key)| (id.clone(), key.clone(), TrustMode::ExtendedOnly))
-        .chain(
-            args.trust_go
-                .iter()
-                .map(|(id, key)| (id.clone(), key.clone(), TrustMode::GoCompatible)),
-        )
-        .collect();
-    let file = args
-        .config
-        .as_deref()
-        .map(publisher_transport::config_file::PublisherFile::load)
-        .transpose()?;
-    let (mut config, tcp, file_auth) = match file {
-        Some(file) => file.into_parts(),
-        None => (
-            ServerConfig::default().with_listen_addr("127.0.0.1:8080"),
-            TcpOptions::default(),
-            None,
-        ),
-    };
-    if let Some(listen) = &args.listen {
-        config.listen_addr = listen.clone();
-    }
-    let listen = config.listen_addr.clone();
-    let key = Arc::new(match (&args.key_file, &file_auth) {
-        (Some(path), _) => SecretKey::load_or_generate(path)?,
-        (None, Some(ServerAuth { key: Some(key), .. })) => (**key).clone(),
-        (None, _) => SecretKey::generate(),
-    });
-    let auth = if args.no_auth
-        || (args.config.is_some() && file_auth.is_none() && flag_trust.is_empty())
-    {
-        if !flag_trust.is_empty() {
-            warn!("--no-auth: the --trust and --trust-go keys are not used");
-        }
-        None
-    } else {
-        let mut auth =
-            file_auth.unwrap_or_else(|| ServerAuth::new(key.clone(), Arc::new(TrustStore::new())));
-        auth.key = Some(key.clone());
-        for (id, public, mode) in &flag_trust {
-            auth.trust
-                .add_with_mode(id.clone(), public.clone(), *mode)
-                .map_err(|err| format!("--trust {id}=…: {err}"))?;
-        }
-        if auth.trust.is_empty() {
-            warn!("no trusted keys: every sequencer will be refused");
-        }
-        Some(auth)
-    };
-    let trust = auth.as_ref().map(|auth| auth.trust.clone());
+async fn run(args: PublisherArgs) -> Result<(), backend::BoxError> {
+    let setup = args.resolve()?;
+    let listen = setup.config.listen_addr.clone();
+    let trust = setup.auth.as_ref().map(|auth| auth.trust.clone());
+    let key = setup.key.clone();
 
-    let setup = backend::server(&args.transport, config, tcp, auth)?;
-    let server = setup.server;
+    let backend = backend::server(&args.transport, setup.config, setup.tcp, setup.auth)?;
+    let server = backend.server;
     // Handler and coordinator first, so no early message finds nobody listening.
     let (handler, inbound) = channel_handler(INBOUND_CAPACITY);
     server.set_handler(handler);
-    let coordinator = tokio::spawn(common::Coordinator::new(server.clone()).run(inbound));
+    let coordinator = common::Coordinator::new(server.clone());
+    let stats = coordinator.stats();
+    let coordinator = tokio::spawn(coordinator.run(inbound));
 
     let addr = server.listen(&listen).await?;
     common::say(format!("listening on {addr}"));
@@ -169,36 +81,65 @@ async fn run(args: Args) -> Result<(), backend::BoxError> {
             .await?;
         common::say(format!("metrics on http://{bound}/metrics"));
     }
-    if let Some(fingerprint) = &setup.fingerprint {
+    if let Some(fingerprint) = &backend.fingerprint {
         common::say(format!("tls fingerprint {fingerprint}"));
-        if setup.self_signed {
+        if backend.self_signed {
             info!(
                 "TLS with a self-signed certificate generated at start-up; clients pin it with --pin-sha256"
             );
         }
     }
     info!(backend = server.backend_name(), "publisher running");
+    let reporter = args
+        .stats_every
+        .map(|every| tokio::spawn(report_stats(server.clone(), stats, every)));
 
     match (&args.config, trust) {
-        (Some(path), Some(trust)) => reload_on_sighup(path, &trust, &flag_trust).await,
+        (Some(path), Some(trust)) => reload_on_sighup(path, &trust, &setup.flag_trust).await,
         _ => common::shutdown_signal().await,
     }
     info!("shutting down");
     let _ = stop_metrics.send(());
     coordinator.abort();
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
     server.stop().await?;
     Ok(())
+}
+
+/// Prints a `stats` line every `every`: the coordinator's counters and, per
+/// connected sequencer, its chain id.
+async fn report_stats(server: Arc<dyn Server>, stats: Arc<CoordinatorStats>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let mut connections = server.connections();
+        connections.sort_by(|a, b| a.identity.cmp(&b.identity));
+        let chains: Vec<String> = connections
+            .iter()
+            .map(|c| format!("{}:{}", c.identity, c.chain_id.as_deref().unwrap_or("-")))
+            .collect();
+        let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        common::say(format!(
+            "stats connections={} started={} committed={} aborted={} relayed={} chains={}",
+            connections.len(),
+            count(&stats.started),
+            count(&stats.committed),
+            count(&stats.aborted),
+            count(&stats.relayed),
+            chains.join(",")
+        ));
+    }
 }
 
 /// Waits for shutdown; on each SIGHUP re-reads the configuration file and
 /// applies its trusted keys to the running server: new ids are trusted,
 /// changed keys rotate, ids no longer listed (and not given by `--trust`)
-/// are removed. Removed or rotated keys lose their live connections.
-async fn reload_on_sighup(
-    path: &std::path::Path,
-    trust: &TrustStore,
-    flags: &[(String, PublicKey, TrustMode)],
-) {
+/// are removed; ids given by `--trust` or `--trust-go` keep the flag's key.
+/// Removed or rotated keys lose their live connections.
+async fn reload_on_sighup(path: &std::path::Path, trust: &TrustStore, flags: &[FlagTrust]) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         warn!("SIGHUP unavailable: the configuration will not be reloaded");
@@ -226,7 +167,11 @@ async fn reload_on_sighup(
             }
         }
         for (id, entry) in wanted {
-            match trust.add_with_mode(id.clone(), entry.key, entry.mode) {
+            if flags.iter().any(|(flag_id, ..)| *flag_id == id) {
+                // The command line overrides the file.
+                continue;
+            }
+            match trust.add_with_chain(id.clone(), entry.key, entry.mode, entry.chain_id) {
                 Ok(Some(old)) if trust.key_of(&id).as_ref() != Some(&old) => {
                     info!(identity = %id, "reload: key rotated")
                 }

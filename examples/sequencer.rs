@@ -19,83 +19,21 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use clap::{Parser, ValueEnum};
-use common::backend::{self, BackendArgs};
-use humantime_serde::re::humantime;
-use publisher_transport::{
-    Client, ClientAuth, ClientConfig, ConnectionEvent, Inbound, PublicKey, SecretKey, TcpOptions,
-    channel_handler, proto::Payload,
+use clap::Parser;
+use common::{
+    backend,
+    cli::{SequencerArgs, VoteChoice},
 };
+use publisher_transport::{Client, ConnectionEvent, Inbound, channel_handler, proto::Payload};
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tracing::{debug, info, warn};
 
-/// First wait before reconnecting: short, so a restarted publisher is found quickly.
-const RECONNECT_DELAY: Duration = Duration::from_millis(500);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum VoteChoice {
-    Commit,
-    Abort,
-}
-
-#[derive(Debug, Parser)]
-#[command(about = "Sequencer: votes on the publisher's cross-chain transactions")]
-struct Args {
-    /// Publisher address.
-    /// Configuration file (TOML or YAML, see examples/config/); the flags
-    /// below override it.
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    #[arg(long, value_name = "ADDR")]
-    connect: Option<String>,
-    /// Private key file (64 hex chars); created with mode 0600 if missing.
-    /// Without it the key is ephemeral.
-    #[arg(long, value_name = "PATH")]
-    key_file: Option<PathBuf>,
-    /// The publisher's public key (hex, optional 0x): require the publisher
-    /// to prove it (mutual authentication).
-    #[arg(long, value_name = "HEX", value_parser = parse_public_key)]
-    publisher_key: Option<PublicKey>,
-    /// Client id sent in the handshake (default: a fresh UUID v7).
-    #[arg(long, value_name = "NAME")]
-    client_id: Option<String>,
-    /// This sequencer's chain id, sent as 8 big-endian bytes.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    chain_id: u64,
-    /// Retries of the first connection.
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    retries: u32,
-    /// How to vote on every StartSC.
-    #[arg(long, value_enum, default_value_t = VoteChoice::Commit)]
-    vote: VoteChoice,
-    /// Submit an XTRequest this often (e.g. "500ms", "2s").
-    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
-    xt_every: Option<Duration>,
-    /// Connect without a handshake (a publisher started with --no-auth).
-    #[arg(long)]
-    no_auth: bool,
-    #[command(flatten)]
-    transport: BackendArgs,
-}
-
-fn parse_public_key(text: &str) -> Result<PublicKey, String> {
-    PublicKey::from_hex(text).map_err(|err| err.to_string())
-}
-
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval = humantime::parse_duration(text).map_err(|err| err.to_string())?;
-    if interval.is_zero() {
-        return Err("must be greater than zero".to_owned());
-    }
-    Ok(interval)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = SequencerArgs::parse();
     common::init_tracing("info");
     match run(args).await {
         Ok(code) => code,
@@ -106,53 +44,15 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
-    // Bad back-end flags are reported before a key is printed or created.
+async fn run(args: SequencerArgs) -> Result<ExitCode, backend::BoxError> {
     let factory = backend::ClientFactory::new(&args.transport)?;
-    let (mut config, tcp, file_auth) = match &args.config {
-        Some(path) => publisher_transport::config_file::SequencerFile::load(path)?.into_parts(),
-        None => (
-            ClientConfig::default().with_reconnect_delay(RECONNECT_DELAY),
-            TcpOptions::default(),
-            None,
-        ),
-    };
-    if let Some(addr) = &args.connect {
-        config.server_addr = addr.clone();
-    }
-    let connect = config.server_addr.clone();
-    if let Some(id) = &args.client_id {
-        config = config.with_client_id(id);
-    }
-    let auth = if args.no_auth || (args.config.is_some() && file_auth.is_none()) {
-        if args.publisher_key.is_some() {
-            warn!("authentication is off: --publisher-key is not used");
-        }
-        None
-    } else {
-        let mut auth = match (&args.key_file, file_auth) {
-            (Some(path), file) => {
-                let key = Arc::new(SecretKey::load_or_generate(path)?);
-                match file {
-                    Some(mut auth) => {
-                        auth.key = key;
-                        auth
-                    }
-                    None => ClientAuth::new(key),
-                }
-            }
-            (None, Some(auth)) => auth,
-            (None, None) => ClientAuth::new(Arc::new(SecretKey::generate())),
-        };
+    let setup = args.resolve()?;
+    if let Some(auth) = &setup.auth {
         // The publisher operator needs it for --trust.
         common::say(format!("public key {}", auth.key.public_key()));
-        if let Some(server_key) = args.publisher_key.clone() {
-            auth = auth.with_server_key(server_key);
-        }
-        Some(auth)
-    };
-
-    let client = factory.client(config, tcp, auth);
+    }
+    let connect = setup.config.server_addr.clone();
+    let client = factory.client(setup.config, setup.tcp, setup.auth);
     let (handler, inbound) = channel_handler(1024);
     client.set_handler(handler);
     // Subscribed before connecting, so the first `Connected` is seen too.
@@ -168,8 +68,12 @@ async fn run(args: Args) -> Result<ExitCode, backend::BoxError> {
     ));
 
     tokio::select! {
-        connected = client.connect_with_retry(&connect, args.retries) => {
-            connected.map_err(|err| format!("cannot connect to {connect}: {err}"))?;
+        // "" is the configured address, as in the Go sequencer.
+        connected = client.connect_with_retry("", args.retries) => {
+            connected.map_err(|err| match connect.as_str() {
+                "" => format!("cannot connect: {err}"),
+                addr => format!("cannot connect to {addr}: {err}"),
+            })?;
         }
         _ = common::shutdown_signal() => return Ok(ExitCode::from(130)),
     }

@@ -270,11 +270,14 @@ impl<B: Backend> TransportClient<B> {
     }
 
     /// Connects to `addr` once; on success the session is supervised and,
-    /// if `auto_reconnect` is on, re-established after a loss.
+    /// if `auto_reconnect` is on, re-established after a loss. An empty
+    /// `addr` means [`ClientConfig::server_addr`]; with that empty too the
+    /// call fails with [`TransportError::NoServerAddress`], never retried.
     pub async fn connect(&self, addr: &str) -> Result<(), TransportError> {
         if self.is_connected() {
             return Err(TransportError::AlreadyRunning);
         }
+        let addr = &*self.server_addr_or_configured(addr)?;
         self.stop_supervisor().await;
         *self
             .inner
@@ -291,10 +294,24 @@ impl<B: Backend> TransportClient<B> {
         Ok(())
     }
 
+    /// `addr`, or the configured address if `addr` is empty.
+    fn server_addr_or_configured(&self, addr: &str) -> Result<String, TransportError> {
+        let config = self.config();
+        match (addr, config.server_addr) {
+            ("", configured) if configured.is_empty() => Err(TransportError::NoServerAddress {
+                client_id: config.client_id,
+            }),
+            ("", configured) => Ok(configured),
+            (addr, _) => Ok(addr.to_owned()),
+        }
+    }
+
     /// Connects with up to `max_retries` retries (`max_retries + 1` attempts),
     /// waiting as the Go client does: the reconnect delay doubling to one
     /// minute, plus jitter in `[0, delay/2)`. Errors that cannot heal (a
-    /// refused handshake) stop at once.
+    /// refused handshake, no address: see [`TransportError::is_transient`])
+    /// stop at once. An empty `addr` means the configured one, as in
+    /// [`connect`](Self::connect).
     pub async fn connect_with_retry(
         &self,
         addr: &str,
@@ -304,7 +321,7 @@ impl<B: Backend> TransportClient<B> {
         self.connect_with_policy(addr, &policy).await
     }
 
-    /// Connects, retrying by `policy`.
+    /// Connects, retrying by `policy`; `addr` as in [`connect`](Self::connect).
     pub async fn connect_with_policy(
         &self,
         addr: &str,
@@ -354,17 +371,18 @@ impl<B: Backend> TransportClient<B> {
         }
     }
 
-    /// Closes the current session, if any, and connects again to the last address.
+    /// Closes the current session, if any, and connects again to the last
+    /// address dialled, else to the configured one.
     pub async fn reconnect(&self) -> Result<(), TransportError> {
-        let addr = self
+        let last = self
             .inner
             .server_addr
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_else(|| self.config().server_addr);
+            .clone();
         let _ = self.disconnect().await;
-        self.connect(&addr).await
+        // `connect` resolves "" to the configured address, or refuses it.
+        self.connect(last.as_deref().unwrap_or_default()).await
     }
 
     /// Sends `message` (its `sender_id` becomes the client id), waiting up to
@@ -444,7 +462,7 @@ async fn establish<B: Backend>(
     let result = try_establish(inner, addr).await;
     if let Err(err) = &result {
         inner.connect_failures.fetch_add(1, Ordering::Relaxed);
-        inner.metrics.error(error_kind(err), "connect");
+        inner.metrics.error(err.metric_kind(), "connect");
     }
     result
 }
@@ -503,6 +521,7 @@ async fn try_establish<B: Backend>(
         peer_key: None,
         delivery_acks: false,
         go_mode: false,
+        chain_id: None,
     };
     if let Some((auth, unicast, handshake)) = prepared {
         let server = client_handshake(
@@ -699,16 +718,4 @@ fn emit_disconnected<B: Backend>(
         details: end.details,
         by_peer: end.by_peer,
     });
-}
-
-/// A short label for an error in metrics.
-fn error_kind(err: &TransportError) -> &'static str {
-    match err {
-        TransportError::Io { .. } => "io",
-        TransportError::ConnectTimeout { .. } => "connect_timeout",
-        TransportError::Handshake(err) => err.kind(),
-        TransportError::Codec(_) => "codec",
-        TransportError::Refused { .. } => "refused",
-        _ => "other",
-    }
 }

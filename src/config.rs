@@ -313,7 +313,10 @@ fn common_checks<const N: usize>(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Address `connect_with_retry` and `reconnect` use when given none.
+    /// Address `connect`, `connect_with_retry` and `connect_with_policy`
+    /// dial when given an empty one (`""`, as Go's sequencer passes), and
+    /// `reconnect` before anything was dialled. Empty: such calls fail with
+    /// [`TransportError::NoServerAddress`].
     pub server_addr: String,
     /// Our id, sent in the handshake and as `sender_id` (Go: a fresh UUID v7).
     pub client_id: String,

@@ -187,6 +187,9 @@ pub enum KeyError {
     /// A trust entry with an empty identity.
     #[error("a trusted identity must not be empty")]
     EmptyIdentity,
+    /// A trust entry with an empty chain id (give none instead).
+    #[error("a trusted chain id must not be empty")]
+    EmptyChainId,
     /// A trust-store change would map one key to two identities.
     #[error("public key is already trusted as {existing:?}")]
     KeyAlreadyTrusted {
@@ -418,6 +421,13 @@ pub enum TransportError {
     /// The client is not connected.
     #[error("not connected")]
     NotConnected,
+    /// There is no address to connect to: the one given is empty, and so is
+    /// [`ClientConfig::server_addr`](crate::ClientConfig::server_addr).
+    #[error("no server address for client {client_id:?}: none given and server_addr is empty")]
+    NoServerAddress {
+        /// The client's id.
+        client_id: String,
+    },
     /// No connection has this identity.
     #[error("no connection for peer {peer:?}")]
     PeerNotFound {
@@ -501,11 +511,26 @@ pub enum TrySendError {
 }
 
 impl TransportError {
-    /// Whether retrying the same operation later may succeed.
+    /// A short label for the error in metrics.
+    pub(crate) fn metric_kind(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "io",
+            Self::ConnectTimeout { .. } => "connect_timeout",
+            Self::Handshake(err) => err.kind(),
+            Self::Codec(_) => "codec",
+            Self::Refused { .. } => "refused",
+            _ => "other",
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed. Errors no
+    /// wait can fix are not: a missing or malformed address, a refused or
+    /// failed authentication, an invalid setting.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Io { .. }
-            | Self::ConnectTimeout { .. }
+            // An address that does not parse (no port, say) stays unparsable.
+            Self::Io { source, .. } => source.kind() != io::ErrorKind::InvalidInput,
+            Self::ConnectTimeout { .. }
             | Self::Codec(CodecError::Io(_))
             | Self::SendTimeout { .. }
             | Self::QueueFull { .. }

@@ -250,6 +250,8 @@ pub struct AcceptedClient {
     pub signed_frames: Option<SignedFrameSession>,
     /// Whether both sides acknowledge delivered messages.
     pub delivery_acks: bool,
+    /// The chain id its key is trusted with, if any.
+    pub chain_id: Option<String>,
 }
 
 /// The server's answer to a request.
@@ -379,6 +381,7 @@ impl ServerHandshake {
                     identity,
                     key: claimed,
                     mode,
+                    chain_id,
                 },
             now_nanos,
         } = self.precheck(body, now)?;
@@ -458,6 +461,7 @@ impl ServerHandshake {
             extended,
             signed_frames: None,
             delivery_acks: false,
+            chain_id,
         };
         if !extended {
             return Ok((

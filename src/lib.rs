@@ -216,9 +216,9 @@ impl<B: backend::Backend> Server for TransportServer<B> {
 /// The client side of every back-end, object-safe (the Go `Client` interface).
 #[async_trait::async_trait]
 pub trait Client: Send + Sync {
-    /// Connects once.
+    /// Connects once; an empty `addr` means the configured server address.
     async fn connect(&self, addr: &str) -> Result<(), TransportError>;
-    /// Connects with `max_retries` retries and Go's backoff.
+    /// Connects with `max_retries` retries and Go's backoff; `addr` as in `connect`.
     async fn connect_with_retry(&self, addr: &str, max_retries: u32) -> Result<(), TransportError>;
     /// Closes the session and stops reconnecting.
     async fn disconnect(&self) -> Result<(), TransportError>;

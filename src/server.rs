@@ -599,6 +599,7 @@ async fn serve<B: Backend>(
                 peer_key: None,
                 delivery_acks: false,
                 go_mode: false,
+                chain_id: None,
             },
             None,
         ),
@@ -691,6 +692,7 @@ async fn serve<B: Backend>(
                 peer_key: Some(client.public_key.clone()),
                 delivery_acks: client.delivery_acks,
                 go_mode: !client.extended,
+                chain_id: client.chain_id,
             };
             (setup, Some(response))
         }

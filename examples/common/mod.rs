@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod cli;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},

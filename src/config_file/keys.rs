@@ -168,11 +168,14 @@ pub struct TrustedKey {
     pub key: PublicKey,
     /// Which handshakes it may use.
     pub mode: TrustMode,
+    /// The chain the sequencer sequences (`chain_id`, a string or a
+    /// non-negative integer), reported by its sessions.
+    pub chain_id: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for TrustedKey {
     /// A hex key (extended handshake only), or a table with `key` and
-    /// `go_compatible`.
+    /// optionally `go_compatible` and `chain_id`.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -180,17 +183,22 @@ impl<'de> Deserialize<'de> for TrustedKey {
             key: HexPublicKey,
             #[serde(default)]
             go_compatible: bool,
+            #[serde(default, deserialize_with = "chain_id")]
+            chain_id: Option<String>,
         }
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = TrustedKey;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a public key in hex, or a table with `key` and `go_compatible`")
+                f.write_str(
+                    "a public key in hex, or a table with `key`, `go_compatible` and `chain_id`",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<TrustedKey, E> {
                 Ok(TrustedKey {
                     key: PublicKey::from_hex(text).map_err(E::custom)?,
                     mode: TrustMode::ExtendedOnly,
+                    chain_id: None,
                 })
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
@@ -205,9 +213,37 @@ impl<'de> Deserialize<'de> for TrustedKey {
                     } else {
                         TrustMode::ExtendedOnly
                     },
+                    chain_id: entry.chain_id,
                 })
             }
         }
         deserializer.deserialize_any(Visitor)
     }
+}
+
+/// A chain id: a non-empty string, or a non-negative integer (TOML and YAML
+/// write `chain_id = 10` as a number) kept as its decimal text.
+fn chain_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a non-empty string or a non-negative integer")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            if text.is_empty() {
+                return Err(E::custom("a chain id must not be empty"));
+            }
+            Ok(Some(text.to_owned()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(n.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            u64::try_from(n)
+                .map_err(|_| E::custom("a chain id must not be negative"))
+                .and_then(|n| self.visit_u64(n))
+        }
+    }
+    deserializer.deserialize_any(Visitor)
 }

@@ -8,7 +8,6 @@ use std::{
 };
 
 use serde::Deserialize;
-use tracing::warn;
 
 use super::{ConfigError, KeySource, Role, TrustedKey, invalid, keys, validation_error};
 use crate::{
@@ -48,8 +47,10 @@ pub struct PublisherAuthSettings {
     #[serde(default)]
     pub generate_key_if_missing: bool,
     /// Trusted sequencers: identity → public key (33 or 65 bytes, hex), or
-    /// identity → `{ key = "…", go_compatible = true }` for a sequencer
-    /// running the Go package (see [`TrustMode::GoCompatible`](crate::crypto::TrustMode::GoCompatible)).
+    /// identity → `{ key = "…", go_compatible = true, chain_id = "…" }`:
+    /// `go_compatible` for a sequencer running the Go package (see
+    /// [`TrustMode::GoCompatible`](crate::crypto::TrustMode::GoCompatible)),
+    /// `chain_id` for the chain its sessions report.
     #[serde(default)]
     pub trusted_sequencers: BTreeMap<String, TrustedKey>,
     /// Signed frames: `off`, `offer` or `require` (needs a key).
@@ -154,18 +155,17 @@ impl Role for Publisher {
         let trust = TrustStore::new();
         for (id, trusted) in &auth.trusted_sequencers {
             trust
-                .add_with_mode(id.clone(), trusted.key.clone(), trusted.mode)
+                .add_with_chain(
+                    id.clone(),
+                    trusted.key.clone(),
+                    trusted.mode,
+                    trusted.chain_id.clone(),
+                )
                 .map_err(|source| ConfigError::Key {
                     path: path.to_owned(),
                     field: format!("auth.trusted_sequencers.{id}"),
                     source,
                 })?;
-        }
-        if trust.is_empty() {
-            warn!(
-                file = %path.display(),
-                "auth.trusted_sequencers is empty: every sequencer is refused until a key is trusted"
-            );
         }
         let server_auth = ServerAuth {
             trust: Arc::new(trust),
@@ -212,9 +212,6 @@ impl Role for Sequencer {
     fn check_auth(path: &Path, auth: &SequencerAuthSettings) -> Result<(), ConfigError> {
         if !auth.enabled {
             return Ok(());
-        }
-        if auth.private_key_file.is_none() && auth.private_key.is_none() {
-            return Err(no_key(path));
         }
         if auth.signed_frames == SignedFramesPolicy::Require {
             return Err(invalid(

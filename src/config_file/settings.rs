@@ -142,9 +142,25 @@ impl<R: Role> Settings<R> {
 
     /// Loads the key and, for a publisher, fills the trust store.
     pub fn resolve(&self) -> Result<ConfigFile<R>, ConfigError> {
+        self.resolve_with_key(None)
+    }
+
+    /// Resolves as [`resolve`](Self::resolve) does, with `key`, when given,
+    /// in place of the file's key settings: for a program whose flags may
+    /// change the settings (`pub` fields) and give the key, so that the
+    /// `auth` checks see the merged result, checked once here.
+    pub fn resolve_with_key(
+        &self,
+        key: Option<crate::crypto::SecretKey>,
+    ) -> Result<ConfigFile<R>, ConfigError> {
+        R::check_auth(&self.path, &self.auth)?;
         let source = R::key_source(&self.auth);
         let auth = if source.enabled {
-            let key = source.load(&self.path)?;
+            source.ensure_backend(&self.path)?;
+            let key = match key {
+                Some(key) => Some(key),
+                None => source.load(&self.path)?,
+            };
             Some(R::resolve_auth(&self.path, &self.auth, key)?)
         } else {
             None

@@ -39,6 +39,9 @@ pub struct TrustedPeer {
     pub key: PublicKey,
     /// Which handshakes it may use.
     pub mode: TrustMode,
+    /// The chain the peer sequences, if it was trusted with one: a session
+    /// it authenticates reports it in `ConnectionInfo::chain_id`.
+    pub chain_id: Option<String>,
 }
 
 /// Trusted public keys by identity, safe to share and change while serving.
@@ -72,6 +75,7 @@ struct Inner {
 struct Entry {
     key: PublicKey,
     mode: TrustMode,
+    chain_id: Option<String>,
 }
 
 impl TrustStore {
@@ -109,9 +113,26 @@ impl TrustStore {
         key: PublicKey,
         mode: TrustMode,
     ) -> Result<Option<PublicKey>, KeyError> {
+        self.add_with_chain(id, key, mode, None)
+    }
+
+    /// Trusts `key` as `id` with `mode`, as [`add_with_mode`](Self::add_with_mode)
+    /// does, recording the chain the peer sequences: sessions it
+    /// authenticates from then on start with that chain id. `None` records
+    /// none (and forgets an earlier one); an empty chain id is refused.
+    pub fn add_with_chain(
+        &self,
+        id: impl Into<String>,
+        key: PublicKey,
+        mode: TrustMode,
+        chain_id: Option<String>,
+    ) -> Result<Option<PublicKey>, KeyError> {
         let id = id.into();
         if id.is_empty() {
             return Err(KeyError::EmptyIdentity);
+        }
+        if chain_id.as_deref() == Some("") {
+            return Err(KeyError::EmptyChainId);
         }
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(existing) = inner.by_key.get(key.as_compressed())
@@ -125,6 +146,7 @@ impl TrustStore {
         let entry = Entry {
             key: key.clone(),
             mode,
+            chain_id,
         };
         let previous = inner.by_id.insert(id.clone(), entry.clone());
         if let Some(old) = &previous
@@ -158,8 +180,8 @@ impl TrustStore {
         Some(entry.key)
     }
 
-    /// Identities whose key or mode changes from now on (added, rotated,
-    /// removed, made Go-compatible or extended-only). A
+    /// Identities whose key, mode or chain id changes from now on (added,
+    /// rotated, removed, made Go-compatible or extended-only). A
     /// lagging receiver should re-check every identity it cares about.
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.changes.subscribe()
@@ -183,6 +205,11 @@ impl TrustStore {
     /// How the key trusted as `id` may authenticate.
     pub fn mode_of(&self, id: &str) -> Option<TrustMode> {
         self.read().by_id.get(id).map(|entry| entry.mode)
+    }
+
+    /// The chain id `id` is trusted with, if any.
+    pub fn chain_of(&self, id: &str) -> Option<String> {
+        self.read().by_id.get(id)?.chain_id.clone()
     }
 
     /// Finds the trusted key encoded in `bytes` (33 bytes compressed or 65
@@ -210,6 +237,7 @@ impl TrustStore {
             identity: identity.clone(),
             key: entry.key.clone(),
             mode: entry.mode,
+            chain_id: entry.chain_id.clone(),
         })
     }
 

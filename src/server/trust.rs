@@ -10,8 +10,13 @@ use super::Inner;
 use crate::{backend::Backend, config::ServerAuth, error::DisconnectReason, session};
 
 /// Says at start-up which identities may connect unsigned, in Go mode, and
-/// which cannot connect at all for want of a server key.
+/// which cannot connect at all for want of a server key, or that none can.
+/// Said here, about the store the server runs with, rather than where a
+/// file is read: keys may be added between the two.
 pub(super) fn log_trust_modes(auth: &ServerAuth) {
+    if auth.trust.is_empty() {
+        warn!("no trusted keys: every sequencer is refused until a key is trusted");
+    }
     let go = auth.trust.go_compatible_identities();
     if !go.is_empty() {
         warn!(

@@ -45,7 +45,8 @@ pub struct ConnectionInfo {
     pub connected_at: SystemTime,
     /// When the last frame arrived.
     pub last_seen: SystemTime,
-    /// Chain id, if the application set one.
+    /// Chain id: the one the peer's key is trusted with, or the one the
+    /// application set ([`Connection::set_chain_id`]).
     pub chain_id: Option<String>,
     /// Whether frames are signed.
     pub signed_frames: bool,
@@ -113,6 +114,27 @@ impl Connection {
         self.peer_key.as_ref()
     }
 
+    /// The peer's socket address as the back-end reports it (Go's
+    /// `RemoteAddr`); `None` when the back-end cannot tell.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.remote_addr
+    }
+
+    /// Whether the peer proved a key in the handshake (Go's
+    /// `IsAuthenticated`). On a server: the client authenticated with a
+    /// trusted key. On a client: the server proved its key (mutual
+    /// authentication), which a Go-mode server never does.
+    pub fn is_authenticated(&self) -> bool {
+        self.peer_key.is_some()
+    }
+
+    /// The identity the peer authenticated as (Go's `GetAuthenticatedID`,
+    /// with `None` where Go returns `""`): on a server, the identity its key
+    /// is trusted as; on a client, `publisher:<key>`.
+    pub fn authenticated_id(&self) -> Option<&str> {
+        self.is_authenticated().then_some(&*self.identity)
+    }
+
     /// Whether the session was authenticated by the Go package's plain
     /// handshake: no mutual authentication, no signed frames. On a server,
     /// only peers whose key is trusted Go-compatible have such sessions.
@@ -133,7 +155,8 @@ impl Connection {
         self.end.get().is_some()
     }
 
-    /// Sets the chain id reported in [`ConnectionInfo`].
+    /// Sets the chain id reported in [`ConnectionInfo`], replacing the one
+    /// the peer's key was trusted with, if any.
     pub fn set_chain_id(&self, chain_id: impl Into<String>) {
         *self.chain_id.lock().unwrap_or_else(PoisonError::into_inner) = Some(chain_id.into());
     }

@@ -150,6 +150,8 @@ pub(crate) struct SessionSetup {
     pub(crate) delivery_acks: bool,
     /// Whether the peer authenticated with the Go package's handshake.
     pub(crate) go_mode: bool,
+    /// The chain id the session starts with.
+    pub(crate) chain_id: Option<String>,
 }
 
 /// What a server or client shares with each of its sessions.
@@ -228,7 +230,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         remote_addr: setup.remote_addr,
         connected_at: now,
         started: Instant::now(),
-        chain_id: Mutex::new(None),
+        chain_id: Mutex::new(setup.chain_id),
         peer_key: setup.peer_key,
         signed: setup.signer.is_some(),
         go_mode: setup.go_mode,

@@ -7,8 +7,8 @@ use std::{
 };
 
 use publisher_transport::{
-    ClientConfig, CryptoBackend, KeyError, SecretKey, ServerConfig, SignedFramesPolicy, TcpClient,
-    TcpOptions, TcpServer, TrustMode, channel_handler,
+    ClientConfig, CryptoBackend, KeyError, PublicKey, SecretKey, ServerConfig, SignedFramesPolicy,
+    TcpClient, TcpOptions, TcpServer, TrustMode, channel_handler,
     config_file::{
         ConfigError, Format, Publisher, PublisherFile, PublisherSettings, Role, Sequencer,
         SequencerFile, SequencerSettings, Settings,
@@ -429,14 +429,15 @@ fn key_problems_name_file_and_key() {
     );
 }
 
+/// Three public keys of fresh secret keys.
+fn fresh_public_keys() -> [PublicKey; 3] {
+    std::array::from_fn(|_| SecretKey::generate().public_key().clone())
+}
+
 #[test]
 fn trusted_keys_are_extended_only_unless_marked_go_compatible() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        SecretKey::generate().public_key().clone(),
-        SecretKey::generate().public_key().clone(),
-        SecretKey::generate().public_key().clone(),
-    );
+    let [a, b, c] = fresh_public_keys();
     let toml = format!(
         "[auth]\nenabled = true\nprivate_key = \"{}\"\n[auth.trusted_sequencers]\n\
          a = \"{a}\"\nb = {{ key = \"{b}\", go_compatible = true }}\n\
@@ -467,6 +468,54 @@ fn trusted_keys_are_extended_only_unless_marked_go_compatible() {
         "{}",
         message(&err)
     );
+}
+
+#[test]
+fn trusted_keys_may_carry_their_chain_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, c] = fresh_public_keys();
+    let toml = format!(
+        "[auth]\nenabled = true\n[auth.trusted_sequencers]\n\
+         a = {{ key = \"{a}\", chain_id = 901 }}\n\
+         b = {{ key = \"{b}\", chain_id = \"op-mainnet\", go_compatible = true }}\nc = \"{c}\"\n"
+    );
+    let yaml = format!(
+        "auth:\n  enabled: true\n  trusted_sequencers:\n    \
+         a: {{ key: \"{a}\", chain_id: 901 }}\n    \
+         b: {{ key: \"{b}\", chain_id: op-mainnet, go_compatible: true }}\n    c: \"{c}\"\n"
+    );
+    for (name, text) in [("p.toml", toml), ("p.yaml", yaml)] {
+        let settings = PublisherSettings::read(write(dir.path(), name, &text)).unwrap();
+        let entry = &settings.auth.trusted_sequencers["a"];
+        assert_eq!(entry.chain_id.as_deref(), Some("901"), "{name}");
+        let trust = settings.resolve().unwrap().auth.expect("auth is on").trust;
+        assert_eq!(trust.chain_of("a").as_deref(), Some("901"), "{name}");
+        assert_eq!(trust.chain_of("b").as_deref(), Some("op-mainnet"), "{name}");
+        assert_eq!(trust.mode_of("b"), Some(TrustMode::GoCompatible), "{name}");
+        assert_eq!(trust.chain_of("c"), None, "{name}");
+        assert_eq!(
+            trust.lookup(a.as_compressed()).unwrap().chain_id.as_deref(),
+            Some("901")
+        );
+    }
+    for (chain_id, problem) in [
+        ("\"\"", "must not be empty"),
+        ("-1", "must not be negative"),
+    ] {
+        let err = publisher_err(
+            "p.toml",
+            &format!(
+                "[auth]\nenabled = true\n[auth.trusted_sequencers]\n\
+                 a = {{ key = \"{a}\", chain_id = {chain_id} }}\n"
+            ),
+        );
+        assert!(
+            message(&err).starts_with("p.toml: auth.trusted_sequencers.a.chain_id: ")
+                && message(&err).contains(problem),
+            "{}",
+            message(&err)
+        );
+    }
 }
 
 #[test]

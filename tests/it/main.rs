@@ -2,6 +2,9 @@
 
 mod admission;
 mod codec_props;
+/// The example programs' shared code, for tests of their parts.
+#[path = "../../examples/common/mod.rs"]
+mod common;
 mod config_file;
 mod config_props;
 mod contract;
@@ -10,6 +13,7 @@ mod decode_bombs;
 mod dos;
 mod e2e;
 mod fuzz_regressions;
+mod go_api;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod handshake;
@@ -20,6 +24,7 @@ mod metrics;
 mod multi;
 mod netns;
 mod ops;
+mod programs;
 #[cfg(feature = "quic")]
 mod quic;
 mod raw_peer;

@@ -35,7 +35,7 @@ generate_key_if_missing = true
 }
 
 /// The publisher example, built next to this test binary by `cargo test`.
-fn publisher_binary() -> std::path::PathBuf {
+pub(crate) fn publisher_binary() -> std::path::PathBuf {
     let deps = std::env::current_exe().unwrap();
     deps.parent()
         .unwrap()

@@ -11,8 +11,7 @@
 //! tests are skipped, except under CI (`$CI` set), where they fail.
 #![cfg(any(feature = "grpc", feature = "quic"))]
 
-#[path = "../../examples/common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::{
     io::Write,
