@@ -200,33 +200,6 @@ impl<B: Backend> TransportClient<B> {
         self.inner.handler.set(handler);
     }
 
-    /// Messages from the server, across reconnects, as a stream holding at
-    /// most `capacity` (reading stops while it is full); replaces the
-    /// handler. See [`Messages`](crate::session::Messages).
-    pub fn messages(&self, capacity: usize) -> crate::session::Messages {
-        self.message_stream(capacity, None)
-    }
-
-    /// As [`messages`](Self::messages), taking only messages of `kinds`;
-    /// others are counted ([`Messages::skipped`](crate::session::Messages::skipped)).
-    pub fn messages_of(
-        &self,
-        capacity: usize,
-        kinds: &[crate::proto::MessageKind],
-    ) -> crate::session::Messages {
-        self.message_stream(capacity, Some(kinds))
-    }
-
-    fn message_stream(
-        &self,
-        capacity: usize,
-        kinds: Option<&[crate::proto::MessageKind]>,
-    ) -> crate::session::Messages {
-        let (handler, messages) = crate::session::message_stream(capacity, kinds);
-        self.set_handler(handler);
-        messages
-    }
-
     /// Connection-state events from now on.
     pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
         self.inner.events.subscribe()

@@ -38,6 +38,7 @@ pub mod server;
 pub mod session;
 pub mod signed;
 pub mod stream;
+mod streams;
 #[cfg(feature = "tls")]
 pub mod tls;
 

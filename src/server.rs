@@ -271,33 +271,6 @@ impl<B: Backend> TransportServer<B> {
         self.inner.context.handler.set(handler);
     }
 
-    /// Verified messages from every connection as a stream holding at most
-    /// `capacity` (connections stop reading while it is full); replaces
-    /// the handler. See [`Messages`](crate::session::Messages).
-    pub fn messages(&self, capacity: usize) -> crate::session::Messages {
-        self.message_stream(capacity, None)
-    }
-
-    /// As [`messages`](Self::messages), taking only messages of `kinds`;
-    /// others are counted ([`Messages::skipped`](crate::session::Messages::skipped)).
-    pub fn messages_of(
-        &self,
-        capacity: usize,
-        kinds: &[crate::proto::MessageKind],
-    ) -> crate::session::Messages {
-        self.message_stream(capacity, Some(kinds))
-    }
-
-    fn message_stream(
-        &self,
-        capacity: usize,
-        kinds: Option<&[crate::proto::MessageKind]>,
-    ) -> crate::session::Messages {
-        let (handler, messages) = crate::session::message_stream(capacity, kinds);
-        self.set_handler(handler);
-        messages
-    }
-
     /// Sends `message` to every peer except `exclude`. It is encoded once, and
     /// signed once for all signed-frame peers. Never waits on a slow peer: a
     /// peer whose queue is full is disconnected and listed as dropped.

@@ -53,7 +53,7 @@ pub async fn a_message_stream_pushes_back_and_loses_nothing<H: Harness>() {
             Err(err) => panic!("try_send: {err}"),
         }
         assert!(accepted < 100_000, "the queue never filled");
-        if accepted % 64 == 0 {
+        if accepted.is_multiple_of(64) {
             // Let the writer drain what the socket takes.
             tokio::task::yield_now().await;
             assert!(
