@@ -23,6 +23,8 @@ mod outbox;
 mod reader;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod timer_tests;
 mod writer;
 
 use std::{
