@@ -11,6 +11,8 @@ use std::{
 
 use tokio::sync::mpsc::{self, error::TrySendError as QueueError};
 
+use prost::Message as _;
+
 use crate::{metrics::MessageTally, proto::Message};
 
 /// A verified message handed to the application.
@@ -103,9 +105,13 @@ impl InboundBatch {
     }
 
     /// Gives a handled message back; a later message is decoded into it,
-    /// reusing its allocations.
-    pub fn recycle(&mut self, message: Message) {
+    /// reusing its allocations. A connection keeps up to 1,024 (about
+    /// 200 KiB), the most one signed frame can hold.
+    pub fn recycle(&mut self, mut message: Message) {
         if self.spare.len() < SPARE_MESSAGES {
+            // Its payload's bytes share received buffers: let them go now,
+            // not when the message is reused, which may be never.
+            message.clear();
             self.spare.push(message);
         }
     }

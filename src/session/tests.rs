@@ -205,3 +205,13 @@ fn pings_and_pongs_overtake_a_full_queue() {
         assert_eq!(outbox.queued(), 0);
     }
 }
+
+#[test]
+fn recycled_messages_stay_within_what_the_documentation_says() {
+    // `InboundBatch::recycle` documents about 200 KiB for 1,024 messages.
+    let size = std::mem::size_of::<Message>();
+    assert!(
+        size * SIGNED_BATCH_MAX_MESSAGES <= 256 * 1024,
+        "{size} bytes"
+    );
+}
