@@ -10,37 +10,25 @@ use std::{
 };
 
 use publisher_transport::{
-    ClientAuth, ClientConfig, GrpcClient, GrpcServer, HandlerError, Inbound, Message, SecretKey,
-    ServerAuth, ServerConfig, TransportError, TrustStore,
+    ClientAuth, ClientConfig, GrpcClient, GrpcServer, HandlerError, Inbound, SecretKey, ServerAuth,
+    ServerConfig, TransportError, TrustStore,
     backend::{
         Backend,
         grpc::{GrpcBackend, GrpcCode, GrpcOptions},
     },
     channel_handler,
-    proto::{
-        Payload,
-        rollup::v1::Vote,
-        transport::v1::{
-            FrameBatch,
-            frame_service_server::{FrameService, FrameServiceServer},
-        },
+    proto::transport::v1::{
+        FrameBatch,
+        frame_service_server::{FrameService, FrameServiceServer},
     },
     retry::Jitter,
     tls::{CertificateAuthority, ClientTrust, ServerTrust, Validity},
 };
 use tokio::time::timeout;
 
-const BOUND: Duration = Duration::from_secs(20);
+use super::grpc::vote;
 
-fn vote() -> Message {
-    Message {
-        sender_id: String::new(),
-        payload: Some(Payload::Vote(Vote {
-            vote: true,
-            ..Default::default()
-        })),
-    }
-}
+const BOUND: Duration = Duration::from_secs(20);
 
 /// An authenticated server and client (acknowledgements negotiated) over
 /// the given back-ends; the server's handler is `handler`.
