@@ -199,7 +199,7 @@ impl GrpcBackend {
 
     /// Server: the application metadata the client connected from `peer`
     /// sent (see [`ConnectionInfo::remote_addr`](crate::ConnectionInfo::remote_addr)),
-    /// while its stream is open.
+    /// while its stream is open; `None` if it sent none.
     pub fn client_metadata(&self, peer: std::net::SocketAddr) -> Option<Arc<ClientMetadata>> {
         self.metadata.get(peer)
     }

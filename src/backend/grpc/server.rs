@@ -59,13 +59,14 @@ impl FrameService for Service {
             let client_id = String::from_utf8_lossy(client_id.as_bytes());
             debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
         }
-        let metadata = remote_addr.map(|peer| {
+        // Most clients send none: then nothing is recorded.
+        let metadata = remote_addr.and_then(|peer| {
             let kept = ClientMetadata::keep(
                 request.metadata(),
                 self.max_metadata_entries,
                 self.max_metadata_bytes,
             );
-            self.metadata.insert(peer, kept)
+            (kept != ClientMetadata::default()).then(|| self.metadata.insert(peer, kept))
         });
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let pipe = Pipe {
