@@ -471,6 +471,15 @@ pub enum TransportError {
         /// Why the connection closed.
         reason: DisconnectReason,
     },
+    /// The peer did not confirm delivery within the call's deadline; the
+    /// message may still arrive.
+    #[error("{peer} did not confirm delivery within {deadline:?}")]
+    ConfirmDeadline {
+        /// The peer.
+        peer: String,
+        /// The deadline given.
+        deadline: std::time::Duration,
+    },
     /// The session did not negotiate delivery acknowledgements (the peer
     /// speaks Go's protocol, or authentication is off).
     #[error("{peer} does not acknowledge delivery")]
@@ -536,6 +545,7 @@ impl TransportError {
             | Self::QueueFull { .. }
             | Self::ConnectionClosed { .. }
             | Self::Unconfirmed { .. }
+            | Self::ConfirmDeadline { .. }
             | Self::NotConnected => true,
             Self::Refused { reason, .. } => matches!(
                 reason,

@@ -21,6 +21,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod config_file;
+mod confirm;
 pub mod crypto;
 mod deadline;
 pub mod decode_bound;

@@ -1,5 +1,5 @@
 //! TLS shared by every back-end that uses it (TCP with TLS, gRPC, QUIC):
-//! PEM loading, rustls server and client configs, mutual TLS with a client
+//! PEM and PKCS#12 loading, rustls server and client configs, mutual TLS with a client
 //! CA, SHA-256 certificate fingerprint pinning, and self-signed development
 //! certificates.
 //!
@@ -20,6 +20,10 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 use sha2::{Digest, Sha256};
+
+mod pkcs12;
+
+pub use self::pkcs12::Pkcs12Problem;
 
 /// ALPN identifier of this crate's protocol over QUIC and TLS-over-TCP.
 pub const ALPN: &[u8] = b"publisher-transport/1";
@@ -59,6 +63,14 @@ pub enum TlsError {
     /// The client CA could not be turned into a verifier.
     #[error("client CA: {0}")]
     ClientCa(String),
+    /// A PKCS#12 bundle could not be used.
+    #[error("PKCS#12 {what}: {problem}")]
+    Pkcs12 {
+        /// The file (or "identity" when writing one).
+        what: String,
+        /// What is wrong.
+        problem: Pkcs12Problem,
+    },
 }
 
 /// SHA-256 of a certificate's DER encoding.

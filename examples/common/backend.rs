@@ -9,6 +9,8 @@
 //! clients can pin it (`--pin-sha256`). `--tls-ca` is the CA a client
 //! trusts, or the CA a server requires client certificates from (mutual
 //! TLS); a client presents `--tls-cert`/`--tls-key` to such a server.
+//! `--tls-p12` (with `--tls-p12-password-file`) gives either identity as a
+//! PKCS#12 bundle instead of PEM files.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -73,6 +75,14 @@ pub struct BackendArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The same identity as one PKCS#12 bundle (.p12/.pfx): certificate
+    /// chain and private key.
+    #[arg(long, value_name = "PATH", conflicts_with = "tls_cert")]
+    pub tls_p12: Option<PathBuf>,
+    /// File holding the password of --tls-p12 (one trailing newline is
+    /// ignored); without it the password is empty.
+    #[arg(long, value_name = "PATH", requires = "tls_p12")]
+    pub tls_p12_password_file: Option<PathBuf>,
     /// CA bundle (PEM): on a client, the CAs trusted for the server; on a
     /// server, the CAs client certificates must lead to (mutual TLS).
     #[arg(long, value_name = "PATH")]
@@ -95,6 +105,8 @@ impl BackendArgs {
             tls,
             tls_cert: None,
             tls_key: None,
+            tls_p12: None,
+            tls_p12_password_file: None,
             tls_ca: None,
             pin_sha256: Vec::new(),
             tls12: false,
@@ -111,6 +123,7 @@ impl BackendArgs {
     pub fn validate(&self) -> Result<(), BoxError> {
         self.backend.ensure_available()?;
         let tls_flags = self.tls_cert.is_some()
+            || self.tls_p12.is_some()
             || self.tls_ca.is_some()
             || !self.pin_sha256.is_empty()
             || self.tls12;
@@ -354,9 +367,9 @@ mod tls {
 
     impl ServerTls {
         pub fn load(args: &BackendArgs, listen_addr: &str) -> Result<Self, BoxError> {
-            let (identity, self_signed) = match (&args.tls_cert, &args.tls_key) {
-                (Some(cert), Some(key)) => (Identity::from_pem_files(cert, key)?, false),
-                _ => {
+            let (identity, self_signed) = match identity(args)? {
+                Some(identity) => (identity, false),
+                None => {
                     let names = certificate_names(listen_addr);
                     let names: Vec<&str> = names.iter().map(String::as_str).collect();
                     (Identity::self_signed(&names)?, true)
@@ -386,10 +399,7 @@ mod tls {
                 None => Vec::new(),
             },
             pins: parse_pins(&args.pin_sha256)?,
-            identity: match (&args.tls_cert, &args.tls_key) {
-                (Some(cert), Some(key)) => Some(Identity::from_pem_files(cert, key)?),
-                _ => None,
-            },
+            identity: identity(args)?,
             allow_tls12: args.tls12,
         };
         if trust.roots.is_empty() && trust.pins.is_empty() {
@@ -402,6 +412,27 @@ mod tls {
             .into());
         }
         Ok(trust)
+    }
+
+    /// The identity given by --tls-cert/--tls-key or --tls-p12, if any.
+    fn identity(args: &BackendArgs) -> Result<Option<Identity>, BoxError> {
+        if let Some(bundle) = &args.tls_p12 {
+            let password = match &args.tls_p12_password_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|err| {
+                        format!("--tls-p12-password-file {}: {err}", path.display())
+                    })?;
+                    let text = text.strip_suffix('\n').unwrap_or(&text);
+                    text.strip_suffix('\r').unwrap_or(text).to_owned()
+                }
+                None => String::new(),
+            };
+            return Ok(Some(Identity::from_pkcs12(bundle, &password)?));
+        }
+        match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(Identity::from_pem_files(cert, key)?)),
+            _ => Ok(None),
+        }
     }
 
     fn parse_pins(pins: &[String]) -> Result<Vec<Fingerprint>, BoxError> {

@@ -5,20 +5,27 @@
 //! `.proto` can take part.
 //!
 //! gRPC-native extras: HTTP/2 keep-alive, a deadline on opening the stream,
-//! request metadata (`x-client-id`, and `authorization: Bearer …` checked by a
-//! server interceptor), the disconnect reason in trailing metadata, retry of
-//! `UNAVAILABLE` through [`RetryPolicy`], and message-size limits derived from
-//! the transport's maximum frame size (tonic's 4 MiB default would cap it).
+//! request metadata (`x-client-id`, `authorization: Bearer …` checked by a
+//! server interceptor, and the application's own entries, which a server
+//! keeps per connection within bounds), the disconnect reason in trailing
+//! metadata, retry of the configured status codes (`UNAVAILABLE` by default)
+//! through [`RetryPolicy`], and message-size limits derived from the
+//! transport's maximum frame size (tonic's 4 MiB default would cap it).
 
 mod client;
+mod codes;
+mod metadata;
 mod pipe;
 mod server;
+mod tls_watch;
 
 use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 pub use self::{
+    codes::GrpcCode,
+    metadata::ClientMetadata,
     pipe::{GrpcReader, GrpcWriter},
     server::GrpcListener,
 };
@@ -67,8 +74,21 @@ pub struct GrpcOptions {
     pub bearer_token: Option<BearerToken>,
     /// Client id sent as `x-client-id` metadata.
     pub client_id: Option<String>,
-    /// Retry of `UNAVAILABLE` (and failed connects) when opening a stream.
+    /// Client: application metadata sent when opening the stream. Keys are
+    /// lowercase ASCII and may not be the back-end's own (`x-client-id`,
+    /// `authorization`, the disconnect trailers) nor gRPC's (`grpc-…`);
+    /// values are visible ASCII. Anything else is a configuration error.
+    pub metadata: Vec<(String, String)>,
+    /// Server: application metadata entries kept per connection; further
+    /// ones are logged and dropped.
+    pub max_metadata_entries: usize,
+    /// Server: bytes of keys and values kept per connection.
+    pub max_metadata_bytes: usize,
+    /// Retry of failed connects, and of the calls failing with one of
+    /// [`retryable_codes`](Self::retryable_codes), when opening a stream.
     pub retry: RetryPolicy,
+    /// Status codes worth retrying the stream-opening call for.
+    pub retryable_codes: Vec<GrpcCode>,
     /// Largest frame body; gRPC message limits are derived from it.
     pub max_frame_size: usize,
     /// TCP_NODELAY on the HTTP/2 connection.
@@ -100,6 +120,9 @@ impl Default for GrpcOptions {
             call_deadline: Duration::from_secs(10),
             bearer_token: None,
             client_id: None,
+            metadata: Vec::new(),
+            max_metadata_entries: 16,
+            max_metadata_bytes: 4096,
             retry: RetryPolicy {
                 initial: Duration::from_millis(100),
                 multiplier: 2.0,
@@ -107,6 +130,7 @@ impl Default for GrpcOptions {
                 max_retries: Some(3),
                 jitter: crate::retry::Jitter::UpToHalf,
             },
+            retryable_codes: vec![GrpcCode::Unavailable],
             max_frame_size: codec::DEFAULT_MAX_FRAME_SIZE,
             nodelay: true,
             max_connections: 5120,
@@ -118,6 +142,11 @@ impl Default for GrpcOptions {
 }
 
 impl GrpcOptions {
+    /// Checks the settings a dial or a bind would otherwise refuse.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        metadata::client_entries(&self.metadata).map(|_| ())
+    }
+
     /// Largest gRPC message: a batch may hold one maximal frame plus a
     /// coalesced write's worth of smaller ones.
     fn max_message_size(&self) -> usize {
@@ -132,6 +161,8 @@ pub struct GrpcBackend {
     options: GrpcOptions,
     /// Streams this back-end (and its clones) tried to open.
     open_attempts: Arc<std::sync::atomic::AtomicU64>,
+    /// Server: the metadata of each open stream's client.
+    metadata: metadata::MetadataTable,
     server_tls: Option<Arc<rustls::ServerConfig>>,
     client_tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -147,14 +178,30 @@ impl std::fmt::Debug for GrpcBackend {
 }
 
 impl GrpcBackend {
-    /// Plain HTTP/2 (h2c).
+    /// Plain HTTP/2 (h2c). Settings are checked when dialling; see
+    /// [`try_new`](Self::try_new) to check them at once.
     pub fn new(options: GrpcOptions) -> Self {
         Self {
             options,
             open_attempts: Arc::default(),
+            metadata: metadata::MetadataTable::default(),
             server_tls: None,
             client_tls: None,
         }
+    }
+
+    /// As [`new`](Self::new), refusing invalid settings (such as metadata
+    /// keys or values) with [`TransportError::Config`].
+    pub fn try_new(options: GrpcOptions) -> Result<Self, TransportError> {
+        options.validate()?;
+        Ok(Self::new(options))
+    }
+
+    /// Server: the application metadata the client connected from `peer`
+    /// sent (see [`ConnectionInfo::remote_addr`](crate::ConnectionInfo::remote_addr)),
+    /// while its stream is open; `None` if it sent none.
+    pub fn client_metadata(&self, peer: std::net::SocketAddr) -> Option<Arc<ClientMetadata>> {
+        self.metadata.get(peer)
     }
 
     /// Serves TLS with `identity`, verifying client certificates by `clients`.
@@ -207,9 +254,18 @@ impl Backend for GrpcBackend {
     }
 
     async fn dial(&self, addr: &str) -> Result<Pipe<GrpcReader, GrpcWriter>, TransportError> {
+        let codes = &self.options.retryable_codes;
         self.options
             .retry
-            .retry("grpc open", || self.open(addr), client::is_unavailable)
+            .retry(
+                "grpc open",
+                || self.open(addr),
+                |failure: &client::OpenFailure| match failure.code {
+                    Some(code) => codes.iter().any(|retryable| retryable.is(code)),
+                    None => client::is_unavailable(&failure.error),
+                },
+            )
             .await
+            .map_err(|failure| failure.error)
     }
 }

@@ -40,7 +40,7 @@ fn keys() -> Keys {
     }
 }
 
-fn vote() -> Message {
+pub(super) fn vote() -> Message {
     Message {
         sender_id: String::new(),
         payload: Some(Payload::Vote(Vote {

@@ -16,6 +16,8 @@ mod fuzz_regressions;
 mod go_api;
 #[cfg(feature = "grpc")]
 mod grpc;
+#[cfg(feature = "grpc")]
+mod grpc_calls;
 mod handshake;
 mod key_files;
 mod log_text;

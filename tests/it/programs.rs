@@ -321,3 +321,46 @@ async fn publisher_stats_show_each_sequencers_chain() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn a_pkcs12_bundle_is_the_servers_tls_identity() {
+    use publisher_transport::{ServerConfig, TcpOptions, tls::Identity};
+
+    use crate::common::backend;
+
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+    let bundle = dir.path().join("publisher.p12");
+    std::fs::write(&bundle, identity.to_pkcs12("hunter2").unwrap()).unwrap();
+    let bundle = bundle.to_str().unwrap();
+    let right = write(dir.path(), "right.txt", "hunter2\n");
+    let wrong = write(dir.path(), "wrong.txt", "hunter3\n");
+    let setup = |password_file: &str| {
+        let args = publisher(&[
+            "--tls",
+            "--tls-p12",
+            bundle,
+            "--tls-p12-password-file",
+            password_file,
+        ]);
+        let config = ServerConfig::default().with_listen_addr("127.0.0.1:0");
+        backend::server(&args.transport, config, TcpOptions::default(), None)
+    };
+    let served = setup(&right).unwrap();
+    assert_eq!(served.fingerprint, Some(identity.fingerprint().to_string()));
+    assert!(!served.self_signed);
+    let err = setup(&wrong).err().expect("a wrong password is refused");
+    assert!(err.to_string().contains("wrong password"), "{err}");
+    // One identity at a time.
+    let both = PublisherArgs::try_parse_from([
+        "publisher",
+        "--tls",
+        "--tls-p12",
+        bundle,
+        "--tls-cert",
+        "c.pem",
+        "--tls-key",
+        "k.pem",
+    ]);
+    assert!(both.is_err());
+}

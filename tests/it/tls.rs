@@ -683,3 +683,109 @@ fn pem_file_without_certificates_is_refused() {
         "{err:?}"
     );
 }
+
+/// Writes `bytes` as a private file in `dir`.
+fn private_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn pkcs12_identity_serves_tls_to_a_pinned_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = Identity::self_signed(&["127.0.0.1"]).unwrap();
+    let path = private_file(&dir, "server.p12", &made.to_pkcs12("s3cret").unwrap());
+    let loaded = Identity::from_pkcs12(&path, "s3cret").unwrap();
+    assert_eq!(loaded.chain, made.chain);
+    assert_eq!(loaded.key_pem(), made.key_pem());
+    let keys = Keys::new();
+    let (server, addr) = tls_server(&loaded, &ClientTrust::default(), &keys).await;
+    let client = tls_client(&ServerTrust::pinned(made.fingerprint()), &keys);
+    connect(&client, &addr).await.unwrap();
+    assert_round_trip(&server, &client).await;
+    shut_down(&server, &client).await;
+}
+
+#[test]
+fn pkcs12_failures_are_typed() {
+    use p12_keystore::{
+        Certificate, EncryptionAlgorithm, KeyStore, KeyStoreEntry, MacAlgorithm, PrivateKey,
+        PrivateKeyChain,
+    };
+    use publisher_transport::tls::Pkcs12Problem;
+    use rustls::pki_types::pem::PemObject;
+
+    let problem = |result: Result<Identity, TlsError>| match result {
+        Err(TlsError::Pkcs12 { problem, .. }) => problem,
+        other => panic!("expected a PKCS#12 error, got {other:?}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let identity = Identity::self_signed(&["127.0.0.1"]).unwrap();
+    let path = private_file(&dir, "id.p12", &identity.to_pkcs12("right").unwrap());
+    assert_eq!(
+        problem(Identity::from_pkcs12(&path, "wrong")),
+        Pkcs12Problem::WrongPassword
+    );
+
+    // Unreadable: the path is named.
+    let missing = dir.path().join("missing.p12");
+    match Identity::from_pkcs12(&missing, "right") {
+        Err(TlsError::Io { path, .. }) => assert!(path.ends_with("missing.p12"), "{path}"),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    let garbage = private_file(&dir, "garbage.p12", b"not a bundle");
+    assert!(matches!(
+        problem(Identity::from_pkcs12(&garbage, "right")),
+        Pkcs12Problem::Malformed(_)
+    ));
+
+    // A certificate without its key, and a key without its certificate.
+    let key_der =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(identity.key_pem().as_bytes()).unwrap();
+    let cert = Certificate::from_der(identity.chain[0].as_ref()).unwrap();
+    let mut store = KeyStore::new();
+    store.add_entry("cert", KeyStoreEntry::Certificate(cert));
+    let certificate_only = private_file(&dir, "cert.p12", &store.writer("pw").write().unwrap());
+    assert_eq!(
+        problem(Identity::from_pkcs12(&certificate_only, "pw")),
+        Pkcs12Problem::MissingKey
+    );
+    let key = PrivateKey::from_der(key_der.secret_der()).unwrap();
+    let mut store = KeyStore::new();
+    store.add_entry(
+        "key",
+        KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(b"k1".to_vec(), key, [])),
+    );
+    let key_only = private_file(&dir, "key.p12", &store.writer("pw").write().unwrap());
+    assert_eq!(
+        problem(Identity::from_pkcs12(&key_only, "pw")),
+        Pkcs12Problem::MissingCertificate
+    );
+
+    // The legacy encryption older tools write (3DES, HMAC-SHA-1) is read too.
+    let key = PrivateKey::from_der(key_der.secret_der()).unwrap();
+    let cert = Certificate::from_der(identity.chain[0].as_ref()).unwrap();
+    let mut store = KeyStore::new();
+    store.add_entry(
+        "legacy",
+        KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(b"k2".to_vec(), key, [cert])),
+    );
+    let legacy = store
+        .writer("old")
+        .encryption_algorithm(EncryptionAlgorithm::PbeWithShaAnd3KeyTripleDesCbc)
+        .mac_algorithm(MacAlgorithm::HmacSha1)
+        .write()
+        .unwrap();
+    let legacy = private_file(&dir, "legacy.p12", &legacy);
+    assert_eq!(
+        Identity::from_pkcs12(&legacy, "old").unwrap().chain,
+        identity.chain
+    );
+    assert_eq!(
+        problem(Identity::from_pkcs12(&legacy, "new")),
+        Pkcs12Problem::WrongPassword
+    );
+}

@@ -8,8 +8,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status, transport::Endpoint};
 
 use super::{
-    CLIENT_ID_METADATA, GrpcBackend, STREAM_BUFFER,
+    CLIENT_ID_METADATA, GrpcBackend, STREAM_BUFFER, metadata,
     pipe::{GrpcReader, GrpcWriter, Outlet, status_to_io},
+    tls_watch::{self, TlsFailure, Watched},
 };
 use crate::{
     backend::Pipe,
@@ -20,7 +21,12 @@ use crate::{
 };
 
 impl GrpcBackend {
-    async fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, TransportError> {
+    /// The channel to `addr`, and where its TLS failure is recorded.
+    async fn channel(
+        &self,
+        addr: &str,
+        failure: &TlsFailure,
+    ) -> Result<tonic::transport::Channel, TransportError> {
         let io_err = |op: &'static str, err: &dyn std::fmt::Display| TransportError::Io {
             op,
             addr: addr.to_owned(),
@@ -48,32 +54,37 @@ impl GrpcBackend {
             tls::server_name_for(addr).map_err(|err| TransportError::Config(err.to_string()))?;
         let target = addr.to_owned();
         let nodelay = self.options.nodelay;
+        let watch = failure.clone();
         let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
             let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
+            let failure = watch.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(&target).await?;
                 tcp.set_nodelay(nodelay)?;
-                let stream = tokio_rustls::TlsConnector::from(tls)
+                let inner = tokio_rustls::TlsConnector::from(tls)
                     .connect(name, tcp)
-                    .await?;
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .inspect_err(|err| tls_watch::note(&failure, err))?;
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(Watched { inner, failure }))
             }
         });
         endpoint
             .connect_with_connector(connector)
             .await
-            .map_err(|err| connect_error(addr, &err))
+            .map_err(|err| tls_error(addr, failure).unwrap_or_else(|| connect_error(addr, &err)))
     }
 
-    /// Opens one `Session` stream; retried by the caller on `UNAVAILABLE`.
+    /// Opens one `Session` stream; the caller retries by the failure's code.
     pub(super) async fn open(
         &self,
         addr: &str,
-    ) -> Result<Pipe<GrpcReader, GrpcWriter>, TransportError> {
+    ) -> Result<Pipe<GrpcReader, GrpcWriter>, OpenFailure> {
         self.open_attempts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entries = metadata::client_entries(&self.options.metadata)?;
         let limit = self.options.max_message_size();
-        let channel = self.channel(addr).await?;
+        let failure = TlsFailure::default();
+        let channel = self.channel(addr, &failure).await?;
         let mut client = FrameServiceClient::new(channel)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
@@ -90,13 +101,23 @@ impl GrpcBackend {
                 .map_err(|_| TransportError::Config("bearer token is not valid metadata".into()))?;
             request.metadata_mut().insert("authorization", value);
         }
+        for (key, value) in entries {
+            request.metadata_mut().append(key, value);
+        }
         let response = tokio::time::timeout(self.options.call_deadline, client.session(request))
             .await
             .map_err(|_| TransportError::ConnectTimeout {
                 addr: addr.to_owned(),
                 after: self.options.call_deadline,
             })?
-            .map_err(|status| status_error(addr, status))?;
+            .map_err(|status| match tls_error(addr, &failure) {
+                // A refused certificate stays refused, whatever the code.
+                Some(error) => OpenFailure { error, code: None },
+                None => OpenFailure {
+                    code: Some(status.code()),
+                    error: status_error(addr, status),
+                },
+            })?;
         let remote_addr = addr.parse().ok();
         Ok(Pipe {
             reader: GrpcReader {
@@ -105,6 +126,7 @@ impl GrpcBackend {
                 max_frame_size: codec::HANDSHAKE_MAX_FRAME_SIZE,
                 limits: None,
                 drain_on_drop: true,
+                _metadata: None,
             },
             writer: GrpcWriter {
                 outlet: Outlet::Client(Some(tx)),
@@ -112,6 +134,34 @@ impl GrpcBackend {
             remote_addr,
         })
     }
+}
+
+/// Why opening a stream failed, with the call's status code when the
+/// server answered one (what decides a retry).
+#[derive(Debug)]
+pub(super) struct OpenFailure {
+    pub(super) error: TransportError,
+    pub(super) code: Option<Code>,
+}
+
+impl From<TransportError> for OpenFailure {
+    fn from(error: TransportError) -> Self {
+        Self { error, code: None }
+    }
+}
+
+impl std::fmt::Display for OpenFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// The TLS failure of the connection, as the error it is.
+fn tls_error(addr: &str, failure: &TlsFailure) -> Option<TransportError> {
+    failure.get().map(|tls| TransportError::Tls {
+        addr: addr.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidData, tls.clone()),
+    })
 }
 
 fn connect_error(addr: &str, err: &tonic::transport::Error) -> TransportError {

@@ -30,6 +30,8 @@ pub struct GrpcReader {
     pub(super) limits: Option<Arc<InboundLimits>>,
     /// Client side: drain the response rather than reset it when dropped.
     pub(super) drain_on_drop: bool,
+    /// Server side: keeps the client's metadata on record while the stream lives.
+    pub(super) _metadata: Option<super::metadata::MetadataEntry>,
 }
 
 impl Drop for GrpcReader {

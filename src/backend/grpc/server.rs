@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::{
     CLIENT_ID_METADATA, GrpcBackend, STREAM_BUFFER,
+    metadata::{ClientMetadata, MetadataTable},
     pipe::{GrpcReader, GrpcWriter, Outlet},
 };
 use crate::{
@@ -35,6 +36,9 @@ use crate::{
 struct Service {
     accepted: mpsc::Sender<(Pipe<GrpcReader, GrpcWriter>, Option<SocketAddr>)>,
     max_frame_size: usize,
+    metadata: MetadataTable,
+    max_metadata_entries: usize,
+    max_metadata_bytes: usize,
 }
 
 #[tonic::async_trait]
@@ -55,6 +59,15 @@ impl FrameService for Service {
             let client_id = String::from_utf8_lossy(client_id.as_bytes());
             debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
         }
+        // Most clients send none: then nothing is recorded.
+        let metadata = remote_addr.and_then(|peer| {
+            let kept = ClientMetadata::keep(
+                request.metadata(),
+                self.max_metadata_entries,
+                self.max_metadata_bytes,
+            );
+            (kept != ClientMetadata::default()).then(|| self.metadata.insert(peer, kept))
+        });
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let pipe = Pipe {
             reader: GrpcReader {
@@ -63,6 +76,7 @@ impl FrameService for Service {
                 max_frame_size: codec::HANDSHAKE_MAX_FRAME_SIZE.min(self.max_frame_size),
                 limits,
                 drain_on_drop: false,
+                _metadata: metadata,
             },
             writer: GrpcWriter {
                 outlet: Outlet::Server(tx),
@@ -163,6 +177,9 @@ impl GrpcBackend {
         let service = FrameServiceServer::new(Service {
             accepted,
             max_frame_size: self.options.max_frame_size,
+            metadata: self.metadata.clone(),
+            max_metadata_entries: self.options.max_metadata_entries,
+            max_metadata_bytes: self.options.max_metadata_bytes,
         })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
