@@ -474,6 +474,7 @@ async fn try_establish<B: Backend>(
         mut reader,
         mut writer,
         remote_addr,
+        ..
     } = match tokio::time::timeout(config.connect_timeout, inner.backend.dial(addr)).await {
         Ok(pipe) => pipe?,
         Err(_) => {
@@ -495,6 +496,8 @@ async fn try_establish<B: Backend>(
         delivery_acks: false,
         go_mode: false,
         chain_id: None,
+        metadata: Vec::new(),
+        first_frame: None,
     };
     if let Some((auth, unicast, handshake)) = prepared {
         let server = client_handshake(

@@ -75,6 +75,10 @@ pub struct Pipe<R, W> {
     pub writer: W,
     /// The peer's address, when the back-end knows it.
     pub remote_addr: Option<SocketAddr>,
+    /// Application metadata the peer sent when it opened the pipe (a gRPC
+    /// client's request metadata), within the back-end's bounds; empty
+    /// where the transport carries none.
+    pub metadata: Vec<(String, String)>,
 }
 
 /// Frames received together: a first body, then complete frames in wire

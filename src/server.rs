@@ -543,6 +543,7 @@ async fn serve<B: Backend>(
         mut reader,
         mut writer,
         remote_addr: pipe_addr,
+        metadata: pipe_metadata,
     } = pipe;
     let remote_addr = pipe_addr.or(remote_addr);
     // With authentication the limit is applied once the identity is known, so
@@ -573,6 +574,8 @@ async fn serve<B: Backend>(
                 delivery_acks: false,
                 go_mode: false,
                 chain_id: None,
+                metadata: pipe_metadata,
+                first_frame: None,
             },
             None,
         ),
@@ -666,16 +669,19 @@ async fn serve<B: Backend>(
                 delivery_acks: client.delivery_acks,
                 go_mode: !client.extended,
                 chain_id: client.chain_id,
+                metadata: pipe_metadata,
+                first_frame: None,
             };
             (setup, Some(response))
         }
     };
 
+    let setup = SessionSetup {
+        first_frame: response,
+        ..setup
+    };
     let (connection, task) =
         session::start_session(id, reader, writer, setup, inner.context.clone());
-    if let Some(response) = response {
-        connection.queue_first(response, MessageKind::HandshakeResponse);
-    }
     let replaces = inner.manager.get(connection.identity()).is_some();
     if !replaces && inner.manager.len() >= config.max_connections {
         connection.close(DisconnectReason::TooManyPeers, "connection limit reached");

@@ -311,6 +311,7 @@ fn pipe(
             connection,
         },
         remote_addr,
+        metadata: Vec::new(),
     }
 }
 

@@ -113,6 +113,7 @@ fn pipe(stream: TcpStream) -> Pipe<TcpReader, TcpWriter> {
         reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
         writer: StreamFrameWriter(write),
         remote_addr,
+        metadata: Vec::new(),
     }
 }
 
@@ -358,6 +359,7 @@ pub mod tls {
             reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
             writer: StreamFrameWriter(write),
             remote_addr,
+            metadata: Vec::new(),
         }
     }
 

@@ -48,6 +48,10 @@ pub struct ConnectionInfo {
     /// Chain id: the one the peer's key is trusted with, or the one the
     /// application set ([`Connection::set_chain_id`]).
     pub chain_id: Option<String>,
+    /// Application metadata the peer sent when it connected (a gRPC
+    /// client's request metadata, within the server's bounds); empty for
+    /// transports that carry none.
+    pub metadata: Vec<(String, String)>,
     /// Whether frames are signed.
     pub signed_frames: bool,
     /// Bytes received, length prefixes included.
@@ -81,6 +85,7 @@ pub struct Connection {
     /// Monotonic twin of `connected_at`; `last_seen` is kept relative to it.
     pub(super) started: Instant,
     pub(super) chain_id: Mutex<Option<String>>,
+    pub(super) metadata: Box<[(String, String)]>,
     pub(super) peer_key: Option<PublicKey>,
     pub(super) signed: bool,
     pub(super) go_mode: bool,
@@ -177,6 +182,7 @@ impl Connection {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
+            metadata: self.metadata.to_vec(),
             signed_frames: self.signed,
             bytes_in: self.counters.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
@@ -196,12 +202,6 @@ impl Connection {
     /// (they are few and small).
     pub(super) fn push_control(&self, payload: Payload) {
         self.outbox.push_urgent(&super::control(payload));
-    }
-
-    /// Queues a complete frame that must precede everything else (the
-    /// handshake response); called before anyone else can reach the outbox.
-    pub(crate) fn queue_first(&self, frame: Bytes, kind: MessageKind) {
-        let _ = self.outbox.push_shared(frame, kind, true);
     }
 
     /// Messages waiting in the send queue (not yet taken by the writer).

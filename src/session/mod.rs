@@ -43,7 +43,7 @@ use crate::{
     error::DisconnectReason,
     metrics::Metrics,
     pool::BufferPool,
-    proto::{Message, Payload},
+    proto::{Message, MessageKind, Payload},
     signed::{FrameOpener, SequenceCounter},
 };
 
@@ -154,6 +154,11 @@ pub(crate) struct SessionSetup {
     pub(crate) go_mode: bool,
     /// The chain id the session starts with.
     pub(crate) chain_id: Option<String>,
+    /// Application metadata the peer sent with its pipe.
+    pub(crate) metadata: Vec<(String, String)>,
+    /// A frame written before anything else (the server's handshake
+    /// response), queued before the session's tasks start.
+    pub(crate) first_frame: Option<bytes::Bytes>,
 }
 
 /// What a server or client shares with each of its sessions.
@@ -233,6 +238,7 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         connected_at: now,
         started: Instant::now(),
         chain_id: Mutex::new(setup.chain_id),
+        metadata: setup.metadata.into(),
         peer_key: setup.peer_key,
         signed: setup.signer.is_some(),
         go_mode: setup.go_mode,
@@ -255,6 +261,11 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         write_timeout: config.write_timeout,
         max_frame_size: config.max_frame_size,
     });
+    if let Some(frame) = setup.first_frame {
+        connection
+            .outbox
+            .push_first(frame, MessageKind::HandshakeResponse);
+    }
     let span = tracing::info_span!(
         "connection",
         id,

@@ -290,14 +290,7 @@ impl Outbox {
         if state.closed {
             return;
         }
-        let urgent = state.urgent.get_or_insert_with(|| Taken {
-            // Pooled like every chunk: the writer gives it back.
-            chunk: self.pool.take(),
-            entries: Vec::new(),
-            tally: self.metrics.tally(Direction::Out),
-            messages: 0,
-            bytes: 0,
-        });
+        let urgent = self.urgent(&mut state);
         let start = urgent.chunk.len();
         if self.signed {
             urgent.chunk.put_bytes(0, UNICAST_HEADER_ROOM);
@@ -328,6 +321,43 @@ impl Outbox {
         state.messages += 1;
         state.bytes += bytes;
         self.wake_writer(state);
+    }
+
+    /// Queues `frame` ahead of everything, pings included: the handshake
+    /// response, which the session may have pinged before it is queued.
+    pub(super) fn push_first(&self, frame: Bytes, kind: MessageKind) {
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        let bytes = frame.len();
+        let urgent = self.urgent(&mut state);
+        urgent.messages += 1;
+        urgent.bytes += bytes;
+        let size = bytes.saturating_sub(crate::codec::LENGTH_PREFIX_LEN);
+        urgent.tally.add(kind, size);
+        urgent.entries.insert(
+            0,
+            Entry::Shared {
+                frame,
+                application: false,
+            },
+        );
+        state.messages += 1;
+        state.bytes += bytes;
+        self.wake_writer(state);
+    }
+
+    /// The lane of frames that go ahead of queued data.
+    fn urgent<'a>(&self, state: &'a mut State) -> &'a mut Taken {
+        state.urgent.get_or_insert_with(|| Taken {
+            // Pooled like every chunk: the writer gives it back.
+            chunk: self.pool.take(),
+            entries: Vec::new(),
+            tally: self.metrics.tally(Direction::Out),
+            messages: 0,
+            bytes: 0,
+        })
     }
 
     /// Queues an acknowledgement unless one is already waiting (it will

@@ -215,3 +215,23 @@ fn recycled_messages_stay_within_what_the_documentation_says() {
         "{size} bytes"
     );
 }
+
+#[test]
+fn the_handshake_response_goes_ahead_of_a_ping_queued_before_it() {
+    let outbox = outbox(false);
+    outbox.push_urgent(&control(Payload::Ping(crate::proto::rollup::v1::Ping {
+        timestamp: 1,
+    })));
+    let response = Bytes::from_static(b"\0\0\0\x02hi");
+    outbox.push_first(
+        response.clone(),
+        crate::proto::MessageKind::HandshakeResponse,
+    );
+    let taken = outbox.take(&mut Vec::new()).expect("both");
+    assert!(
+        matches!(&taken.entries[0], outbox::Entry::Shared { frame, .. } if *frame == response),
+        "{:?}",
+        taken.entries
+    );
+    assert_eq!(taken.entries.len(), 2, "then the ping");
+}

@@ -51,6 +51,8 @@ fn pair(config: SessionConfig, delivery_acks: bool) -> Pair {
         delivery_acks,
         go_mode: false,
         chain_id: None,
+        metadata: Vec::new(),
+        first_frame: None,
     };
     let reader = StreamFrameReader::new(read, codec::DEFAULT_MAX_FRAME_SIZE);
     let (connection, task) = start_session(1, reader, StreamFrameWriter(write), setup, context);

@@ -117,7 +117,22 @@ async fn client_metadata_is_visible_to_the_server_while_connected() {
     )
     .await;
     connected.unwrap();
-    let peer = server.connections()[0].remote_addr.unwrap();
+    // The server registers the session just after the client's handshake.
+    let info = timeout(BOUND, async {
+        loop {
+            if let Some(info) = server.connections().pop() {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the session is registered");
+    // On the connection, in the order sent, as the application sees it.
+    let sent = [("x-tenant", "acme"), ("x-region", "eu west 1")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    assert_eq!(info.metadata, sent);
+    let peer = info.remote_addr.unwrap();
     let metadata = server_backend.client_metadata(peer).expect("metadata kept");
     assert_eq!(metadata.get("x-tenant"), Some("acme"));
     assert_eq!(metadata.get("x-region"), Some("eu west 1"));

@@ -132,6 +132,7 @@ impl GrpcBackend {
                 outlet: Outlet::Client(Some(tx)),
             },
             remote_addr,
+            metadata: Vec::new(),
         })
     }
 }

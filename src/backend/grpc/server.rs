@@ -59,15 +59,16 @@ impl FrameService for Service {
             let client_id = String::from_utf8_lossy(client_id.as_bytes());
             debug!(client_id = %crate::log_safe(&client_id), ?remote_addr, "gRPC session opened");
         }
+        let kept = ClientMetadata::keep(
+            request.metadata(),
+            self.max_metadata_entries,
+            self.max_metadata_bytes,
+        );
+        let entries = kept.entries.clone();
         // Most clients send none: then nothing is recorded.
-        let metadata = remote_addr.and_then(|peer| {
-            let kept = ClientMetadata::keep(
-                request.metadata(),
-                self.max_metadata_entries,
-                self.max_metadata_bytes,
-            );
-            (kept != ClientMetadata::default()).then(|| self.metadata.insert(peer, kept))
-        });
+        let metadata = remote_addr
+            .filter(|_| kept != ClientMetadata::default())
+            .map(|peer| self.metadata.insert(peer, kept));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let pipe = Pipe {
             reader: GrpcReader {
@@ -82,6 +83,7 @@ impl FrameService for Service {
                 outlet: Outlet::Server(tx),
             },
             remote_addr,
+            metadata: entries,
         };
         self.accepted
             .send((pipe, remote_addr))
