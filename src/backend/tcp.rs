@@ -80,7 +80,7 @@ impl TcpBackend {
         Self { options }
     }
 
-    fn configure(&self, stream: &TcpStream) -> io::Result<()> {
+    pub(super) fn configure(&self, stream: &TcpStream) -> io::Result<()> {
         stream.set_nodelay(self.options.nodelay)?;
         if let Some(interval) = self.options.keep_alive {
             let keepalive = TcpKeepalive::new()
@@ -126,7 +126,7 @@ fn silent(after: Duration) -> io::Error {
 
 /// Waits until `stream` has bytes to read (or has ended), for at most
 /// `deadline` when one is set.
-async fn first_bytes(stream: &TcpStream, deadline: Option<Duration>) -> io::Result<()> {
+pub(super) async fn first_bytes(stream: &TcpStream, deadline: Option<Duration>) -> io::Result<()> {
     match deadline {
         // Peeked, not merely readable: readiness may be spurious.
         Some(after) => tokio::time::timeout(after, stream.peek(&mut [0u8; 1]))
@@ -191,9 +191,9 @@ pub type TcpWriter = StreamFrameWriter<OwnedWriteHalf>;
 /// A bound TCP listener.
 #[derive(Debug)]
 pub struct TcpFrameListener {
-    listener: TcpListener,
-    backend: TcpBackend,
-    first_byte: Option<Duration>,
+    pub(super) listener: TcpListener,
+    pub(super) backend: TcpBackend,
+    pub(super) first_byte: Option<Duration>,
 }
 
 impl Listener for TcpFrameListener {
