@@ -22,7 +22,7 @@ use tungstenite::{
     client::IntoClientRequest,
     handshake::{
         HandshakeRole,
-        server::{ErrorResponse, Request, Response},
+        server::{Callback, ErrorResponse, Request, Response},
     },
     http::{StatusCode, uri::PathAndQuery},
 };
@@ -142,6 +142,14 @@ impl WsBackend {
         Ok(self.with_rustls(None, Some(config)))
     }
 
+    /// The same back-end over other socket options (checked when binding
+    /// or dialing).
+    #[must_use]
+    pub fn with_tcp(mut self, options: TcpOptions) -> Self {
+        self.tcp = TcpBackend::new(options);
+        self
+    }
+
     /// Adds rustls configs built elsewhere (each only when given).
     #[must_use]
     pub fn with_rustls(
@@ -218,6 +226,23 @@ where
     }
 }
 
+/// Upgrades requests for one path; any other gets 404.
+struct PathCheck(Arc<str>);
+
+impl Callback for PathCheck {
+    // The signature is tungstenite's.
+    #[allow(clippy::result_large_err)]
+    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        if request.uri().path() == &*self.0 {
+            Ok(response)
+        } else {
+            let mut refusal = ErrorResponse::new(Some("no WebSocket endpoint here\n".into()));
+            *refusal.status_mut() = StatusCode::NOT_FOUND;
+            Err(refusal)
+        }
+    }
+}
+
 /// The server side of the upgrade: requests for another path get 404.
 async fn accept(
     mut socket: WsStream,
@@ -225,15 +250,7 @@ async fn accept(
 ) -> std::io::Result<(tungstenite::WebSocket<Buffers>, WsStream)> {
     let buffers = Buffers::default();
     let output = buffers.output.clone();
-    let check = move |request: &Request, response: Response| {
-        if request.uri().path() == &*path {
-            Ok(response)
-        } else {
-            let mut refusal = ErrorResponse::new(Some("no WebSocket endpoint here\n".into()));
-            *refusal.status_mut() = StatusCode::NOT_FOUND;
-            Err(refusal)
-        }
-    };
+    let check = PathCheck(path);
     let config = io::config(HANDSHAKE_MAX_FRAME_SIZE);
     let attempt = tungstenite::accept_hdr_with_config(buffers, check, Some(config));
     let ws = drive(&mut socket, output.clone(), attempt).await?;
