@@ -80,7 +80,7 @@ impl TcpBackend {
         Self { options }
     }
 
-    pub(super) fn configure(&self, stream: &TcpStream) -> io::Result<()> {
+    fn configure(&self, stream: &TcpStream) -> io::Result<()> {
         stream.set_nodelay(self.options.nodelay)?;
         if let Some(interval) = self.options.keep_alive {
             let keepalive = TcpKeepalive::new()
@@ -191,9 +191,18 @@ pub type TcpWriter = StreamFrameWriter<OwnedWriteHalf>;
 /// A bound TCP listener.
 #[derive(Debug)]
 pub struct TcpFrameListener {
-    pub(super) listener: TcpListener,
-    pub(super) backend: TcpBackend,
+    listener: TcpListener,
+    backend: TcpBackend,
     pub(super) first_byte: Option<Duration>,
+}
+
+impl TcpFrameListener {
+    /// The next connection, with the socket options applied.
+    pub(super) async fn accept_stream(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (stream, remote) = self.listener.accept().await?;
+        self.backend.configure(&stream)?;
+        Ok((stream, remote))
+    }
 }
 
 impl Listener for TcpFrameListener {
@@ -202,8 +211,7 @@ impl Listener for TcpFrameListener {
     type Connecting = TcpConnecting;
 
     async fn accept(&mut self) -> io::Result<(Self::Connecting, Option<SocketAddr>)> {
-        let (stream, remote) = self.listener.accept().await?;
-        self.backend.configure(&stream)?;
+        let (stream, remote) = self.accept_stream().await?;
         let connecting = TcpConnecting {
             stream: Some(stream),
             first_byte: self.first_byte,
@@ -381,8 +389,7 @@ pub mod tls {
         type Connecting = TlsConnecting;
 
         async fn accept(&mut self) -> io::Result<(TlsConnecting, Option<SocketAddr>)> {
-            let (stream, remote) = self.tcp.listener.accept().await?;
-            self.tcp.backend.configure(&stream)?;
+            let (stream, remote) = self.tcp.accept_stream().await?;
             let acceptor = self.acceptor.clone();
             let first_byte = self.tcp.first_byte;
             // Lazy: nothing happens until the server has admitted it.
@@ -426,18 +433,28 @@ pub mod tls {
             let config = self.client.clone().ok_or_else(|| {
                 TransportError::Config("a TLS client needs a trust configuration".into())
             })?;
-            let name = crate::tls::server_name_for(addr)
-                .map_err(|err| TransportError::Config(err.to_string()))?;
             let tcp = self.tcp.dial_stream(addr).await?;
             let remote = tcp.peer_addr().ok();
-            let stream = TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|source| TransportError::Tls {
-                    addr: addr.to_owned(),
-                    source,
-                })?;
+            let stream = connect(config, addr, tcp).await?;
             Ok(pipe(TlsStream::Client(stream), remote))
         }
+    }
+
+    /// The client side of TLS over `tcp`, dialled as `addr` (`host:port`,
+    /// whose host the server's certificate must name).
+    pub(crate) async fn connect(
+        config: Arc<rustls::ClientConfig>,
+        addr: &str,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TransportError> {
+        let name = crate::tls::server_name_for(addr)
+            .map_err(|err| TransportError::Config(err.to_string()))?;
+        TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TransportError::Tls {
+                addr: addr.to_owned(),
+                source,
+            })
     }
 }

@@ -16,7 +16,7 @@ use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsAcceptor;
 use tungstenite::{
     HandshakeError,
     client::IntoClientRequest,
@@ -335,8 +335,7 @@ impl Listener for WsListener {
     type Connecting = WsConnecting;
 
     async fn accept(&mut self) -> std::io::Result<(WsConnecting, Option<SocketAddr>)> {
-        let (stream, remote) = self.tcp.listener.accept().await?;
-        self.tcp.backend.configure(&stream)?;
+        let (stream, remote) = self.tcp.accept_stream().await?;
         let acceptor = self.acceptor.clone();
         let first_byte = self.tcp.first_byte;
         let path = self.path.clone();
@@ -394,16 +393,7 @@ impl Backend for WsBackend {
             let config = self.client_tls.clone().ok_or_else(|| {
                 TransportError::Config("a wss:// client needs a trust configuration".into())
             })?;
-            let name = crate::tls::server_name_for(target.host_port)
-                .map_err(|err| TransportError::Config(err.to_string()))?;
-            let stream = TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|source| TransportError::Tls {
-                    addr: addr.to_owned(),
-                    source,
-                })?;
-            Box::new(stream)
+            Box::new(super::tcp::tls::connect(config, target.host_port, tcp).await?)
         } else {
             Box::new(tcp)
         };
