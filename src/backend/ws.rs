@@ -197,7 +197,7 @@ async fn drive<R>(
     socket: &mut WsStream,
     output: io::Outbox,
     mut attempt: Result<R::FinalResult, HandshakeError<R>>,
-) -> std::io::Result<R::FinalResult>
+) -> Result<R::FinalResult, tungstenite::Error>
 where
     R: HandshakeRole<InternalStream = Buffers>,
 {
@@ -212,10 +212,7 @@ where
             Ok(done) => return Ok(done),
             Err(HandshakeError::Failure(err)) => {
                 let _ = socket.shutdown().await;
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("WebSocket upgrade failed: {err}"),
-                ));
+                return Err(err);
             }
             Err(HandshakeError::Interrupted(mut mid)) => {
                 let n = io::read_chunk(socket, &mut chunk).await?;
@@ -253,8 +250,14 @@ async fn accept(
     let check = PathCheck(path);
     let config = io::config(HANDSHAKE_MAX_FRAME_SIZE);
     let attempt = tungstenite::accept_hdr_with_config(buffers, check, Some(config));
-    let ws = drive(&mut socket, output.clone(), attempt).await?;
-    Ok((ws, socket))
+    match drive(&mut socket, output, attempt).await {
+        Ok(ws) => Ok((ws, socket)),
+        Err(tungstenite::Error::Io(err)) => Err(err),
+        Err(err) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("WebSocket upgrade refused: {err}"),
+        )),
+    }
 }
 
 /// The client side of the upgrade, for `url`.
@@ -269,14 +272,29 @@ async fn connect(
     let output = buffers.output.clone();
     let config = io::config(HANDSHAKE_MAX_FRAME_SIZE);
     let attempt = tungstenite::client::client_with_config(request, buffers, Some(config));
-    let (ws, _response) = drive(&mut socket, output, attempt)
-        .await
-        .map_err(|source| TransportError::Io {
+    match drive(&mut socket, output, attempt).await {
+        Ok((ws, _response)) => Ok((ws, socket)),
+        // Another path, or no WebSocket endpoint: retrying will not help
+        // (unlike a proxy's 502 or 503 while the server restarts).
+        Err(tungstenite::Error::Http(response))
+            if response.status().is_client_error()
+                && ![StatusCode::REQUEST_TIMEOUT, StatusCode::TOO_MANY_REQUESTS]
+                    .contains(&response.status()) =>
+        {
+            Err(TransportError::Config(format!(
+                "{url}: the server refused the WebSocket upgrade with HTTP {}",
+                response.status()
+            )))
+        }
+        Err(err) => Err(TransportError::Io {
             op: "WebSocket upgrade",
             addr: url.to_owned(),
-            source,
-        })?;
-    Ok((ws, socket))
+            source: match err {
+                tungstenite::Error::Io(err) => err,
+                other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+            },
+        }),
+    }
 }
 
 /// A dialled address: `host:port`, or a `ws://` / `wss://` URL.

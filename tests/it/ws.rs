@@ -97,6 +97,8 @@ async fn another_path_gets_404_and_no_session() {
         let refused = client.connect(&addr.to_string()).await;
         let err = refused.expect_err("upgrade on another path succeeded");
         assert!(err.to_string().contains("404"), "{err}");
+        // A wrong path is not retried as if the server were down.
+        assert!(!err.is_transient(), "{err:?}");
         assert!(server.connections().is_empty());
         // The right path still works.
         let good = WsHarness::client(client_config("c0"), Some(keys.client_auth(0)));
