@@ -2,7 +2,7 @@
 //! authenticated with signed frames on 127.0.0.1, driving 1,000 cross-chain
 //! transactions through XTRequest → StartSC → votes → Decided.
 //!
-//! `cargo run --release --example demo [-- --backend tcp|grpc|quic]` (add
+//! `cargo run --release --example demo [-- --backend tcp|grpc|quic|ws]` (add
 //! `--all-features` for libsecp256k1). QUIC runs over TLS with a self-signed
 //! certificate the sequencers pin. Prints a summary; exits non-zero if
 //! anything is missing after the global timeout. Logs on stderr (`RUST_LOG`,
@@ -56,7 +56,7 @@ type Pending = Arc<Mutex<HashMap<Bytes, Instant>>>;
 #[derive(Debug, Parser)]
 #[command(about = "Publisher and three sequencers in one process: 1,000 cross-chain transactions")]
 struct Args {
-    /// Transport: tcp, grpc or quic.
+    /// Transport: tcp, grpc, quic or ws.
     #[arg(long, value_enum, default_value_t = BackendKind::Tcp)]
     backend: BackendKind,
 }

@@ -117,7 +117,7 @@ struct Args {
     /// secp256k1 implementation for handshakes and signatures.
     #[arg(long, value_enum, default_value_t = Crypto::K256)]
     crypto: Crypto,
-    /// TLS on the tcp (and grpc) back-end; quic always uses it.
+    /// TLS on the tcp, grpc and ws back-ends; quic always uses it.
     #[arg(long)]
     tls: bool,
     /// What to measure.

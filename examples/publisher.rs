@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --example publisher -- --listen 127.0.0.1:8080 --key-file publisher.key \
-//!     --trust seq-a=02ab… --trust-go seq-b=03cd… [--backend tcp|grpc|quic] [--tls]
+//!     --trust seq-a=02ab… --trust-go seq-b=03cd… [--backend tcp|grpc|quic|ws] [--tls]
 //! ```
 //!
 //! `--trust` keys must use the extended handshake; `--trust-go` keys may also

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --example sequencer -- --connect 127.0.0.1:8080 --key-file seq-a.key \
 //!     --publisher-key 02ab… --client-id seq-a --chain-id 1 --xt-every 500ms \
-//!     [--backend tcp|grpc|quic] [--tls] [--pin-sha256 <publisher's tls fingerprint>]
+//!     [--backend tcp|grpc|quic|ws] [--tls] [--pin-sha256 <publisher's tls fingerprint>]
 //! ```
 //!
 //! With TLS (QUIC, or `--tls`) the publisher's certificate is verified by

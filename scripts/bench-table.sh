@@ -62,6 +62,8 @@ rows=(
     "--backend grpc --auth none --mode rtt --clients 1 --size 100"
     "--backend quic --auth none --mode stream --clients 1 --size 100"
     "--backend quic --auth none --mode rtt --clients 1 --size 100"
+    "--backend ws --auth none --mode stream --clients 1 --size 100"
+    "--backend ws --auth none --mode rtt --clients 1 --size 100"
     "--backend tcp --tls --auth none --mode stream --clients 1 --size 100"
     "--baseline raw --mode stream --clients 1 --size 4096"
     "--backend tcp --auth signed --crypto libsecp256k1 --mode stream --clients 1 --size 4096"

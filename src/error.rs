@@ -105,6 +105,14 @@ pub enum CodecError {
         /// What it looks like ("TLS", "HTTP").
         protocol: &'static str,
     },
+    /// The WebSocket binding was broken: a text message where only binary
+    /// ones carry frames, a misplaced continuation frame, or another breach
+    /// of RFC 6455.
+    #[error("WebSocket protocol violation: {detail}")]
+    WebSocket {
+        /// What the peer did.
+        detail: String,
+    },
     /// The frame body is not valid protobuf for the expected message.
     #[error("malformed {what}: {source}")]
     Malformed {

@@ -315,3 +315,13 @@ pub type QuicServer = TransportServer<backend::quic::QuicBackend>;
 /// A QUIC client.
 #[cfg(feature = "quic")]
 pub type QuicClient = TransportClient<backend::quic::QuicBackend>;
+
+#[cfg(feature = "ws")]
+pub use backend::ws::{WsBackend, WsOptions};
+
+/// A WebSocket server.
+#[cfg(feature = "ws")]
+pub type WsServer = TransportServer<backend::ws::WsBackend>;
+/// A WebSocket client.
+#[cfg(feature = "ws")]
+pub type WsClient = TransportClient<backend::ws::WsBackend>;

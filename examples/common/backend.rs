@@ -1,10 +1,10 @@
 //! Back-end selection shared by the example programs: `--backend
-//! tcp|grpc|quic` and the TLS flags, turned into an `Arc<dyn Server>` or
+//! tcp|grpc|quic|ws` and the TLS flags, turned into an `Arc<dyn Server>` or
 //! `Arc<dyn Client>` so the rest of each program does not care which
 //! transport carries its frames.
 //!
-//! TLS: TCP and gRPC use it with `--tls` (gRPC without it is h2c), QUIC
-//! always does. A server presents `--tls-cert`/`--tls-key`, or else a
+//! TLS: TCP, gRPC and WebSocket use it with `--tls` (gRPC without it is
+//! h2c, WebSocket `ws://` rather than `wss://`), QUIC always does. A server presents `--tls-cert`/`--tls-key`, or else a
 //! self-signed development certificate whose fingerprint it reports so
 //! clients can pin it (`--pin-sha256`). `--tls-ca` is the CA a client
 //! trusts, or the CA a server requires client certificates from (mutual
@@ -31,6 +31,8 @@ pub enum BackendKind {
     Grpc,
     /// One QUIC stream per connection; always TLS 1.3.
     Quic,
+    /// One binary WebSocket message per frame (`ws://`, or `wss://` with TLS).
+    Ws,
 }
 
 impl BackendKind {
@@ -40,6 +42,7 @@ impl BackendKind {
             Self::Tcp => "tcp",
             Self::Grpc => "grpc",
             Self::Quic => "quic",
+            Self::Ws => "ws",
         }
     }
 
@@ -50,6 +53,7 @@ impl BackendKind {
             Self::Tcp => true,
             Self::Grpc => cfg!(feature = "grpc"),
             Self::Quic => cfg!(feature = "quic"),
+            Self::Ws => cfg!(feature = "ws"),
         };
         if available {
             Ok(())
@@ -62,10 +66,13 @@ impl BackendKind {
 /// The back-end and TLS flags (`#[command(flatten)]` them into a program's arguments).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BackendArgs {
-    /// Transport: tcp, grpc or quic.
+    /// Transport: tcp, grpc, quic or ws.
     #[arg(long, value_enum, default_value_t = BackendKind::Tcp)]
     pub backend: BackendKind,
-    /// Use TLS on the tcp and grpc back-ends (quic always uses it).
+    /// Request path of the WebSocket upgrade (--backend ws; default /rollup).
+    #[arg(long, value_name = "PATH")]
+    pub ws_path: Option<String>,
+    /// Use TLS on the tcp, grpc and ws back-ends (quic always uses it).
     #[arg(long)]
     pub tls: bool,
     /// Certificate chain (PEM): a server's identity, or a client's for
@@ -91,7 +98,7 @@ pub struct BackendArgs {
     /// repeatable): the server's on a client, a client's on a server.
     #[arg(long = "pin-sha256", value_name = "HEX")]
     pub pin_sha256: Vec<String>,
-    /// Also speak TLS 1.2 on the tcp and grpc back-ends (default: TLS 1.3 only).
+    /// Also speak TLS 1.2 on the tcp, grpc and ws back-ends (default: TLS 1.3 only).
     #[arg(long)]
     pub tls12: bool,
 }
@@ -102,6 +109,7 @@ impl BackendArgs {
     pub fn new(kind: BackendKind, tls: bool) -> Self {
         Self {
             backend: kind,
+            ws_path: None,
             tls,
             tls_cert: None,
             tls_key: None,
@@ -122,6 +130,9 @@ impl BackendArgs {
     /// build lacks.
     pub fn validate(&self) -> Result<(), BoxError> {
         self.backend.ensure_available()?;
+        if self.ws_path.is_some() && self.backend != BackendKind::Ws {
+            return Err("--ws-path applies to --backend ws only".into());
+        }
         let tls_flags = self.tls_cert.is_some()
             || self.tls_p12.is_some()
             || self.tls_ca.is_some()
@@ -207,6 +218,15 @@ pub fn server(
             )?;
             Arc::new(QuicServer::new(backend, config, auth))
         }
+        #[cfg(feature = "ws")]
+        (BackendKind::Ws, tls) => {
+            use publisher_transport::{WsBackend, WsServer};
+            let mut backend = WsBackend::new(ws_options(args, tcp))?;
+            if let Some(tls) = tls {
+                backend = backend.with_server_tls(&tls.identity, &tls.clients)?;
+            }
+            Arc::new(WsServer::new(backend, config, auth))
+        }
         #[allow(unreachable_patterns)]
         (kind, _) => return Err(unavailable(kind)),
     };
@@ -238,6 +258,8 @@ enum Prepared {
     Grpc(publisher_transport::backend::grpc::GrpcBackend),
     #[cfg(feature = "quic")]
     Quic(publisher_transport::QuicBackend),
+    #[cfg(feature = "ws")]
+    Ws(publisher_transport::WsBackend),
 }
 
 /// Makes clients of the back-end `args` select.
@@ -283,6 +305,15 @@ impl ClientFactory {
                     Some(&trust),
                 )?)
             }
+            #[cfg(feature = "ws")]
+            (BackendKind::Ws, trust) => {
+                use publisher_transport::WsBackend;
+                let mut backend = WsBackend::new(ws_options(args, TcpOptions::default()))?;
+                if let Some(trust) = trust {
+                    backend = backend.with_client_tls(&trust)?;
+                }
+                Prepared::Ws(backend)
+            }
             #[allow(unreachable_patterns)]
             (kind, _) => return Err(unavailable(kind)),
         };
@@ -316,8 +347,27 @@ impl ClientFactory {
                 config,
                 auth,
             )),
+            #[cfg(feature = "ws")]
+            Prepared::Ws(backend) => Arc::new(publisher_transport::WsClient::new(
+                backend.clone().with_tcp(tcp),
+                config,
+                auth,
+            )),
         }
     }
+}
+
+/// The WebSocket settings of `args`, over `tcp`.
+#[cfg(feature = "ws")]
+fn ws_options(args: &BackendArgs, tcp: TcpOptions) -> publisher_transport::WsOptions {
+    let mut options = publisher_transport::WsOptions {
+        tcp,
+        ..Default::default()
+    };
+    if let Some(path) = &args.ws_path {
+        options.path.clone_from(path);
+    }
+    options
 }
 
 fn unavailable(kind: BackendKind) -> BoxError {

@@ -15,6 +15,8 @@ mod grpc_inbound;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod tcp;
+#[cfg(feature = "ws")]
+pub mod ws;
 
 use std::{
     future::Future,
@@ -128,7 +130,7 @@ pub trait Listener: Send + 'static {
     }
 }
 
-/// A way to listen and dial: one per transport (TCP, gRPC, QUIC).
+/// A way to listen and dial: one per transport (TCP, gRPC, QUIC, WebSocket).
 pub trait Backend: Clone + Send + Sync + 'static {
     /// Reading half of a pipe.
     type Reader: FrameReader;

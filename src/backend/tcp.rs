@@ -127,7 +127,7 @@ fn silent(after: Duration) -> io::Error {
 
 /// Waits until `stream` has bytes to read (or has ended), for at most
 /// `deadline` when one is set.
-async fn first_bytes(stream: &TcpStream, deadline: Option<Duration>) -> io::Result<()> {
+pub(super) async fn first_bytes(stream: &TcpStream, deadline: Option<Duration>) -> io::Result<()> {
     match deadline {
         // Peeked, not merely readable: readiness may be spurious.
         Some(after) => tokio::time::timeout(after, stream.peek(&mut [0u8; 1]))
@@ -194,7 +194,16 @@ pub type TcpWriter = StreamFrameWriter<OwnedWriteHalf>;
 pub struct TcpFrameListener {
     listener: TcpListener,
     backend: TcpBackend,
-    first_byte: Option<Duration>,
+    pub(super) first_byte: Option<Duration>,
+}
+
+impl TcpFrameListener {
+    /// The next connection, with the socket options applied.
+    pub(super) async fn accept_stream(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (stream, remote) = self.listener.accept().await?;
+        self.backend.configure(&stream)?;
+        Ok((stream, remote))
+    }
 }
 
 impl Listener for TcpFrameListener {
@@ -203,8 +212,7 @@ impl Listener for TcpFrameListener {
     type Connecting = TcpConnecting;
 
     async fn accept(&mut self) -> io::Result<(Self::Connecting, Option<SocketAddr>)> {
-        let (stream, remote) = self.listener.accept().await?;
-        self.backend.configure(&stream)?;
+        let (stream, remote) = self.accept_stream().await?;
         let connecting = TcpConnecting {
             stream: Some(stream),
             first_byte: self.first_byte,
@@ -383,8 +391,7 @@ pub mod tls {
         type Connecting = TlsConnecting;
 
         async fn accept(&mut self) -> io::Result<(TlsConnecting, Option<SocketAddr>)> {
-            let (stream, remote) = self.tcp.listener.accept().await?;
-            self.tcp.backend.configure(&stream)?;
+            let (stream, remote) = self.tcp.accept_stream().await?;
             let acceptor = self.acceptor.clone();
             let first_byte = self.tcp.first_byte;
             // Lazy: nothing happens until the server has admitted it.
@@ -428,18 +435,28 @@ pub mod tls {
             let config = self.client.clone().ok_or_else(|| {
                 TransportError::Config("a TLS client needs a trust configuration".into())
             })?;
-            let name = crate::tls::server_name_for(addr)
-                .map_err(|err| TransportError::Config(err.to_string()))?;
             let tcp = self.tcp.dial_stream(addr).await?;
             let remote = tcp.peer_addr().ok();
-            let stream = TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-                .map_err(|source| TransportError::Tls {
-                    addr: addr.to_owned(),
-                    source,
-                })?;
+            let stream = connect(config, addr, tcp).await?;
             Ok(pipe(TlsStream::Client(stream), remote))
         }
+    }
+
+    /// The client side of TLS over `tcp`, dialled as `addr` (`host:port`,
+    /// whose host the server's certificate must name).
+    pub(crate) async fn connect(
+        config: Arc<rustls::ClientConfig>,
+        addr: &str,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TransportError> {
+        let name = crate::tls::server_name_for(addr)
+            .map_err(|err| TransportError::Config(err.to_string()))?;
+        TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TransportError::Tls {
+                addr: addr.to_owned(),
+                source,
+            })
     }
 }

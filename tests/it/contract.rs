@@ -38,6 +38,8 @@ use tokio::{
 use crate::e2e::GrpcHarness;
 #[cfg(feature = "quic")]
 use crate::e2e::QuicHarness;
+#[cfg(feature = "ws")]
+use crate::e2e::WsHarness;
 use crate::e2e::{
     Harness, Keys, STEP_TIMEOUT, TcpHarness, block, client_config, delivered, identity, next_event,
     number_of, numbered, recv, registered, server_config,
@@ -77,6 +79,8 @@ contract_suite!(tcp, TcpHarness);
 contract_suite!(grpc, GrpcHarness);
 #[cfg(feature = "quic")]
 contract_suite!(quic, QuicHarness);
+#[cfg(feature = "ws")]
+contract_suite!(ws, WsHarness);
 
 async fn bounded(test: impl Future<Output = ()>) {
     let _ = tracing_subscriber::fmt()

@@ -39,3 +39,5 @@ mod third_party;
 mod tls;
 mod tls_versions;
 mod trust_live;
+#[cfg(feature = "ws")]
+mod ws;

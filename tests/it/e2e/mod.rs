@@ -154,6 +154,8 @@ e2e_suite!(tcp, TcpHarness);
 e2e_suite!(grpc, GrpcHarness);
 #[cfg(feature = "quic")]
 e2e_suite!(quic, QuicHarness);
+#[cfg(feature = "ws")]
+e2e_suite!(ws, WsHarness);
 
 /// gRPC over h2c. Stream opening is not retried here (the client's own
 /// retry logic is what the suite checks); `tests/it/grpc.rs` covers it.
@@ -207,6 +209,27 @@ impl Harness for QuicHarness {
         Self::Backend::pinned_pair(&QUIC_IDENTITY, Default::default())
             .unwrap()
             .1
+    }
+}
+
+/// Plain WebSocket (`ws://`) on the default path.
+#[cfg(feature = "ws")]
+pub struct WsHarness;
+
+#[cfg(feature = "ws")]
+impl Harness for WsHarness {
+    type Backend = publisher_transport::WsBackend;
+
+    /// The upgrade comes after admission, so a refused connection is closed
+    /// before it could be told why.
+    const EXPLAINS_EARLY_REFUSALS: bool = false;
+
+    fn server_backend(_: &ServerConfig) -> Self::Backend {
+        Self::Backend::new(Default::default()).unwrap()
+    }
+
+    fn client_backend(_: &ClientConfig) -> Self::Backend {
+        Self::Backend::new(Default::default()).unwrap()
     }
 }
 
