@@ -24,8 +24,8 @@ use crate::{
     proto::Message,
     retry::RetryPolicy,
     session::{
-        self, Connection, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionEnd,
-        SessionSetup, client_handshake, signing_state,
+        self, Connection, ConnectionInfo, Handler, HandlerSlot, Inbound, SessionContext,
+        SessionEnd, SessionSetup, client_handshake, signing_state,
     },
     signed::SequenceCounter,
 };
@@ -390,6 +390,20 @@ impl<B: Backend> TransportClient<B> {
         connection.send_confirmed(message).await
     }
 
+    /// Sends `message` as a request and returns the publisher's reply; see
+    /// [`Connection::request`]. Not retried on another session.
+    pub async fn request(
+        &self,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError> {
+        let connection = self
+            .current()
+            .filter(|c| !c.is_closed())
+            .ok_or(TransportError::NotConnected)?;
+        connection.request(message, timeout).await
+    }
+
     fn supervise(
         &self,
         addr: String,
@@ -462,6 +476,7 @@ async fn try_establish<B: Backend>(
                 extensions: auth.extensions,
                 signed_frames: auth.signed_frames,
                 delivery_acks: auth.delivery_acks,
+                requests: true,
                 backend: auth.backend,
             },
             SystemTime::now(),
@@ -493,6 +508,7 @@ async fn try_establish<B: Backend>(
         sender_id: Some(config.client_id.clone()),
         peer_key: None,
         delivery_acks: false,
+        requests: false,
         go_mode: false,
         chain_id: None,
     };
@@ -526,6 +542,7 @@ async fn try_establish<B: Backend>(
         setup.signer = signer;
         setup.opener = opener;
         setup.delivery_acks = server.delivery_acks;
+        setup.requests = server.requests;
         setup.go_mode = server.server_key.is_none();
     }
     let context = SessionContext::new(

@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,8 +26,8 @@ use crate::{
     metrics::Metrics,
     proto::{Message, MessageKind},
     session::{
-        self, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionSetup, send_disconnect,
-        server_handshake, signing_state,
+        self, ConnectionInfo, Handler, HandlerSlot, Inbound, SessionContext, SessionSetup,
+        send_disconnect, server_handshake, signing_state,
     },
     signed::{self, Audience, SequenceCounter},
 };
@@ -356,6 +356,17 @@ impl<B: Backend> TransportServer<B> {
         self.peer(peer)?.send_confirmed(message).await
     }
 
+    /// Sends `message` to `peer` as a request and returns its reply; see
+    /// [`Connection::request`](session::Connection::request).
+    pub async fn request(
+        &self,
+        peer: &str,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError> {
+        self.peer(peer)?.request(message, timeout).await
+    }
+
     fn peer(&self, peer: &str) -> Result<Arc<session::Connection>, TransportError> {
         self.inner
             .manager
@@ -571,6 +582,7 @@ async fn serve<B: Backend>(
                 sender_id: None,
                 peer_key: None,
                 delivery_acks: false,
+                requests: false,
                 go_mode: false,
                 chain_id: None,
             },
@@ -664,6 +676,7 @@ async fn serve<B: Backend>(
                 sender_id: None,
                 peer_key: Some(client.public_key.clone()),
                 delivery_acks: client.delivery_acks,
+                requests: client.requests,
                 go_mode: !client.extended,
                 chain_id: client.chain_id,
             };

@@ -21,6 +21,7 @@ mod handler;
 mod messages;
 mod outbox;
 mod reader;
+mod requests;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -52,7 +53,7 @@ use connection::Counters;
 pub use connection::{Connection, ConnectionInfo};
 pub(crate) use establish::*;
 pub(crate) use handler::HandlerSlot;
-use handler::{Dispatch, HandlerCache};
+use handler::{Dispatch, HandlerCache, ReplyTo};
 pub use handler::{
     Handled, Handler, HandlerError, HandlerFuture, Inbound, InboundBatch, SyncHandler,
     channel_handler,
@@ -148,6 +149,8 @@ pub(crate) struct SessionSetup {
     pub(crate) sender_id: Option<String>,
     /// Whether both sides acknowledge delivered messages.
     pub(crate) delivery_acks: bool,
+    /// Whether messages may carry request and reply ids.
+    pub(crate) requests: bool,
     /// Whether the peer authenticated with the Go package's handshake.
     pub(crate) go_mode: bool,
     /// The chain id the session starts with.
@@ -239,6 +242,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             ..Counters::default()
         },
         acks: setup.delivery_acks.then(Acks::default),
+        requests: setup
+            .requests
+            .then(|| requests::Requests::new(config.send_queue_capacity)),
         outbox: Outbox::new(OutboxConfig {
             max_messages: config.send_queue_capacity,
             max_bytes: config.send_queue_bytes,
@@ -280,6 +286,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             reader_connection.closed.cancel();
             if !writer_done {
                 let _ = writer_task.await;
+            }
+            if let Some(requests) = &reader_connection.requests {
+                requests.fail_all();
             }
             if let Some(acks) = &reader_connection.acks {
                 let unconfirmed = acks.fail_waiting();

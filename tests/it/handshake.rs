@@ -724,6 +724,7 @@ fn extended_messages_stay_valid_go_messages() {
             Feature::MutualAuth as u32
                 | Feature::SignedFrames as u32
                 | Feature::DeliveryAcks as u32
+                | Feature::Requests as u32
         );
         assert_eq!(concat(&base, &ext), response.to_vec());
     }
@@ -855,6 +856,30 @@ fn delivery_acks_need_both_sides() {
     }
 }
 
+// PROTOCOL.md §3.3, §5.2
+#[test]
+fn requests_need_both_sides() {
+    for &backend in CryptoBackend::available() {
+        for (offered, allowed) in [(true, true), (true, false), (false, true), (false, false)] {
+            let mut config = client_config(backend);
+            config.requests = offered;
+            let mut server_config = ServerHandshakeConfig::new(trust(), Some(server_key()));
+            server_config.backend = backend;
+            server_config.requests = allowed;
+            let (accepted, session) =
+                handshake(&ServerHandshake::new(server_config), config, t0(), 1);
+            let expected = offered && allowed;
+            assert_eq!(accepted.requests, expected, "{offered} {allowed}");
+            assert_eq!(session.requests, expected, "{offered} {allowed}");
+            assert!(session.delivery_acks, "independent of acknowledgements");
+        }
+        // Go mode has no requests.
+        let (accepted, session) =
+            handshake(&ext_server(backend), go_client_config(backend), t0(), 3);
+        assert!(!accepted.requests && !session.requests);
+    }
+}
+
 /// Signs `ext` as the server would (`server_signature` = the proof over the
 /// transcript of `request` and this response), so that only the client's
 /// checks after the proof can refuse it.
@@ -919,11 +944,16 @@ fn client_refuses_features_it_did_not_offer() {
                 Feature::DeliveryAcks,
                 "server enabled delivery acknowledgements that were not offered",
             ),
+            (
+                Feature::Requests,
+                "server enabled requests that were not offered",
+            ),
         ];
         for (feature, text) in cases {
             let mut config = client_config(backend);
             config.signed_frames = false;
             config.delivery_acks = false;
+            config.requests = false;
             let (client, response) = accepted_response(backend, config, 1);
             let (base, mut ext) = decode_response(&response);
             assert_eq!(ext.features, Feature::MutualAuth as u32);
