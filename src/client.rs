@@ -361,20 +361,12 @@ impl<B: Backend> TransportClient<B> {
     /// Sends `message` (its `sender_id` becomes the client id), waiting up to
     /// the write timeout for queue room.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        let connection = self
-            .current()
-            .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.send(message).await
+        self.live()?.send(message).await
     }
 
     /// Queues `message` without waiting; see [`Connection::try_send`].
     pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
-        let connection = self
-            .current()
-            .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.try_send(message)
+        self.live()?.try_send(message)
     }
 
     /// Sends `message` and waits until the publisher confirms delivery to its
@@ -383,11 +375,7 @@ impl<B: Backend> TransportClient<B> {
     /// silent loss. Not retried on another session: resending is the caller's
     /// choice, as the message may have arrived.
     pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
-        let connection = self
-            .current()
-            .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.send_confirmed(message).await
+        self.live()?.send_confirmed(message).await
     }
 
     /// Sends `message` as a request and returns the publisher's reply; see
@@ -397,11 +385,14 @@ impl<B: Backend> TransportClient<B> {
         message: Message,
         timeout: Duration,
     ) -> Result<Inbound, TransportError> {
-        let connection = self
-            .current()
+        self.live()?.request(message, timeout).await
+    }
+
+    /// The current connection, unless it is closed.
+    fn live(&self) -> Result<Arc<Connection>, TransportError> {
+        self.current()
             .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.request(message, timeout).await
+            .ok_or(TransportError::NotConnected)
     }
 
     fn supervise(

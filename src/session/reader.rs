@@ -445,6 +445,7 @@ fn deliver(
     let tally = &mut dispatch.tally;
     if let Some(acks) = &connection.acks
         && let Some(ext) = &ext
+        && message.payload.is_none()
         && (ext.ack.is_some() || ext.ack_request)
     {
         tally.add(MessageKind::Ack, size);

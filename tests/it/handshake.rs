@@ -819,21 +819,24 @@ fn client_refuses_a_tampered_server_proof() {
     }
 }
 
-// PROTOCOL.md §3.3, §5.1
+// PROTOCOL.md §3.3, §5.1, §5.2
 #[test]
-fn delivery_acks_need_both_sides() {
+fn delivery_acks_and_requests_need_both_sides() {
     for &backend in CryptoBackend::available() {
         for (offered, allowed) in [(true, true), (true, false), (false, true), (false, false)] {
             let mut config = client_config(backend);
             config.delivery_acks = offered;
+            config.requests = !offered;
             let mut server_config = ServerHandshakeConfig::new(trust(), Some(server_key()));
             server_config.backend = backend;
             server_config.delivery_acks = allowed;
+            server_config.requests = allowed;
             let (accepted, session) =
                 handshake(&ServerHandshake::new(server_config), config, t0(), 1);
-            let expected = offered && allowed;
-            assert_eq!(accepted.delivery_acks, expected, "{offered} {allowed}");
-            assert_eq!(session.delivery_acks, expected, "{offered} {allowed}");
+            let (acks, requests) = (offered && allowed, !offered && allowed);
+            assert_eq!(accepted.delivery_acks, acks, "{offered} {allowed}");
+            assert_eq!(session.delivery_acks, acks, "{offered} {allowed}");
+            assert_eq!((accepted.requests, session.requests), (requests, requests));
             assert!(
                 session.signed_frames.is_some(),
                 "independent of signed frames"
@@ -849,33 +852,10 @@ fn delivery_acks_need_both_sides() {
             matches!(result, Err(HandshakeError::BadServerSignature(_))),
             "{result:?}"
         );
-        // Go mode has no acknowledgements.
+        // Go mode has no acknowledgements and no requests.
         let (accepted, session) =
             handshake(&ext_server(backend), go_client_config(backend), t0(), 3);
         assert!(!accepted.delivery_acks && !session.delivery_acks);
-    }
-}
-
-// PROTOCOL.md §3.3, §5.2
-#[test]
-fn requests_need_both_sides() {
-    for &backend in CryptoBackend::available() {
-        for (offered, allowed) in [(true, true), (true, false), (false, true), (false, false)] {
-            let mut config = client_config(backend);
-            config.requests = offered;
-            let mut server_config = ServerHandshakeConfig::new(trust(), Some(server_key()));
-            server_config.backend = backend;
-            server_config.requests = allowed;
-            let (accepted, session) =
-                handshake(&ServerHandshake::new(server_config), config, t0(), 1);
-            let expected = offered && allowed;
-            assert_eq!(accepted.requests, expected, "{offered} {allowed}");
-            assert_eq!(session.requests, expected, "{offered} {allowed}");
-            assert!(session.delivery_acks, "independent of acknowledgements");
-        }
-        // Go mode has no requests.
-        let (accepted, session) =
-            handshake(&ext_server(backend), go_client_config(backend), t0(), 3);
         assert!(!accepted.requests && !session.requests);
     }
 }

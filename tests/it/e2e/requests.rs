@@ -6,13 +6,31 @@
 use std::{sync::Arc, time::Duration};
 
 use publisher_transport::{
-    ClientAuth, Handler, HandlerError, Inbound, TransportError, channel_handler,
+    ClientAuth, ClientConfig, Handler, HandlerError, Inbound, TransportError, channel_handler,
 };
 
 use super::{
-    Harness, Keys, STEP_TIMEOUT, client_config, eventually, identity, number_of, numbered, recv,
-    registered, server_config,
+    Client, Harness, Keys, STEP_TIMEOUT, Server, client_config, eventually, identity, number_of,
+    numbered, recv, registered, server_config,
 };
+
+/// A started server, and client 0 of `keys` (with `config` and `auth`)
+/// connected to it; `[at_server, at_client]` are their handlers.
+async fn connected<H: Harness>(
+    keys: &Keys,
+    config: ClientConfig,
+    auth: ClientAuth,
+    [at_server, at_client]: [Arc<dyn Handler>; 2],
+) -> (Server<H>, Client<H>) {
+    let server = H::server(server_config(), Some(keys.server_auth()));
+    server.set_handler(at_server);
+    let addr = server.start().await.unwrap();
+    let client = H::client(config, Some(auth));
+    client.set_handler(at_client);
+    client.connect(&H::dial_addr(addr)).await.unwrap();
+    registered(&server, &identity(0)).await;
+    (server, client)
+}
 
 /// A handler answering request `n` with message `2n + 1`, and forwarding
 /// everything else (replies must never arrive here) to the returned channel.
@@ -50,21 +68,19 @@ fn unknown_replies(metrics: &publisher_transport::metrics::Metrics) -> u64 {
 pub async fn a_thousand_requests_in_flight_are_all_answered<H: Harness>() {
     for signed in [true, false] {
         let keys = Keys::new(1);
-        let server = H::server(server_config(), Some(keys.server_auth()));
-        let (handler, mut at_server) = echo_handler();
-        server.set_handler(handler);
-        let addr = server.start().await.unwrap();
-        let client = H::client(
+        let (server_handler, mut at_server) = echo_handler();
+        let (client_handler, mut at_client) = echo_handler();
+        let auth = ClientAuth {
+            signed_frames: signed,
+            ..keys.client_auth(0)
+        };
+        let (server, client) = connected::<H>(
+            &keys,
             client_config("a"),
-            Some(ClientAuth {
-                signed_frames: signed,
-                ..keys.client_auth(0)
-            }),
-        );
-        let (handler, mut at_client) = echo_handler();
-        client.set_handler(handler);
-        client.connect(&H::dial_addr(addr)).await.unwrap();
-        registered(&server, &identity(0)).await;
+            auth,
+            [server_handler, client_handler],
+        )
+        .await;
 
         let requests = (0..1000u64).map(|n| client.request(numbered(n), STEP_TIMEOUT));
         let replies = futures::future::join_all(requests).await;
@@ -107,15 +123,16 @@ async fn recv_unbounded(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Inbound>) 
 /// message that is not a request is refused.
 pub async fn the_server_requests_from_a_client<H: Harness>() {
     let keys = Keys::new(1);
-    let server = H::server(server_config(), Some(keys.server_auth()));
-    let (handler, mut at_server) = channel_handler(16);
-    server.set_handler(handler);
-    let addr = server.start().await.unwrap();
-    let client = H::client(client_config("a"), Some(keys.client_auth(0)));
-    let (handler, _at_client) = echo_handler();
-    client.set_handler(handler);
-    client.connect(&H::dial_addr(addr)).await.unwrap();
-    registered(&server, &identity(0)).await;
+    let (server_handler, mut at_server) = channel_handler(16);
+    let (client_handler, _at_client) = echo_handler();
+    let auth = keys.client_auth(0);
+    let (server, client) = connected::<H>(
+        &keys,
+        client_config("a"),
+        auth,
+        [server_handler, client_handler],
+    )
+    .await;
 
     let reply = server
         .request(&identity(0), numbered(20), STEP_TIMEOUT)
@@ -149,15 +166,16 @@ pub async fn the_server_requests_from_a_client<H: Harness>() {
 /// not reach the handler.
 pub async fn an_unanswered_request_times_out_and_a_late_reply_is_ignored<H: Harness>() {
     let keys = Keys::new(1);
-    let server = H::server(server_config(), Some(keys.server_auth()));
-    let (handler, mut at_server) = channel_handler(16);
-    server.set_handler(handler);
-    let addr = server.start().await.unwrap();
-    let client = H::client(client_config("a"), Some(keys.client_auth(0)));
-    let (handler, mut at_client) = channel_handler(16);
-    client.set_handler(handler);
-    client.connect(&H::dial_addr(addr)).await.unwrap();
-    registered(&server, &identity(0)).await;
+    let (server_handler, mut at_server) = channel_handler(16);
+    let (client_handler, mut at_client) = channel_handler(16);
+    let auth = keys.client_auth(0);
+    let (server, client) = connected::<H>(
+        &keys,
+        client_config("a"),
+        auth,
+        [server_handler, client_handler],
+    )
+    .await;
 
     let wait = Duration::from_millis(200);
     let outcome = tokio::time::timeout(STEP_TIMEOUT, client.request(numbered(5), wait))
@@ -197,15 +215,14 @@ pub async fn an_unanswered_request_times_out_and_a_late_reply_is_ignored<H: Harn
 /// their own timeout; the number of waiting requests is bounded.
 pub async fn a_lost_connection_fails_waiting_requests<H: Harness>() {
     let keys = Keys::new(1);
-    let server = H::server(server_config(), Some(keys.server_auth()));
-    let (handler, mut at_server) = channel_handler(64);
-    server.set_handler(handler);
-    let addr = server.start().await.unwrap();
+    let (server_handler, mut at_server) = channel_handler(64);
+    let (client_handler, _at_client) = channel_handler(1);
     let mut config = client_config("a");
     config.send_queue_capacity = 8;
-    let client = Arc::new(H::client(config, Some(keys.client_auth(0))));
-    client.connect(&H::dial_addr(addr)).await.unwrap();
-    registered(&server, &identity(0)).await;
+    let auth = keys.client_auth(0);
+    let (server, client) =
+        connected::<H>(&keys, config, auth, [server_handler, client_handler]).await;
+    let client = Arc::new(client);
 
     // Far beyond the test's own bound: only the connection's end can end them.
     let patient = Duration::from_secs(3600);
@@ -244,22 +261,20 @@ pub async fn a_lost_connection_fails_waiting_requests<H: Harness>() {
 /// requests: both sides refuse them with a typed error and send nothing.
 pub async fn go_mode_sessions_refuse_requests_without_sending<H: Harness>() {
     let keys = Keys::go_compatible(1);
-    let server = H::server(server_config(), Some(keys.server_auth()));
-    let (handler, mut at_server) = channel_handler(16);
-    server.set_handler(handler);
-    let addr = server.start().await.unwrap();
-    let client = H::client(
+    let (server_handler, mut at_server) = channel_handler(16);
+    let (client_handler, mut at_client) = channel_handler(16);
+    let auth = ClientAuth {
+        extensions: false,
+        server_key: None,
+        ..keys.client_auth(0)
+    };
+    let (server, client) = connected::<H>(
+        &keys,
         client_config("a"),
-        Some(ClientAuth {
-            extensions: false,
-            server_key: None,
-            ..keys.client_auth(0)
-        }),
-    );
-    let (handler, mut at_client) = channel_handler(16);
-    client.set_handler(handler);
-    client.connect(&H::dial_addr(addr)).await.unwrap();
-    registered(&server, &identity(0)).await;
+        auth,
+        [server_handler, client_handler],
+    )
+    .await;
     assert!(!client.connection().unwrap().takes_requests());
 
     let refused = client.request(numbered(1), STEP_TIMEOUT).await.unwrap_err();
