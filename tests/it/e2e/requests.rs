@@ -93,6 +93,10 @@ pub async fn a_thousand_requests_in_flight_are_all_answered<H: Harness>() {
             );
             assert!(!reply.is_request());
         }
+        // The same through the object-safe trait.
+        let dyn_client: &dyn publisher_transport::Client = &client;
+        let reply = dyn_client.request(numbered(5000), STEP_TIMEOUT).await;
+        assert_eq!(number_of(&reply.unwrap().message), 10_001);
         let connection = client.connection().unwrap();
         assert!(connection.takes_requests());
         assert_eq!(connection.pending_requests(), 0);
@@ -140,6 +144,10 @@ pub async fn the_server_requests_from_a_client<H: Harness>() {
         .unwrap();
     assert_eq!(number_of(&reply.message), 41);
     assert_eq!(&*reply.from, identity(0));
+    let dyn_server: &dyn publisher_transport::Server = &server;
+    let peer = identity(0);
+    let reply = dyn_server.request(&peer, numbered(30), STEP_TIMEOUT).await;
+    assert_eq!(number_of(&reply.unwrap().message), 61);
 
     client.send(numbered(1)).await.unwrap();
     let plain = recv(&mut at_server, "a plain message").await;
