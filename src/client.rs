@@ -545,7 +545,7 @@ async fn try_establish<B: Backend>(
     );
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let unauthenticated = inner.auth.is_none();
-    let (connection, task) = session::start_session(id, reader, writer, setup, context);
+    let (connection, task) = session::start_session(id, reader, writer, setup, None, context);
     if unauthenticated {
         // Without a handshake the client would otherwise say nothing until its
         // first message, and on stream transports (QUIC, gRPC) the server only

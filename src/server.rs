@@ -643,10 +643,7 @@ async fn serve<B: Backend>(
     };
 
     let (connection, task) =
-        session::start_session(id, reader, writer, setup, inner.context.clone());
-    if let Some(response) = response {
-        connection.queue_first(response, MessageKind::HandshakeResponse);
-    }
+        session::start_session(id, reader, writer, setup, response, inner.context.clone());
     let replaces = inner.manager.get(connection.identity()).is_some();
     if !replaces && inner.manager.len() >= config.max_connections {
         connection.close(DisconnectReason::TooManyPeers, "connection limit reached");
@@ -664,6 +661,11 @@ async fn serve<B: Backend>(
         // connections): look again now that this one is registered.
         if let Some(auth) = &inner.auth {
             close_if_no_longer_trusted(auth, &connection);
+        }
+        // `stop` cancels before it closes the registered connections: one
+        // registered after its look is closed here.
+        if shutdown.is_cancelled() && !connection.is_closed() {
+            connection.close(DisconnectReason::Requested, "server shutting down");
         }
     }
     let _ = task.await;

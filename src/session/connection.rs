@@ -201,10 +201,11 @@ impl Connection {
         self.outbox.push_urgent(&super::control(payload));
     }
 
-    /// Queues a complete frame that must precede everything else (the
-    /// handshake response); called before anyone else can reach the outbox.
-    pub(crate) fn queue_first(&self, frame: Bytes, kind: MessageKind) {
-        let _ = self.outbox.push_shared(frame, kind, true);
+    /// Queues a complete frame that must precede everything else, pings
+    /// included (the handshake response); called before the session's tasks
+    /// start.
+    pub(super) fn queue_first(&self, frame: Bytes, kind: MessageKind) {
+        self.outbox.push_first(frame, kind);
     }
 
     /// Messages waiting in the send queue (not yet taken by the writer).

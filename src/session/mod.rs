@@ -32,6 +32,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
@@ -42,7 +43,7 @@ use crate::{
     error::DisconnectReason,
     metrics::Metrics,
     pool::BufferPool,
-    proto::{Message, Payload},
+    proto::{Message, MessageKind, Payload},
     signed::{FrameOpener, SequenceCounter},
 };
 
@@ -208,14 +209,16 @@ const WRITE_BUFFER_CAPACITY: usize = WRITE_COALESCE_BYTES + 4 * 1024;
 /// Idle write buffers kept for reuse (about 1 MiB of them).
 const WRITE_BUFFERS_KEPT: usize = 16;
 
-/// Starts the reader and writer of an authenticated session. Returns the
-/// shared connection and a future that completes, with how it ended, when
-/// both halves are done.
+/// Starts the reader and writer of an authenticated session; `first` (the
+/// handshake response) goes out before anything else, pings included.
+/// Returns the shared connection and a future that completes, with how it
+/// ended, when both halves are done.
 pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
     id: u64,
     mut reader: R,
     writer: W,
     setup: SessionSetup,
+    first: Option<Bytes>,
     context: Arc<SessionContext>,
 ) -> (Arc<Connection>, tokio::task::JoinHandle<SessionEnd>) {
     let config = &context.config;
@@ -259,6 +262,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         write_timeout: config.write_timeout,
         max_frame_size: config.max_frame_size,
     });
+    if let Some(first) = first {
+        connection.queue_first(first, MessageKind::HandshakeResponse);
+    }
     let span = tracing::info_span!(
         "connection",
         id,

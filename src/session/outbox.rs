@@ -333,6 +333,31 @@ impl Outbox {
         self.wake_writer(state);
     }
 
+    /// Queues a complete frame ahead of everything, urgent control messages
+    /// included, whatever the budget.
+    pub(super) fn push_first(&self, frame: Bytes, kind: MessageKind) {
+        let mut state = self.lock();
+        let bytes = frame.len();
+        let urgent = state.urgent.get_or_insert_with(|| Taken {
+            chunk: self.pool.take(),
+            entries: Vec::new(),
+            tally: self.metrics.tally(Direction::Out),
+            messages: 0,
+            bytes: 0,
+        });
+        let application = kind.is_application();
+        urgent
+            .entries
+            .insert(0, Entry::Shared { frame, application });
+        urgent.messages += 1;
+        urgent.bytes += bytes;
+        let size = bytes.saturating_sub(crate::codec::LENGTH_PREFIX_LEN);
+        urgent.tally.add(kind, size);
+        state.messages += 1;
+        state.bytes += bytes;
+        self.wake_writer(state);
+    }
+
     /// Queues an acknowledgement unless one is already waiting (it will
     /// carry the newest count).
     pub(super) fn push_ack(&self) {

@@ -212,3 +212,22 @@ fn pings_and_pongs_overtake_a_full_queue() {
         assert_eq!(outbox.queued(), 0);
     }
 }
+
+#[test]
+fn the_handshake_response_goes_before_an_early_ping() {
+    for signed in [false, true] {
+        let outbox = outbox(signed);
+        let response = Bytes::from_static(&[0, 0, 0, 2, 0x08, 0x01]);
+        outbox.push_first(response.clone(), MessageKind::HandshakeResponse);
+        outbox.push_urgent(&control(Payload::Ping(crate::proto::rollup::v1::Ping {
+            timestamp: 1,
+        })));
+        let taken = outbox.take(&mut Vec::new()).expect("both");
+        assert_eq!(taken.entries.len(), 2, "signed {signed}");
+        assert!(
+            matches!(&taken.entries[0], outbox::Entry::Shared { frame, application: false } if *frame == response),
+            "signed {signed}: the response is first"
+        );
+        assert_eq!(outbox.queued(), 0);
+    }
+}
