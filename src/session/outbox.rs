@@ -293,14 +293,7 @@ impl Outbox {
         if state.closed {
             return;
         }
-        let urgent = state.urgent.get_or_insert_with(|| Taken {
-            // Pooled like every chunk: the writer gives it back.
-            chunk: self.pool.take(),
-            entries: Vec::new(),
-            tally: self.metrics.tally(Direction::Out),
-            messages: 0,
-            bytes: 0,
-        });
+        let urgent = self.urgent(&mut state);
         let start = urgent.chunk.len();
         if self.signed {
             urgent.chunk.put_bytes(0, UNICAST_HEADER_ROOM);
@@ -338,13 +331,7 @@ impl Outbox {
     pub(super) fn push_first(&self, frame: Bytes, kind: MessageKind) {
         let mut state = self.lock();
         let bytes = frame.len();
-        let urgent = state.urgent.get_or_insert_with(|| Taken {
-            chunk: self.pool.take(),
-            entries: Vec::new(),
-            tally: self.metrics.tally(Direction::Out),
-            messages: 0,
-            bytes: 0,
-        });
+        let urgent = self.urgent(&mut state);
         let application = kind.is_application();
         urgent
             .entries
@@ -356,6 +343,18 @@ impl Outbox {
         state.messages += 1;
         state.bytes += bytes;
         self.wake_writer(state);
+    }
+
+    /// What goes ahead of everything else, started when first needed.
+    fn urgent<'a>(&self, state: &'a mut State) -> &'a mut Taken {
+        state.urgent.get_or_insert_with(|| Taken {
+            // Pooled like every chunk: the writer gives it back.
+            chunk: self.pool.take(),
+            entries: Vec::new(),
+            tally: self.metrics.tally(Direction::Out),
+            messages: 0,
+            bytes: 0,
+        })
     }
 
     /// Queues an acknowledgement unless one is already waiting (it will
