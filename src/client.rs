@@ -24,8 +24,8 @@ use crate::{
     proto::Message,
     retry::RetryPolicy,
     session::{
-        self, Connection, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionEnd,
-        SessionSetup, client_handshake, signing_state,
+        self, Connection, ConnectionInfo, Handler, HandlerSlot, Inbound, SessionContext,
+        SessionEnd, SessionSetup, client_handshake, signing_state,
     },
     signed::SequenceCounter,
 };
@@ -361,20 +361,12 @@ impl<B: Backend> TransportClient<B> {
     /// Sends `message` (its `sender_id` becomes the client id), waiting up to
     /// the write timeout for queue room.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        let connection = self
-            .current()
-            .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.send(message).await
+        self.live()?.send(message).await
     }
 
     /// Queues `message` without waiting; see [`Connection::try_send`].
     pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
-        let connection = self
-            .current()
-            .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.try_send(message)
+        self.live()?.try_send(message)
     }
 
     /// Sends `message` and waits until the publisher confirms delivery to its
@@ -383,11 +375,24 @@ impl<B: Backend> TransportClient<B> {
     /// silent loss. Not retried on another session: resending is the caller's
     /// choice, as the message may have arrived.
     pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
-        let connection = self
-            .current()
+        self.live()?.send_confirmed(message).await
+    }
+
+    /// Sends `message` as a request and returns the publisher's reply; see
+    /// [`Connection::request`]. Not retried on another session.
+    pub async fn request(
+        &self,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError> {
+        self.live()?.request(message, timeout).await
+    }
+
+    /// The current connection, unless it is closed.
+    fn live(&self) -> Result<Arc<Connection>, TransportError> {
+        self.current()
             .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)?;
-        connection.send_confirmed(message).await
+            .ok_or(TransportError::NotConnected)
     }
 
     fn supervise(
@@ -462,6 +467,7 @@ async fn try_establish<B: Backend>(
                 extensions: auth.extensions,
                 signed_frames: auth.signed_frames,
                 delivery_acks: auth.delivery_acks,
+                requests: true,
                 backend: auth.backend,
             },
             SystemTime::now(),
@@ -494,6 +500,7 @@ async fn try_establish<B: Backend>(
         sender_id: Some(config.client_id.clone()),
         peer_key: None,
         delivery_acks: false,
+        requests: false,
         go_mode: false,
         chain_id: None,
         metadata: Vec::new(),
@@ -529,6 +536,7 @@ async fn try_establish<B: Backend>(
         setup.signer = signer;
         setup.opener = opener;
         setup.delivery_acks = server.delivery_acks;
+        setup.requests = server.requests;
         setup.go_mode = server.server_key.is_none();
     }
     let context = SessionContext::new(

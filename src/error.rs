@@ -495,6 +495,37 @@ pub enum TransportError {
         /// The peer.
         peer: String,
     },
+    /// The session did not negotiate requests (the peer speaks Go's
+    /// protocol, or authentication is off): nothing was sent.
+    #[error("{peer} does not take requests; nothing was sent")]
+    RequestsUnavailable {
+        /// The peer.
+        peer: String,
+    },
+    /// No reply arrived in time; a reply arriving later is ignored.
+    #[error("no reply from {peer} within {after:?}")]
+    RequestTimeout {
+        /// The peer.
+        peer: String,
+        /// The time the caller allowed.
+        after: std::time::Duration,
+    },
+    /// As many requests as the connection allows already wait for replies
+    /// (its `send_queue_capacity`); nothing was sent.
+    #[error("{limit} requests to {peer} already wait for replies; nothing was sent")]
+    TooManyRequests {
+        /// The peer.
+        peer: String,
+        /// Requests a connection lets wait at once.
+        limit: usize,
+    },
+    /// [`Inbound::reply`](crate::Inbound::reply) on a message that was not a
+    /// request (or is itself a reply).
+    #[error("the message from {peer} is not a request; there is nothing to reply to")]
+    NotARequest {
+        /// Who sent the message.
+        peer: String,
+    },
     /// Every attempt failed.
     #[error("gave up after {attempts} attempts: {last}")]
     RetriesExhausted {
@@ -554,6 +585,8 @@ impl TransportError {
             | Self::ConnectionClosed { .. }
             | Self::Unconfirmed { .. }
             | Self::ConfirmDeadline { .. }
+            | Self::RequestTimeout { .. }
+            | Self::TooManyRequests { .. }
             | Self::NotConnected => true,
             Self::Refused { reason, .. } => matches!(
                 reason,

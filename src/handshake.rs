@@ -210,6 +210,8 @@ pub struct ServerHandshakeConfig {
     pub signed_frames: SignedFramesPolicy,
     /// Accept delivery acknowledgements when an extended client offers them.
     pub delivery_acks: bool,
+    /// Accept requests and replies when an extended client offers them.
+    pub requests: bool,
     /// Allowed difference between the request's timestamp and our clock.
     pub max_clock_skew: Duration,
     /// Crypto implementation.
@@ -226,6 +228,7 @@ impl ServerHandshakeConfig {
             key,
             signed_frames: SignedFramesPolicy::default(),
             delivery_acks: true,
+            requests: true,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             backend: CryptoBackend::default(),
             nonce_cache_capacity: DEFAULT_NONCE_CACHE_CAPACITY,
@@ -250,6 +253,8 @@ pub struct AcceptedClient {
     pub signed_frames: Option<SignedFrameSession>,
     /// Whether both sides acknowledge delivered messages.
     pub delivery_acks: bool,
+    /// Whether messages may carry request and reply ids.
+    pub requests: bool,
     /// The chain id its key is trusted with, if any.
     pub chain_id: Option<String>,
 }
@@ -461,6 +466,7 @@ impl ServerHandshake {
             extended,
             signed_frames: None,
             delivery_acks: false,
+            requests: false,
             chain_id,
         };
         if !extended {
@@ -480,6 +486,10 @@ impl ServerHandshake {
         if self.shared.config.delivery_acks && has_feature(ext.features, Feature::DeliveryAcks) {
             features |= Feature::DeliveryAcks as u32;
             accepted.delivery_acks = true;
+        }
+        if self.shared.config.requests && has_feature(ext.features, Feature::Requests) {
+            features |= Feature::Requests as u32;
+            accepted.requests = true;
         }
         if signed {
             features |= Feature::SignedFrames as u32;

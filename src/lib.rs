@@ -161,6 +161,13 @@ pub trait Server: Send + Sync {
     fn try_send(&self, peer: &str, message: Message) -> Result<(), TrySendError>;
     /// Sends to one peer and waits for its delivery acknowledgement.
     async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError>;
+    /// Sends a request to one peer and returns its reply.
+    async fn request(
+        &self,
+        peer: &str,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError>;
     /// Sets the handler of inbound messages.
     fn set_handler(&self, handler: Arc<dyn Handler>);
     /// Metadata and counters of every connection.
@@ -201,6 +208,14 @@ impl<B: backend::Backend> Server for TransportServer<B> {
     async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError> {
         TransportServer::send_confirmed(self, peer, message).await
     }
+    async fn request(
+        &self,
+        peer: &str,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError> {
+        TransportServer::request(self, peer, message, timeout).await
+    }
     fn set_handler(&self, handler: Arc<dyn Handler>) {
         TransportServer::set_handler(self, handler)
     }
@@ -234,6 +249,9 @@ pub trait Client: Send + Sync {
     fn try_send(&self, message: Message) -> Result<(), TrySendError>;
     /// Sends a message and waits for the server's delivery acknowledgement.
     async fn send_confirmed(&self, message: Message) -> Result<(), TransportError>;
+    /// Sends a request to the server and returns its reply.
+    async fn request(&self, message: Message, timeout: Duration)
+    -> Result<Inbound, TransportError>;
     /// Whether a session is up.
     fn is_connected(&self) -> bool;
     /// The client id.
@@ -276,6 +294,13 @@ impl<B: backend::Backend> Client for TransportClient<B> {
     }
     async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
         TransportClient::send_confirmed(self, message).await
+    }
+    async fn request(
+        &self,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError> {
+        TransportClient::request(self, message, timeout).await
     }
     fn is_connected(&self) -> bool {
         TransportClient::is_connected(self)

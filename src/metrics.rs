@@ -388,6 +388,13 @@ impl Metrics {
         self.bytes[direction as usize].inc_by(count as u64);
     }
 
+    /// Records one broadcast to `recipients` peers that took `elapsed`.
+    pub(crate) fn broadcast(&self, recipients: usize, elapsed: std::time::Duration) {
+        self.broadcasts_total.inc();
+        self.broadcast_recipients.observe(recipients as f64);
+        self.broadcast_duration.observe(elapsed.as_secs_f64());
+    }
+
     pub(crate) fn error(&self, kind: &str, operation: &str) {
         self.errors(kind, operation, 1);
     }

@@ -201,6 +201,17 @@ impl MultiPublisherClient {
         self.client(chain_id)?.send_confirmed(message).await
     }
 
+    /// Sends a request to one chain (`None`: the default) and returns its
+    /// reply; see [`Client::request`].
+    pub async fn request(
+        &self,
+        chain_id: Option<&str>,
+        message: Message,
+        timeout: std::time::Duration,
+    ) -> Result<crate::Inbound, TransportError> {
+        self.client(chain_id)?.request(message, timeout).await
+    }
+
     /// Sends `message` to every chain concurrently.
     pub async fn send_all(&self, message: Message) -> PerChain<()> {
         let sends = self.snapshot().into_iter().map(|(chain_id, _, client)| {

@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -20,7 +20,7 @@ use crate::{
     backend::{Backend, Listener, Pipe},
     codec,
     config::{ServerAuth, ServerConfig},
-    error::{CodecError, DisconnectReason, TransportError, TrySendError},
+    error::{CodecError, DisconnectReason, TransportError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
     manager::{BroadcastReport, ConnectionManager},
     metrics::Metrics,
@@ -33,6 +33,7 @@ use crate::{
 };
 
 mod trust;
+mod unicast;
 
 use trust::{close_if_no_longer_trusted, log_trust_modes, watch_trust};
 
@@ -319,16 +320,10 @@ impl<B: Backend> TransportServer<B> {
             sealed.as_ref(),
             MessageKind::of(&message),
         );
-        let metrics = &self.inner.context.metrics;
-        metrics.broadcasts_total.inc();
-        metrics
-            .broadcast_recipients
-            .observe((report.delivered.len() + report.dropped.len()) as f64);
-        metrics
-            .broadcast_duration
-            .observe(started.elapsed().as_secs_f64());
+        let recipients = report.delivered.len() + report.dropped.len();
+        (self.inner.context.metrics).broadcast(recipients, started.elapsed());
         debug!(
-            recipients = report.delivered.len() + report.dropped.len(),
+            recipients,
             dropped = report.dropped.len(),
             elapsed_us = started.elapsed().as_micros() as u64,
             "broadcast"
@@ -337,32 +332,6 @@ impl<B: Backend> TransportServer<B> {
             warn!(peer = %dropped.identity, reason = %dropped.reason, "broadcast dropped peer");
         }
         Ok(report)
-    }
-
-    /// Sends `message` to the peer with identity `peer`, waiting up to the
-    /// write timeout for room in its queue.
-    pub async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
-        self.peer(peer)?.send(message).await
-    }
-
-    /// Queues `message` for `peer` without waiting; see [`Connection::try_send`](session::Connection::try_send).
-    pub fn try_send(&self, peer: &str, message: Message) -> Result<(), TrySendError> {
-        self.peer(peer)?.try_send(message)
-    }
-
-    /// Sends `message` to `peer` and waits until it confirms delivery to its
-    /// handler; see [`Connection::send_confirmed`](session::Connection::send_confirmed).
-    pub async fn send_confirmed(&self, peer: &str, message: Message) -> Result<(), TransportError> {
-        self.peer(peer)?.send_confirmed(message).await
-    }
-
-    fn peer(&self, peer: &str) -> Result<Arc<session::Connection>, TransportError> {
-        self.inner
-            .manager
-            .get(peer)
-            .ok_or_else(|| TransportError::PeerNotFound {
-                peer: peer.to_owned(),
-            })
     }
 
     /// Metadata and counters of every live connection.
@@ -404,7 +373,7 @@ async fn accept_loop<B: Backend>(
                 warn!(error = %err, "accept failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
         }
@@ -572,6 +541,7 @@ async fn serve<B: Backend>(
                 sender_id: None,
                 peer_key: None,
                 delivery_acks: false,
+                requests: false,
                 go_mode: false,
                 chain_id: None,
                 metadata: pipe_metadata,
@@ -667,6 +637,7 @@ async fn serve<B: Backend>(
                 sender_id: None,
                 peer_key: Some(client.public_key.clone()),
                 delivery_acks: client.delivery_acks,
+                requests: client.requests,
                 go_mode: !client.extended,
                 chain_id: client.chain_id,
                 metadata: pipe_metadata,
@@ -699,6 +670,11 @@ async fn serve<B: Backend>(
         // connections): look again now that this one is registered.
         if let Some(auth) = &inner.auth {
             close_if_no_longer_trusted(auth, &connection);
+        }
+        // `stop` cancels before it closes the registered connections: one
+        // registered after its look is closed here.
+        if shutdown.is_cancelled() && !connection.is_closed() {
+            connection.close(DisconnectReason::Requested, "server shutting down");
         }
     }
     let _ = task.await;

@@ -625,10 +625,13 @@ fn check_accept(
         (0, 0)
     };
     assert_eq!(answer_ext.ext_version, 1);
-    // Delivery acks (4) are granted exactly when offered (the server allows them).
+    // Delivery acks (4) and requests (8) are granted exactly when offered
+    // (the server allows them).
     let acks = ext.features & 4;
-    assert_eq!(answer_ext.features, 2 | u32::from(signed) | acks);
+    let requests = ext.features & 8;
+    assert_eq!(answer_ext.features, 2 | u32::from(signed) | acks | requests);
     assert_eq!(client.delivery_acks, acks != 0);
+    assert_eq!(client.requests, requests != 0);
     assert_eq!(answer_ext.server_public_key, compressed(own));
     assert_eq!(answer_ext.identity, client.identity);
     assert_eq!(

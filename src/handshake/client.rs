@@ -36,6 +36,8 @@ pub struct ClientHandshakeConfig {
     pub signed_frames: bool,
     /// Offer delivery acknowledgements (needs `extensions`).
     pub delivery_acks: bool,
+    /// Offer requests and replies (needs `extensions`).
+    pub requests: bool,
     /// Crypto implementation.
     pub backend: CryptoBackend,
 }
@@ -50,6 +52,7 @@ impl ClientHandshakeConfig {
             extensions: true,
             signed_frames: true,
             delivery_acks: true,
+            requests: true,
             backend: CryptoBackend::default(),
         }
     }
@@ -68,6 +71,8 @@ pub struct ServerSession {
     pub signed_frames: Option<SignedFrameSession>,
     /// Whether both sides acknowledge delivered messages.
     pub delivery_acks: bool,
+    /// Whether messages may carry request and reply ids.
+    pub requests: bool,
 }
 
 /// The client half: [`ClientHandshake::start`] makes the request,
@@ -107,6 +112,9 @@ impl ClientHandshake {
             }
             if config.delivery_acks {
                 features |= Feature::DeliveryAcks as u32;
+            }
+            if config.requests {
+                features |= Feature::Requests as u32;
             }
             let mut ext = HandshakeRequestExt {
                 ext_version: EXT_VERSION,
@@ -162,6 +170,7 @@ impl ClientHandshake {
                 identity: None,
                 signed_frames: None,
                 delivery_acks: false,
+                requests: false,
             });
         }
 
@@ -197,6 +206,12 @@ impl ClientHandshake {
                 reason: "server enabled delivery acknowledgements that were not offered".into(),
             });
         }
+        let requests = has_feature(ext.features, Feature::Requests);
+        if requests && !self.config.requests {
+            return Err(HandshakeError::Rejected {
+                reason: "server enabled requests that were not offered".into(),
+            });
+        }
         let signed_frames = signed.then(|| SignedFrameSession {
             session_tag: session_tag(&self.request_body, response_body),
             peer_key: server_key.clone(),
@@ -215,6 +230,7 @@ impl ClientHandshake {
             identity: Some(ext.identity),
             signed_frames,
             delivery_acks,
+            requests,
         })
     }
 }

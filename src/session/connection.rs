@@ -2,8 +2,9 @@
 //! the application.
 
 use super::{
-    Acks, SIGNED_FRAME_OVERHEAD, SessionEnd,
+    Acks, Inbound, SIGNED_FRAME_OVERHEAD, SessionEnd,
     outbox::{Outbox, Refused},
+    requests::{IdField, REPLY_TO_FIELD, REQUEST_ID_FIELD, Requests},
 };
 use crate::proto::{MessageKind, rollup::v1::DisconnectMessage};
 use std::{
@@ -92,6 +93,8 @@ pub struct Connection {
     pub(super) counters: Counters,
     /// Present when the session negotiated delivery acknowledgements.
     pub(super) acks: Option<Acks>,
+    /// Present when the session negotiated requests.
+    pub(super) requests: Option<Requests>,
     pub(super) outbox: Outbox,
     pub(super) closed: CancellationToken,
     pub(super) end: OnceLock<SessionEnd>,
@@ -226,7 +229,7 @@ impl Connection {
     /// the connection breaks is lost (counted and logged). Use
     /// [`send_confirmed`](Self::send_confirmed) to learn of delivery.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        self.enqueue(message, None).await
+        self.enqueue(message, None, &[]).await
     }
 
     /// Queues `message` if the send queue has room, without waiting. On a
@@ -236,8 +239,8 @@ impl Connection {
         if self.is_closed() {
             return Err(self.closed_error().into());
         }
-        let len = self.check_size(&message)?;
-        match self.outbox.push(&mut message, len, None, false) {
+        let len = self.check_size(&message, 0)?;
+        match self.outbox.push(&mut message, len, &[], None, false) {
             Ok(()) => Ok(()),
             Err((Refused::Full, _)) => Err(TrySendError::Full(Box::new(message))),
             Err((Refused::Closed, _)) => Err(self.closed_error().into()),
@@ -273,7 +276,7 @@ impl Connection {
             });
         }
         let (done, confirmed) = oneshot::channel();
-        self.enqueue(message, Some(done)).await?;
+        self.enqueue(message, Some(done), &[]).await?;
         confirmed.await.map_err(|_| TransportError::Unconfirmed {
             peer: self.identity.to_string(),
             reason: self
@@ -283,19 +286,88 @@ impl Connection {
         })
     }
 
-    /// Queues `message`, waiting up to the write timeout for room.
+    /// Whether the session negotiated requests, which
+    /// [`request`](Self::request) needs.
+    pub fn takes_requests(&self) -> bool {
+        self.requests.is_some()
+    }
+
+    /// Requests on this connection waiting for their reply.
+    pub fn pending_requests(&self) -> usize {
+        self.requests.as_ref().map_or(0, Requests::pending)
+    }
+
+    /// Sends `message` as a request and returns the peer's reply, which the
+    /// peer's handler gives with [`Inbound::reply`] (docs/PROTOCOL.md
+    /// §5.2). The reply is not passed to this side's handler.
+    ///
+    /// Fails at once, having sent nothing, when the session did not negotiate
+    /// requests ([`TransportError::RequestsUnavailable`]: a Go peer, or
+    /// authentication off) or when `send_queue_capacity` requests already
+    /// wait on this connection ([`TransportError::TooManyRequests`]).
+    /// [`TransportError::RequestTimeout`] when no reply came within
+    /// `timeout` (queueing included; a later reply is ignored), and
+    /// [`TransportError::ConnectionClosed`] as soon as the connection ends
+    /// first. Dropping the future forgets the request as well.
+    pub async fn request(
+        &self,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Inbound, TransportError> {
+        let Some(requests) = &self.requests else {
+            return Err(TransportError::RequestsUnavailable {
+                peer: self.identity.to_string(),
+            });
+        };
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let (pending, reply) =
+            requests
+                .register()
+                .ok_or_else(|| TransportError::TooManyRequests {
+                    peer: self.identity.to_string(),
+                    limit: requests.limit,
+                })?;
+        let exchange = async {
+            let id = IdField::new(REQUEST_ID_FIELD, pending.id);
+            self.enqueue(message, None, id.as_slice()).await?;
+            tokio::select! {
+                reply = reply => reply.map_err(|_| self.closed_error()),
+                () = self.closed.cancelled() => Err(self.closed_error()),
+            }
+        };
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        drop(pending);
+        outcome.unwrap_or_else(|_| {
+            Err(TransportError::RequestTimeout {
+                peer: self.identity.to_string(),
+                after: timeout,
+            })
+        })
+    }
+
+    /// Sends `message` as the reply to the peer's request `id`.
+    pub(super) async fn reply(&self, message: Message, id: u64) -> Result<(), TransportError> {
+        let field = IdField::new(REPLY_TO_FIELD, id);
+        self.enqueue(message, None, field.as_slice()).await
+    }
+
+    /// Queues `message` followed by `tail` (extension fields, or nothing),
+    /// waiting up to the write timeout for room.
     async fn enqueue(
         &self,
         mut message: Message,
         mut confirm: Option<oneshot::Sender<()>>,
+        tail: &[u8],
     ) -> Result<(), TransportError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        let len = self.check_size(&message)?;
+        let len = self.check_size(&message, tail.len())?;
         let deadline = crate::deadline::deadline_after(self.write_timeout);
         loop {
-            match self.outbox.push(&mut message, len, confirm, false) {
+            match self.outbox.push(&mut message, len, tail, confirm, false) {
                 Ok(()) => return Ok(()),
                 Err((Refused::Closed, _)) => return Err(self.closed_error()),
                 Err((Refused::Full, back)) => confirm = back,
@@ -313,9 +385,14 @@ impl Connection {
         }
     }
 
-    /// Refuses a message the writer could not put in one frame; returns its
-    /// `encoded_len`, which the outbox then need not compute again.
-    pub(super) fn check_size(&self, message: &Message) -> Result<usize, TransportError> {
+    /// Refuses a message (followed by `extra` bytes of extension fields) the
+    /// writer could not put in one frame; returns its `encoded_len`, which
+    /// the outbox then need not compute again.
+    pub(super) fn check_size(
+        &self,
+        message: &Message,
+        extra: usize,
+    ) -> Result<usize, TransportError> {
         let overhead = if self.signed {
             SIGNED_FRAME_OVERHEAD
         } else {
@@ -323,7 +400,7 @@ impl Connection {
         };
         let len = message.encoded_len();
         // At most this once stamped with our `sender_id`.
-        let stamped = len + self.outbox.stamp_len();
+        let stamped = len + extra + self.outbox.stamp_len();
         codec::check_frame_len(stamped, self.max_frame_size)?;
         let size = stamped + overhead;
         if size > self.max_frame_size {

@@ -4,7 +4,7 @@ use std::{
     collections::VecDeque,
     future::Future,
     sync::{
-        Arc, PoisonError,
+        Arc, PoisonError, Weak,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -13,7 +13,12 @@ use tokio::sync::mpsc::{self, error::TrySendError as QueueError};
 
 use prost::Message as _;
 
-use crate::{metrics::MessageTally, proto::Message};
+use super::Connection;
+use crate::{
+    error::{DisconnectReason, TransportError},
+    metrics::MessageTally,
+    proto::Message,
+};
 
 /// A verified message handed to the application.
 #[derive(Debug, Clone)]
@@ -24,6 +29,46 @@ pub struct Inbound {
     pub connection_id: u64,
     /// The message.
     pub message: Message,
+    /// Where a reply goes, when the message is a request.
+    pub(super) reply_to: Option<ReplyTo>,
+}
+
+/// The connection and id a reply answers.
+#[derive(Debug, Clone)]
+pub(super) struct ReplyTo {
+    pub(super) connection: Weak<Connection>,
+    pub(super) id: u64,
+}
+
+impl Inbound {
+    /// Whether the sender waits for a reply ([`reply`](Self::reply)).
+    pub fn is_request(&self) -> bool {
+        self.reply_to.is_some()
+    }
+
+    /// Answers this request: `message` goes back on the connection the
+    /// request came on, and the peer's `request` returns it
+    /// (docs/PROTOCOL.md §5.2). Waits, as `send` does, for room in the send
+    /// queue. The peer takes the first reply; it ignores (and counts) any
+    /// further one, and one that arrives after it stopped waiting.
+    ///
+    /// [`TransportError::NotARequest`] for a message that is not a request;
+    /// [`TransportError::ConnectionClosed`] when that connection has ended
+    /// (a reply never goes to a later session of the same peer).
+    pub async fn reply(&self, message: Message) -> Result<(), TransportError> {
+        let Some(to) = &self.reply_to else {
+            return Err(TransportError::NotARequest {
+                peer: self.from.to_string(),
+            });
+        };
+        let Some(connection) = to.connection.upgrade() else {
+            return Err(TransportError::ConnectionClosed {
+                peer: self.from.to_string(),
+                reason: DisconnectReason::Requested,
+            });
+        };
+        connection.reply(message, to.id).await
+    }
 }
 
 /// Error a handler returns; logged and counted, the connection goes on.
@@ -233,4 +278,9 @@ pub(super) struct Dispatch {
     pub(super) held: u64,
     /// Handler calls so far, for sampling their duration.
     pub(super) calls: u64,
+    /// The connection, for the reply handles of requests.
+    pub(super) this: Weak<Connection>,
+    /// Replies received behind messages still waiting for the handler, not
+    /// yet counted as dispatched.
+    pub(super) replies: u64,
 }

@@ -21,6 +21,7 @@ mod handler;
 mod messages;
 mod outbox;
 mod reader;
+mod requests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -54,7 +55,7 @@ use connection::Counters;
 pub use connection::{Connection, ConnectionInfo};
 pub(crate) use establish::*;
 pub(crate) use handler::HandlerSlot;
-use handler::{Dispatch, HandlerCache};
+use handler::{Dispatch, HandlerCache, ReplyTo};
 pub use handler::{
     Handled, Handler, HandlerError, HandlerFuture, Inbound, InboundBatch, SyncHandler,
     channel_handler,
@@ -150,6 +151,8 @@ pub(crate) struct SessionSetup {
     pub(crate) sender_id: Option<String>,
     /// Whether both sides acknowledge delivered messages.
     pub(crate) delivery_acks: bool,
+    /// Whether messages may carry request and reply ids.
+    pub(crate) requests: bool,
     /// Whether the peer authenticated with the Go package's handshake.
     pub(crate) go_mode: bool,
     /// The chain id the session starts with.
@@ -212,9 +215,10 @@ const WRITE_BUFFER_CAPACITY: usize = WRITE_COALESCE_BYTES + 4 * 1024;
 /// Idle write buffers kept for reuse (about 1 MiB of them).
 const WRITE_BUFFERS_KEPT: usize = 16;
 
-/// Starts the reader and writer of an authenticated session. Returns the
-/// shared connection and a future that completes, with how it ended, when
-/// both halves are done.
+/// Starts the reader and writer of an authenticated session; `first` (the
+/// handshake response) goes out before anything else, pings included.
+/// Returns the shared connection and a future that completes, with how it
+/// ended, when both halves are done.
 pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
     id: u64,
     mut reader: R,
@@ -247,6 +251,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             ..Counters::default()
         },
         acks: setup.delivery_acks.then(Acks::default),
+        requests: setup
+            .requests
+            .then(|| requests::Requests::new(config.send_queue_capacity)),
         outbox: Outbox::new(OutboxConfig {
             max_messages: config.send_queue_capacity,
             max_bytes: config.send_queue_bytes,
@@ -293,6 +300,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             reader_connection.closed.cancel();
             if !writer_done {
                 let _ = writer_task.await;
+            }
+            if let Some(requests) = &reader_connection.requests {
+                requests.fail_all();
             }
             if let Some(acks) = &reader_connection.acks {
                 let unconfirmed = acks.fail_waiting();

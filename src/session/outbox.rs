@@ -204,12 +204,14 @@ impl Outbox {
 
     /// Queues `message` (its `encoded_len` is `len`) if the budget has room,
     /// stamping application messages with our `sender_id`; `confirm` waits
-    /// for the peer's acknowledgement of it. `force` ignores the budget (a
-    /// control message, a closing `Disconnect`).
+    /// for the peer's acknowledgement of it. `tail` (extension fields, or
+    /// nothing) follows the message's own fields. `force` ignores the budget
+    /// (a control message, a closing `Disconnect`).
     pub(super) fn push(
         &self,
         message: &mut Message,
         len: usize,
+        tail: &[u8],
         confirm: Option<oneshot::Sender<()>>,
         force: bool,
     ) -> Result<(), (Refused, Option<oneshot::Sender<()>>)> {
@@ -225,7 +227,7 @@ impl Outbox {
         } else {
             prost::encoding::string::encoded_len(1, &message.sender_id)
         };
-        let size = stamp.len() + len - own;
+        let size = stamp.len() + len - own + tail.len();
         let mut state = self.lock();
         if state.closed {
             return Err((Refused::Closed, confirm));
@@ -240,6 +242,7 @@ impl Outbox {
             chunk.put_slice(stamp);
             // Capacity is reserved and the length measured: cannot fail.
             let _ = message.encode(chunk);
+            chunk.put_slice(tail);
         });
         if let Some(confirm) = confirm {
             state.entries.push(Entry::Confirm(confirm));

@@ -2,14 +2,17 @@
 
 use super::{
     Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, InboundBatch,
-    PROCESSING_SAMPLE, SessionContext, SessionEnd,
+    PROCESSING_SAMPLE, ReplyTo, SessionContext, SessionEnd,
     core::{Health, HealthAction},
 };
-use std::{sync::atomic::Ordering, time::Instant};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use prost::Message as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::InboundLimit,
@@ -22,7 +25,7 @@ use crate::{
 
 pub(super) async fn read_loop<R: FrameReader>(
     mut reader: R,
-    connection: &Connection,
+    connection: &Arc<Connection>,
     mut opener: Option<FrameOpener>,
     context: &SessionContext,
 ) {
@@ -54,6 +57,8 @@ pub(super) async fn read_loop<R: FrameReader>(
         batch: InboundBatch::default(),
         held: 0,
         calls: 0,
+        this: Arc::downgrade(connection),
+        replies: 0,
     };
     // Made once, and polled only when no frame is ready: polling it takes
     // the token's lock.
@@ -177,13 +182,14 @@ async fn receive_frame(
     dispatch: &mut Dispatch,
 ) -> Flow {
     let acks = connection.acks.is_some();
+    let requests = connection.requests.is_some();
     // One allowance for everything decoding the frame allocates.
     let mut allowance = DecodeAllowance::for_frame(body.len());
     let flow = match opener {
         None => {
             let message = dispatch.batch.spare();
-            match decode_inbound(&body, message, acks, &mut allowance) {
-                Ok(inbound) => deliver(connection, inbound, body.len(), dispatch),
+            match decode_inbound(&body, message, acks, requests, &mut allowance) {
+                Ok(inbound) => deliver(connection, context, inbound, body.len(), dispatch),
                 Err(err) => Flow::Close(
                     DisconnectReason::ProtocolError,
                     format!("malformed Message: {err}"),
@@ -200,13 +206,14 @@ async fn receive_frame(
                     body.len(),
                     &encoded,
                     acks,
+                    requests,
                     &mut allowance,
                     &mut dispatch.batch,
                 ) {
                     Ok(decoded) => {
                         let mut flow = Flow::Continue;
                         for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
-                            flow = deliver(connection, inbound, bytes.len(), dispatch);
+                            flow = deliver(connection, context, inbound, bytes.len(), dispatch);
                             if !matches!(flow, Flow::Continue) {
                                 break;
                             }
@@ -257,6 +264,19 @@ async fn receive_frame(
 /// Hands the waiting application messages to the handler, in order.
 async fn handle_batch(connection: &Connection, context: &SessionContext, dispatch: &mut Dispatch) {
     dispatch.held = 0;
+    handle_waiting(connection, context, dispatch).await;
+    // Replies that arrived behind the batch count once it is dispatched, so
+    // that an ack never counts past a message the handler has not finished.
+    for _ in 0..std::mem::take(&mut dispatch.replies) {
+        connection.dispatched();
+    }
+}
+
+async fn handle_waiting(
+    connection: &Connection,
+    context: &SessionContext,
+    dispatch: &mut Dispatch,
+) {
     if dispatch.batch.is_empty() {
         return;
     }
@@ -359,24 +379,28 @@ enum Flow {
 }
 
 /// A message as received: decoded, with its extension fields when it may
-/// carry an acknowledgement.
+/// carry some.
 pub(super) struct Decoded {
     message: Message,
-    /// Present for payload-less messages in sessions with acknowledgements.
+    /// Present for payload-less messages in sessions with acknowledgements,
+    /// and for every message in sessions with requests.
     ext: Option<MessageExt>,
 }
 
-/// Decodes one received message. Extensions ride on payload-less messages
-/// (docs/PROTOCOL.md §5.1), and are decoded, and must decode, only then.
+/// Decodes one received message. Acknowledgements ride on payload-less
+/// messages (docs/PROTOCOL.md §5.1), request and reply ids on application
+/// messages (§5.2): the extension fields are decoded, and must decode, only
+/// in sessions that negotiated them.
 fn decode_inbound(
     encoded: &Bytes,
     mut message: Message,
     acks: bool,
+    requests: bool,
     allowance: &mut DecodeAllowance,
 ) -> Result<Decoded, DecodeBoundError> {
     allowance.decode_into(encoded.clone(), &mut message)?;
-    let ext = if acks && message.payload.is_none() {
-        // Allocates nothing: an inline `Ack` and a flag.
+    let ext = if requests || (acks && message.payload.is_none()) {
+        // Allocates nothing: an inline `Ack`, a flag and two ids.
         let ext =
             MessageExt::decode(encoded.clone()).map_err(|source| DecodeBoundError::Decode {
                 what: "transport.v1.MessageExt",
@@ -396,6 +420,7 @@ pub(super) fn decode_all(
     frame_len: usize,
     encoded: &[Bytes],
     acks: bool,
+    requests: bool,
     allowance: &mut DecodeAllowance,
     batch: &mut InboundBatch,
 ) -> Result<Vec<Decoded>, DecodeBoundError> {
@@ -404,7 +429,7 @@ pub(super) fn decode_all(
     let mut decoded = Vec::with_capacity(encoded.len());
     for bytes in encoded {
         let message = batch.spare();
-        decoded.push(decode_inbound(bytes, message, acks, allowance)?);
+        decoded.push(decode_inbound(bytes, message, acks, requests, allowance)?);
     }
     Ok(decoded)
 }
@@ -412,13 +437,15 @@ pub(super) fn decode_all(
 /// Acts on a control message; queues an application message for the handler.
 fn deliver(
     connection: &Connection,
+    context: &SessionContext,
     Decoded { message, ext }: Decoded,
     size: usize,
     dispatch: &mut Dispatch,
 ) -> Flow {
     let tally = &mut dispatch.tally;
     if let Some(acks) = &connection.acks
-        && let Some(ext) = ext
+        && let Some(ext) = &ext
+        && message.payload.is_none()
         && (ext.ack.is_some() || ext.ack_request)
     {
         tally.add(MessageKind::Ack, size);
@@ -461,12 +488,47 @@ fn deliver(
                 .counters
                 .messages_in
                 .fetch_add(1, Ordering::Relaxed);
-            dispatch.held += std::mem::size_of::<Inbound>() as u64;
-            dispatch.batch.push(Inbound {
+            let (request_id, reply_to) = ext.map_or((0, 0), |ext| (ext.request_id, ext.reply_to));
+            let mut inbound = Inbound {
                 from: connection.identity.clone(),
                 connection_id: connection.id,
                 message,
-            });
+                reply_to: None,
+            };
+            if let Some(requests) = &connection.requests {
+                if reply_to != 0 {
+                    // A reply goes to its caller, never to the handler.
+                    if !requests.complete(reply_to, inbound) {
+                        let unknown = requests.unknown_reply();
+                        context.metrics.error("unknown_reply", "read");
+                        if unknown == 1 {
+                            warn!(
+                                id = reply_to,
+                                "reply to no waiting request ignored (further ones logged at debug)"
+                            );
+                        } else {
+                            debug!(
+                                id = reply_to,
+                                unknown, "reply to no waiting request ignored"
+                            );
+                        }
+                    }
+                    if dispatch.batch.is_empty() {
+                        connection.dispatched();
+                    } else {
+                        dispatch.replies += 1;
+                    }
+                    return Flow::Continue;
+                }
+                if request_id != 0 {
+                    inbound.reply_to = Some(ReplyTo {
+                        connection: dispatch.this.clone(),
+                        id: request_id,
+                    });
+                }
+            }
+            dispatch.held += std::mem::size_of::<Inbound>() as u64;
+            dispatch.batch.push(inbound);
             return Flow::Continue;
         }
     };

@@ -40,6 +40,7 @@ fn decode_frame(body: &Bytes) -> Result<Vec<Decoded>, DecodeBoundError> {
         body.len(),
         &frame.messages,
         true,
+        true,
         &mut allowance,
         &mut super::InboundBatch::default(),
     )
@@ -122,6 +123,8 @@ fn ack_bytes_match_the_protocol_document() {
     let ack = MessageExt {
         ack: Some(Ack { delivered: 300 }),
         ack_request: false,
+        request_id: 0,
+        reply_to: 0,
     };
     assert_eq!(ack.encode_to_vec(), [0xa2, 0x06, 0x03, 0x08, 0xac, 0x02]);
     let as_message = Message::decode(&ack.encode_to_vec()[..]).unwrap();
@@ -132,6 +135,8 @@ fn ack_bytes_match_the_protocol_document() {
     let request = MessageExt {
         ack: None,
         ack_request: true,
+        request_id: 0,
+        reply_to: 0,
     };
     assert_eq!(request.encode_to_vec(), [0xa8, 0x06, 0x01]);
 }
@@ -176,11 +181,13 @@ fn pings_and_pongs_overtake_a_full_queue() {
         };
         for _ in 0..4 {
             let len = data.encoded_len();
-            outbox.push(&mut data.clone(), len, None, false).unwrap();
+            outbox
+                .push(&mut data.clone(), len, &[], None, false)
+                .unwrap();
         }
         // The budget is spent, yet control messages go, and go first.
         let len = data.encoded_len();
-        assert!(outbox.push(&mut data, len, None, false).is_err());
+        assert!(outbox.push(&mut data, len, &[], None, false).is_err());
         outbox.push_urgent(&control(Payload::Pong(Pong { timestamp: 9 })));
         assert_eq!(outbox.queued(), 5);
         let first = outbox.take(&mut Vec::new()).expect("the pong");
@@ -234,4 +241,23 @@ fn the_handshake_response_goes_ahead_of_a_ping_queued_before_it() {
         taken.entries
     );
     assert_eq!(taken.entries.len(), 2, "then the ping");
+}
+
+#[test]
+fn the_handshake_response_goes_before_an_early_ping() {
+    for signed in [false, true] {
+        let outbox = outbox(signed);
+        let response = Bytes::from_static(&[0, 0, 0, 2, 0x08, 0x01]);
+        outbox.push_first(response.clone(), MessageKind::HandshakeResponse);
+        outbox.push_urgent(&control(Payload::Ping(crate::proto::rollup::v1::Ping {
+            timestamp: 1,
+        })));
+        let taken = outbox.take(&mut Vec::new()).expect("both");
+        assert_eq!(taken.entries.len(), 2, "signed {signed}");
+        assert!(
+            matches!(&taken.entries[0], outbox::Entry::Shared { frame, application: false } if *frame == response),
+            "signed {signed}: the response is first"
+        );
+        assert_eq!(outbox.queued(), 0);
+    }
 }

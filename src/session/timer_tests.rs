@@ -49,6 +49,7 @@ fn pair(config: SessionConfig, delivery_acks: bool) -> Pair {
         peer_key: None,
         sender_id: None,
         delivery_acks,
+        requests: false,
         go_mode: false,
         chain_id: None,
         metadata: Vec::new(),

@@ -101,6 +101,8 @@ impl Write {
         let ext = MessageExt {
             ack: delivered.map(|delivered| Ack { delivered }),
             ack_request: delivered.is_none(),
+            request_id: 0,
+            reply_to: 0,
         };
         let size = ext.encoded_len();
         let at = self.own.len();

@@ -724,6 +724,7 @@ fn extended_messages_stay_valid_go_messages() {
             Feature::MutualAuth as u32
                 | Feature::SignedFrames as u32
                 | Feature::DeliveryAcks as u32
+                | Feature::Requests as u32
         );
         assert_eq!(concat(&base, &ext), response.to_vec());
     }
@@ -818,21 +819,24 @@ fn client_refuses_a_tampered_server_proof() {
     }
 }
 
-// PROTOCOL.md §3.3, §5.1
+// PROTOCOL.md §3.3, §5.1, §5.2
 #[test]
-fn delivery_acks_need_both_sides() {
+fn delivery_acks_and_requests_need_both_sides() {
     for &backend in CryptoBackend::available() {
         for (offered, allowed) in [(true, true), (true, false), (false, true), (false, false)] {
             let mut config = client_config(backend);
             config.delivery_acks = offered;
+            config.requests = !offered;
             let mut server_config = ServerHandshakeConfig::new(trust(), Some(server_key()));
             server_config.backend = backend;
             server_config.delivery_acks = allowed;
+            server_config.requests = allowed;
             let (accepted, session) =
                 handshake(&ServerHandshake::new(server_config), config, t0(), 1);
-            let expected = offered && allowed;
-            assert_eq!(accepted.delivery_acks, expected, "{offered} {allowed}");
-            assert_eq!(session.delivery_acks, expected, "{offered} {allowed}");
+            let (acks, requests) = (offered && allowed, !offered && allowed);
+            assert_eq!(accepted.delivery_acks, acks, "{offered} {allowed}");
+            assert_eq!(session.delivery_acks, acks, "{offered} {allowed}");
+            assert_eq!((accepted.requests, session.requests), (requests, requests));
             assert!(
                 session.signed_frames.is_some(),
                 "independent of signed frames"
@@ -848,10 +852,11 @@ fn delivery_acks_need_both_sides() {
             matches!(result, Err(HandshakeError::BadServerSignature(_))),
             "{result:?}"
         );
-        // Go mode has no acknowledgements.
+        // Go mode has no acknowledgements and no requests.
         let (accepted, session) =
             handshake(&ext_server(backend), go_client_config(backend), t0(), 3);
         assert!(!accepted.delivery_acks && !session.delivery_acks);
+        assert!(!accepted.requests && !session.requests);
     }
 }
 
@@ -919,11 +924,16 @@ fn client_refuses_features_it_did_not_offer() {
                 Feature::DeliveryAcks,
                 "server enabled delivery acknowledgements that were not offered",
             ),
+            (
+                Feature::Requests,
+                "server enabled requests that were not offered",
+            ),
         ];
         for (feature, text) in cases {
             let mut config = client_config(backend);
             config.signed_frames = false;
             config.delivery_acks = false;
+            config.requests = false;
             let (client, response) = accepted_response(backend, config, 1);
             let (base, mut ext) = decode_response(&response);
             assert_eq!(ext.features, Feature::MutualAuth as u32);

@@ -174,6 +174,8 @@ fn ping(timestamp: i64) -> Message {
 const ACK_REQUEST: MessageExt = MessageExt {
     ack: None,
     ack_request: true,
+    request_id: 0,
+    reply_to: 0,
 };
 
 /// Reads the server's frames until it sends an ack; returns the ack's count
@@ -234,6 +236,8 @@ async fn an_impossible_ack_closes_the_session_with_its_counts() {
     let ack = MessageExt {
         ack: Some(Ack { delivered: 1 }),
         ack_request: false,
+        request_id: 0,
+        reply_to: 0,
     };
     client.send(vec![control(ack)]).await;
     let received = client.receive_until_closed().await;
@@ -321,4 +325,75 @@ async fn the_clients_first_frame_carries_its_announced_floor() {
     assert_eq!(frame.sequence, announced);
     assert_eq!(frame.messages.len(), 1);
     drop(client);
+}
+
+/// `message` with the extension fields of `ext` appended, as a sender of
+/// requests and replies writes it (PROTOCOL.md §5.2).
+fn with_ids(message: &Message, ext: MessageExt) -> Bytes {
+    let mut bytes = message.encode_to_vec();
+    bytes.extend(ext.encode_to_vec());
+    bytes.into()
+}
+
+const NO_IDS: MessageExt = MessageExt {
+    ack: None,
+    ack_request: false,
+    request_id: 0,
+    reply_to: 0,
+};
+
+// PROTOCOL.md §5.2: a request reaches the handler, whose reply names the
+// request's id in field 103 after the message's own fields; a reply naming
+// no waiting request is ignored and counted, never handed to the handler.
+#[tokio::test]
+async fn requests_and_replies_carry_their_ids_on_the_wire() {
+    let (server, mut inbound, mut client) = signed_session().await;
+    assert!(
+        server.manager().get("seq-a").unwrap().takes_requests(),
+        "negotiated with an extended client"
+    );
+    let request = MessageExt {
+        request_id: 300,
+        ..NO_IDS
+    };
+    let bytes = with_ids(&vote(), request);
+    assert_eq!(&bytes[bytes.len() - 4..], [0xb0, 0x06, 0xac, 0x02]);
+    client.send(vec![bytes]).await;
+    let received = timeout(BOUND, inbound.recv()).await.unwrap().unwrap();
+    assert!(received.is_request());
+    let mut answer = vote();
+    answer.sender_id.clear();
+    received.reply(answer.clone()).await.unwrap();
+    let (_, messages) = client.receive().await.expect("the reply");
+    let [reply] = &messages[..] else {
+        panic!("expected one message, got {messages:?}");
+    };
+    assert_eq!(Message::decode(reply.clone()).unwrap(), answer);
+    assert_eq!(
+        MessageExt::decode(reply.clone()).unwrap(),
+        MessageExt {
+            reply_to: 300,
+            ..NO_IDS
+        }
+    );
+    assert_eq!(&reply[reply.len() - 4..], [0xb8, 0x06, 0xac, 0x02]);
+
+    // A reply to nothing, then a plain vote: only the vote is handled.
+    let forged = MessageExt {
+        reply_to: 77,
+        ..NO_IDS
+    };
+    client
+        .send(vec![with_ids(&vote(), forged), encode(&vote())])
+        .await;
+    let handled = timeout(BOUND, inbound.recv()).await.unwrap().unwrap();
+    assert!(!handled.is_request());
+    assert!(inbound.try_recv().is_err());
+    let unknown = server
+        .metrics()
+        .errors_total
+        .with_label_values(&["unknown_reply", "read"])
+        .get();
+    assert_eq!(unknown, 1);
+    server.stop().await.unwrap();
 }

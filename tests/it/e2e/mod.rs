@@ -12,6 +12,7 @@ mod auth;
 mod delivery;
 mod flow;
 mod hostile;
+mod requests;
 mod stream;
 mod tcp_only;
 
@@ -134,6 +135,11 @@ macro_rules! e2e_suite {
                 hostile::slow_consumer_is_dropped_others_keep_receiving,
                 hostile::silent_peer_dropped_after_handshake_timeout,
                 hostile::idle_peer_evicted_with_read_timeout,
+                requests::a_thousand_requests_in_flight_are_all_answered,
+                requests::the_server_requests_from_a_client,
+                requests::an_unanswered_request_times_out_and_a_late_reply_is_ignored,
+                requests::a_lost_connection_fails_waiting_requests,
+                requests::go_mode_sessions_refuse_requests_without_sending,
                 stream::a_message_stream_pushes_back_and_loses_nothing,
                 stream::a_message_stream_takes_only_the_kinds_asked_for,
             );
