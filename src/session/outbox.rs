@@ -294,6 +294,10 @@ impl Outbox {
             return;
         }
         let urgent = self.urgent(&mut state);
+        if urgent.chunk.capacity() == 0 {
+            // Pooled like every chunk: the writer gives it back.
+            urgent.chunk = self.pool.take();
+        }
         let start = urgent.chunk.len();
         if self.signed {
             urgent.chunk.put_bytes(0, UNICAST_HEADER_ROOM);
@@ -354,8 +358,9 @@ impl Outbox {
     /// The lane of frames that go ahead of queued data.
     fn urgent<'a>(&self, state: &'a mut State) -> &'a mut Taken {
         state.urgent.get_or_insert_with(|| Taken {
-            // Pooled like every chunk: the writer gives it back.
-            chunk: self.pool.take(),
+            // Taken from the pool when a message is encoded into it (the
+            // handshake response, a shared frame, needs none).
+            chunk: BytesMut::new(),
             entries: Vec::new(),
             tally: self.metrics.tally(Direction::Out),
             messages: 0,

@@ -340,8 +340,9 @@ async fn ending(stream: &mut tonic::Streaming<FrameBatch>) -> (String, String) {
 /// Before authentication, the server refuses a 9 MiB first item from its
 /// header, with the handshake's limit, and does not buffer it. The client,
 /// in the same process, holds the whole encoded item; beyond that, resident
-/// memory grows by less than an HTTP/2 window and a half (buffering the
-/// item before refusing it measured +11.5 MiB in all).
+/// memory grows by less than two HTTP/2 windows (refused from the header:
+/// +9.9 to +10.9 MiB in all over many runs; buffering the item before
+/// refusing it measured +11.5 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_9_mib_first_item_is_refused_before_authentication() {
     crate::dos::isolated("grpc::isolated_9_mib_first_item").await;
@@ -390,7 +391,7 @@ async fn isolated_9_mib_first_item() {
         "{details}"
     );
     assert!(
-        grew < ITEM + 3 * 1024 * 1024 / 2,
+        grew < ITEM + 2 * 1024 * 1024,
         "peak resident memory grew by {:.1} MiB",
         mib(grew)
     );
