@@ -119,9 +119,13 @@ pub struct InboundBatch {
     spare: Vec<Message>,
 }
 
-/// Recycled messages kept per connection: enough for the largest signed
-/// frame, whose messages are all decoded before the first is handled.
-const SPARE_MESSAGES: usize = super::SIGNED_BATCH_MAX_MESSAGES;
+/// Recycled messages kept per connection: as many as can wait for the
+/// handler at once (fewer than [`BATCH_MESSAGES`](super::reader::BATCH_MESSAGES)
+/// from earlier frames, plus the largest signed frame, whose messages are
+/// all decoded before the first is handled), so a recycling handler's
+/// messages are always decoded into a recycled one once they are warm.
+pub(super) const SPARE_MESSAGES: usize =
+    super::reader::BATCH_MESSAGES + super::SIGNED_BATCH_MAX_MESSAGES;
 
 impl InboundBatch {
     /// Messages not yet taken.
@@ -150,8 +154,8 @@ impl InboundBatch {
     }
 
     /// Gives a handled message back; a later message is decoded into it,
-    /// reusing its allocations. A connection keeps up to 1,024 (about
-    /// 200 KiB), the most one signed frame can hold.
+    /// reusing its allocations. A connection keeps up to 1,280 (about
+    /// 250 KiB): as many as can wait for the handler at once.
     pub fn recycle(&mut self, mut message: Message) {
         if self.spare.len() < SPARE_MESSAGES {
             // Its payload's bytes share received buffers: let them go now,

@@ -330,8 +330,9 @@ async fn handle_waiting(
     }
 }
 
-/// Application messages handed to the handler at most at once.
-const BATCH_MESSAGES: usize = 256;
+/// Application messages that wait for the handler while frames are decoded:
+/// past this many it takes them before the next frame.
+pub(super) const BATCH_MESSAGES: usize = 256;
 
 /// Decoded memory (as charged) that waiting messages may hold.
 const BATCH_HELD_BYTES: u64 = 256 * 1024;
