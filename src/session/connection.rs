@@ -263,7 +263,8 @@ impl Connection {
     /// ended first: the message may or may not have arrived, and resending it
     /// is the caller's choice. A peer that leaves a confirmation unanswered
     /// for the read timeout is disconnected with `READ_TIMEOUT`, which ends
-    /// the wait; wrap the call in a timeout to wait less. Dropping the future
+    /// the wait; to wait less, the server's and client's
+    /// `send_confirmed_within` take a deadline. Dropping the future
     /// does not withdraw the message. Do not await this from inside the
     /// handler of the same connection: the ack is read by the task running
     /// that handler. Needs a session that negotiated acknowledgements (both
