@@ -14,18 +14,19 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+mod sending;
+
 use crate::{
     backend::{Backend, Pipe},
     config::{ClientAuth, ClientConfig},
-    error::{DisconnectReason, TransportError, TrySendError},
+    error::{DisconnectReason, TransportError},
     handshake::{ClientHandshake, ClientHandshakeConfig, NONCE_LEN},
     metrics::Metrics,
     pool::BufferPool,
-    proto::Message,
     retry::RetryPolicy,
     session::{
-        self, Connection, ConnectionInfo, Handler, HandlerSlot, Inbound, SessionContext,
-        SessionEnd, SessionSetup, client_handshake, signing_state,
+        self, Connection, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionEnd,
+        SessionSetup, client_handshake, signing_state,
     },
     signed::SequenceCounter,
 };
@@ -356,43 +357,6 @@ impl<B: Backend> TransportClient<B> {
         let _ = self.disconnect().await;
         // `connect` resolves "" to the configured address, or refuses it.
         self.connect(last.as_deref().unwrap_or_default()).await
-    }
-
-    /// Sends `message` (its `sender_id` becomes the client id), waiting up to
-    /// the write timeout for queue room.
-    pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        self.live()?.send(message).await
-    }
-
-    /// Queues `message` without waiting; see [`Connection::try_send`].
-    pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
-        self.live()?.try_send(message)
-    }
-
-    /// Sends `message` and waits until the publisher confirms delivery to its
-    /// handler; see [`Connection::send_confirmed`]. A message sent while the
-    /// link is down, or in flight when it breaks, is an error here — never a
-    /// silent loss. Not retried on another session: resending is the caller's
-    /// choice, as the message may have arrived.
-    pub async fn send_confirmed(&self, message: Message) -> Result<(), TransportError> {
-        self.live()?.send_confirmed(message).await
-    }
-
-    /// Sends `message` as a request and returns the publisher's reply; see
-    /// [`Connection::request`]. Not retried on another session.
-    pub async fn request(
-        &self,
-        message: Message,
-        timeout: Duration,
-    ) -> Result<Inbound, TransportError> {
-        self.live()?.request(message, timeout).await
-    }
-
-    /// The current connection, unless it is closed.
-    fn live(&self) -> Result<Arc<Connection>, TransportError> {
-        self.current()
-            .filter(|c| !c.is_closed())
-            .ok_or(TransportError::NotConnected)
     }
 
     fn supervise(
