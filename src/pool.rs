@@ -10,6 +10,20 @@ use std::sync::{
 
 use bytes::BytesMut;
 
+/// Turns `buffer` into the reference-counted form `bytes` uses once a buffer
+/// is shared, if it is not already in it (a cheap no-op then).
+///
+/// A buffer in that form freezes, slices and turns back into a `BytesMut`
+/// with no allocation; a fresh one allocates its counter each time it is
+/// frozen. Pooled buffers are written, frozen into slices and reused on every
+/// write, so they are converted once, when made. (`bytes` reverts a buffer to
+/// the plain form when `reserve` reallocates it; callers convert it again.)
+pub(crate) fn make_shareable(buffer: &mut BytesMut) {
+    if buffer.capacity() > 0 {
+        drop(buffer.split_to(0));
+    }
+}
+
 /// Buffers kept for reuse.
 #[derive(Debug)]
 pub struct BufferPool {
@@ -37,7 +51,11 @@ impl BufferPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(self.capacity))
+            .unwrap_or_else(|| {
+                let mut buffer = BytesMut::with_capacity(self.capacity);
+                make_shareable(&mut buffer);
+                buffer
+            })
     }
 
     /// Returns a buffer. Buffers grown far beyond the usual size (a huge
@@ -48,6 +66,8 @@ impl BufferPool {
         if buffer.capacity() < self.capacity || buffer.capacity() > 8 * self.capacity {
             return;
         }
+        // One that grew was reallocated in the plain form.
+        make_shareable(&mut buffer);
         let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
         if free.len() < self.max_free {
             free.push(buffer);

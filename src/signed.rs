@@ -58,15 +58,34 @@ pub enum Audience {
     },
 }
 
-impl Audience {
-    fn to_proto(&self) -> signed_frame::Audience {
+/// An audience as it is hashed and encoded, borrowed: sealing a frame
+/// allocates nothing for it.
+#[derive(Clone, Copy)]
+enum AudienceField<'a> {
+    Exclude(&'a str),
+    Recipient(&'a [u8]),
+}
+
+impl<'a> AudienceField<'a> {
+    fn of(audience: &'a Audience) -> Self {
+        match audience {
+            Audience::Broadcast { exclude } => Self::Exclude(exclude),
+            Audience::Unicast { recipient, .. } => Self::Recipient(recipient.as_compressed()),
+        }
+    }
+
+    fn of_proto(audience: &'a signed_frame::Audience) -> Self {
+        match audience {
+            signed_frame::Audience::BroadcastExclude(exclude) => Self::Exclude(exclude),
+            signed_frame::Audience::RecipientKey(key) => Self::Recipient(key),
+        }
+    }
+
+    /// The field's tag and contents (`SignedFrame` fields 2 and 3).
+    fn field(self) -> (u32, &'a [u8]) {
         match self {
-            Self::Broadcast { exclude } => {
-                signed_frame::Audience::BroadcastExclude(exclude.clone())
-            }
-            Self::Unicast { recipient, .. } => signed_frame::Audience::RecipientKey(
-                Bytes::copy_from_slice(recipient.as_compressed()),
-            ),
+            Self::Exclude(exclude) => (2, exclude.as_bytes()),
+            Self::Recipient(key) => (3, key),
         }
     }
 }
@@ -80,6 +99,7 @@ pub fn frame_digest(
     session: &[u8; 32],
     messages: &[Bytes],
 ) -> [u8; 32] {
+    let audience = AudienceField::of_proto(audience);
     let mut hasher = frame_hasher(sender, sequence, audience, session, messages.len());
     for message in messages {
         hasher.update_prefixed(message);
@@ -91,7 +111,7 @@ pub fn frame_digest(
 fn frame_hasher(
     sender: &PublicKey,
     sequence: u64,
-    audience: &signed_frame::Audience,
+    audience: AudienceField<'_>,
     session: &[u8; 32],
     count: usize,
 ) -> Keccak {
@@ -101,10 +121,10 @@ fn frame_hasher(
         .update(sender.as_compressed())
         .update(&sequence.to_be_bytes());
     match audience {
-        signed_frame::Audience::BroadcastExclude(exclude) => hasher
+        AudienceField::Exclude(exclude) => hasher
             .update(&[AUDIENCE_BROADCAST])
             .update_prefixed(exclude.as_bytes()),
-        signed_frame::Audience::RecipientKey(key) => hasher
+        AudienceField::Recipient(key) => hasher
             .update(&[AUDIENCE_UNICAST])
             .update_prefixed(key)
             .update(session),
@@ -230,8 +250,8 @@ pub fn seal_in_place(
         Audience::Unicast { session, .. } => *session,
         Audience::Broadcast { .. } => [0; 32],
     };
-    let proto_audience = audience.to_proto();
-    let mut hasher = frame_hasher(key.public_key(), sequence, &proto_audience, &session, count);
+    let field = AudienceField::of(audience);
+    let mut hasher = frame_hasher(key.public_key(), sequence, field, &session, count);
     let mut entries = &batch[room..];
     let mut seen = 0;
     while !entries.is_empty() {
@@ -249,27 +269,28 @@ pub fn seal_in_place(
         return Err(malformed("message count"));
     }
     let signature = key.sign_digest_with(backend, &hasher.finalize());
-    let mut field = [0; SIGNATURE_FIELD_LEN];
-    field[0] = 5 << 3 | 2;
-    field[1] = 64;
-    field[2..].copy_from_slice(&signature.to_compact());
+    let mut signature_field = [0; SIGNATURE_FIELD_LEN];
+    signature_field[0] = 5 << 3 | 2;
+    signature_field[1] = 64;
+    signature_field[2..].copy_from_slice(&signature.to_compact());
 
-    let mut header = Vec::with_capacity(room);
-    prost::encoding::uint64::encode(1, &sequence, &mut header);
-    match &proto_audience {
-        signed_frame::Audience::BroadcastExclude(exclude) => {
-            prost::encoding::string::encode(2, exclude, &mut header)
-        }
-        signed_frame::Audience::RecipientKey(key) => {
-            prost::encoding::bytes::encode(3, key, &mut header)
-        }
-    }
-    let body = header.len() + (batch.len() - room) + SIGNATURE_FIELD_LEN;
+    // The header is written straight into the room, ending where the
+    // messages begin: sequence (field 1), then the audience.
+    let (tag, audience_bytes) = field.field();
+    let header_len = prost::encoding::uint64::encoded_len(1, &sequence)
+        + prost::encoding::key_len(tag)
+        + prost::encoding::encoded_len_varint(audience_bytes.len() as u64)
+        + audience_bytes.len();
+    let body = header_len + (batch.len() - room) + SIGNATURE_FIELD_LEN;
     let body = u32::try_from(body).map_err(|_| malformed("too large"))?;
-    let start = room - header.len() - LENGTH_PREFIX_LEN;
-    batch[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
-    batch[start + LENGTH_PREFIX_LEN..room].copy_from_slice(&header);
-    Ok((start, field))
+    let start = room - header_len - LENGTH_PREFIX_LEN;
+    let mut header = &mut batch[start..room];
+    header.put_u32(body);
+    prost::encoding::uint64::encode(1, &sequence, &mut header);
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut header);
+    prost::encoding::encode_varint(audience_bytes.len() as u64, &mut header);
+    header.put_slice(audience_bytes);
+    Ok((start, signature_field))
 }
 
 /// A stream's sequence numbers: start from wall-clock nanoseconds, then count

@@ -81,6 +81,14 @@ pub(super) struct Taken {
     bytes: usize,
 }
 
+/// What the writer hands back with its next `take`, for the next chunks:
+/// a busy connection then allocates no entry list or tally per write.
+#[derive(Default)]
+pub(super) struct Spare {
+    pub(super) entries: Vec<Entry>,
+    pub(super) tally: Option<MessageTally>,
+}
+
 /// Why a message was not queued.
 #[derive(Debug)]
 pub(super) enum Refused {
@@ -114,6 +122,10 @@ struct State {
     ready: std::collections::VecDeque<Taken>,
     /// Control messages that go ahead of everything else.
     urgent: Option<Taken>,
+    /// Handed back by the writer for the next chunk (see [`Spare`]). Only
+    /// writes of application messages hand their tally back, and an idle
+    /// connection lets it go (`trim`): idle connections hold none.
+    spare: Spare,
 }
 
 /// See the module documentation.
@@ -180,6 +192,7 @@ impl Outbox {
                 open_bytes: 0,
                 ready: std::collections::VecDeque::new(),
                 urgent: None,
+                spare: Spare::default(),
             }),
             metrics: config.metrics,
             wake: Notify::new(),
@@ -505,15 +518,27 @@ impl Outbox {
 
     /// Moves the open chunk to the ready list: a write's worth is enough.
     fn close_chunk(&self, state: &mut State) {
+        let (entries, tally) = self.next_lists(state);
         let taken = Taken {
             chunk: std::mem::take(&mut state.chunk),
-            entries: std::mem::take(&mut state.entries),
-            tally: std::mem::replace(&mut state.tally, self.metrics.tally(Direction::Out)),
+            entries: std::mem::replace(&mut state.entries, entries),
+            tally: std::mem::replace(&mut state.tally, tally),
             messages: std::mem::take(&mut state.open_messages),
             bytes: std::mem::take(&mut state.open_bytes),
         };
         state.open_batch = None;
         state.ready.push_back(taken);
+    }
+
+    /// An entry list and a tally for the next chunk: the spares if there
+    /// are some.
+    fn next_lists(&self, state: &mut State) -> (Vec<Entry>, MessageTally) {
+        let tally = state
+            .spare
+            .tally
+            .take()
+            .unwrap_or_else(|| self.metrics.tally(Direction::Out));
+        (std::mem::take(&mut state.spare.entries), tally)
     }
 
     fn wake_writer(&self, mut state: MutexGuard<'_, State>) {
@@ -525,10 +550,16 @@ impl Outbox {
     }
 
     /// Takes one write's worth: the oldest full chunk, else everything
-    /// open (handing `spare` in for the next entries); `None` (and the
-    /// writer is marked parked) when nothing waits.
-    pub(super) fn take(&self, spare: &mut Vec<Entry>) -> Option<Taken> {
+    /// open; `None` (and the writer is marked parked) when nothing waits.
+    /// `spare` holds what the writer hands back from its last write.
+    pub(super) fn take(&self, spare: &mut Spare) -> Option<Taken> {
         let mut state = self.lock();
+        if state.spare.entries.capacity() == 0 {
+            state.spare.entries = std::mem::take(&mut spare.entries);
+        }
+        if state.spare.tally.is_none() {
+            state.spare.tally = spare.tally.take();
+        }
         let taken = match state.urgent.take().or_else(|| state.ready.pop_front()) {
             Some(taken) => taken,
             None if state.entries.is_empty() => {
@@ -536,13 +567,13 @@ impl Outbox {
                 return None;
             }
             None => {
-                let fresh = self.metrics.tally(Direction::Out);
+                let (entries, tally) = self.next_lists(&mut state);
                 state.open_batch = None;
                 state.ack_queued = false;
                 Taken {
                     chunk: std::mem::take(&mut state.chunk),
-                    entries: std::mem::replace(&mut state.entries, std::mem::take(spare)),
-                    tally: std::mem::replace(&mut state.tally, fresh),
+                    entries: std::mem::replace(&mut state.entries, entries),
+                    tally: std::mem::replace(&mut state.tally, tally),
                     messages: std::mem::take(&mut state.open_messages),
                     bytes: std::mem::take(&mut state.open_bytes),
                 }
@@ -556,6 +587,11 @@ impl Outbox {
             self.room.notify_waiters();
         }
         Some(taken)
+    }
+
+    /// Lets go of the spare tally: the connection has been idle.
+    pub(super) fn trim(&self) {
+        self.lock().spare.tally = None;
     }
 
     /// Resolves when the writer should look again (after `take` said `None`).

@@ -77,7 +77,11 @@ pub(super) async fn read_loop<R: FrameReader>(
             () = &mut timer, if timer_armed => {
                 let now = tokio::time::Instant::now();
                 match health.handle_timeout(now, unconfirmed()) {
-                    Some(HealthAction::Ping) => connection.ping(),
+                    Some(HealthAction::Ping) => {
+                        // Quiet for a ping interval: spares go.
+                        connection.outbox.trim();
+                        connection.ping();
+                    }
                     Some(HealthAction::Idle(idle)) => {
                         warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
                         connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));

@@ -190,7 +190,9 @@ fn pings_and_pongs_overtake_a_full_queue() {
         assert!(outbox.push(&mut data, len, &[], None, false).is_err());
         outbox.push_urgent(&control(Payload::Pong(Pong { timestamp: 9 })));
         assert_eq!(outbox.queued(), 5);
-        let first = outbox.take(&mut Vec::new()).expect("the pong");
+        let first = outbox
+            .take(&mut outbox::Spare::default())
+            .expect("the pong");
         assert_eq!(first.entries.len(), 1, "signed {signed}");
         let (start, end) = match first.entries[0] {
             outbox::Entry::Frames { start, end, .. } | outbox::Entry::Batch { start, end, .. } => {
@@ -206,9 +208,11 @@ fn pings_and_pongs_overtake_a_full_queue() {
         };
         let pong = control(Payload::Pong(Pong { timestamp: 9 })).encode_to_vec();
         assert!(body[room..].ends_with(&pong), "signed {signed}");
-        let rest = outbox.take(&mut Vec::new()).expect("the data");
+        let rest = outbox
+            .take(&mut outbox::Spare::default())
+            .expect("the data");
         assert_eq!(rest.entries.len(), 1, "one frame or batch of four");
-        assert!(outbox.take(&mut Vec::new()).is_none());
+        assert!(outbox.take(&mut outbox::Spare::default()).is_none());
         assert_eq!(outbox.queued(), 0);
     }
 }
@@ -231,7 +235,7 @@ fn the_handshake_response_goes_ahead_of_a_ping_queued_before_it() {
         response.clone(),
         crate::proto::MessageKind::HandshakeResponse,
     );
-    let taken = outbox.take(&mut Vec::new()).expect("both");
+    let taken = outbox.take(&mut outbox::Spare::default()).expect("both");
     assert!(
         matches!(&taken.entries[0], outbox::Entry::Shared { frame, .. } if *frame == response),
         "{:?}",
@@ -249,7 +253,7 @@ fn the_handshake_response_goes_before_an_early_ping() {
         outbox.push_urgent(&control(Payload::Ping(crate::proto::rollup::v1::Ping {
             timestamp: 1,
         })));
-        let taken = outbox.take(&mut Vec::new()).expect("both");
+        let taken = outbox.take(&mut outbox::Spare::default()).expect("both");
         assert_eq!(taken.entries.len(), 2, "signed {signed}");
         assert!(
             matches!(&taken.entries[0], outbox::Entry::Shared { frame, application: false } if *frame == response),

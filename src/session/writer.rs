@@ -17,7 +17,7 @@ use tracing::warn;
 
 use super::{
     Connection, FrameSigner, FrameWriter, SessionContext,
-    outbox::{Entry, Taken, UNICAST_HEADER_ROOM},
+    outbox::{Entry, Spare, Taken, UNICAST_HEADER_ROOM},
 };
 use crate::{
     codec::LENGTH_PREFIX_LEN,
@@ -142,7 +142,7 @@ pub(super) async fn write_loop<W: FrameWriter>(
     let config = &context.config;
     let outbox = &connection.outbox;
     let signer = signer.as_ref();
-    let mut spare = Vec::new();
+    let mut spare = Spare::default();
     let mut write = Write {
         pieces: Vec::new(),
         own: BytesMut::new(),
@@ -239,7 +239,7 @@ pub(super) async fn write_loop<W: FrameWriter>(
                 Entry::Close(reason, details) => close = Some((reason, details)),
             }
         }
-        spare = entries;
+        spare.entries = entries;
         if confirming
             && close.is_none()
             && let Err(err) = write.push_ack(None, signer)
@@ -304,6 +304,7 @@ pub(super) async fn write_loop<W: FrameWriter>(
         }
         if let Ok(mut own) = own.try_into_mut() {
             own.clear();
+            crate::pool::make_shareable(&mut own);
             write.own = own;
         }
         if !matches!(result, Some(Ok(Ok(())))) {
@@ -343,6 +344,9 @@ pub(super) async fn write_loop<W: FrameWriter>(
                 );
                 break;
             }
+        }
+        if write.messages > 0 {
+            spare.tally = Some(taken);
         }
         if let Some((reason, details)) = close {
             connection.abort(reason, details);
