@@ -380,6 +380,13 @@ impl Metrics {
         }
     }
 
+    /// Counts one message outside a tally (a direct write).
+    pub(crate) fn message(&self, direction: Direction, kind: MessageKind, size: usize) {
+        let (direction, kind) = (direction as usize, kind.index());
+        self.per_kind.messages[direction][kind].inc();
+        self.per_kind.sizes[direction][kind].observe(size as f64);
+    }
+
     pub(crate) fn processing(&self, kind: MessageKind, took: Duration) {
         self.per_kind.processing[kind.index()].observe(took.as_secs_f64());
     }

@@ -64,6 +64,22 @@ pub trait FrameWriter: Send + 'static {
         &mut self,
         reason: Option<(DisconnectReason, &str)>,
     ) -> impl Future<Output = io::Result<()>> + Send;
+    /// A handle that writes without waiting, from any task, when the
+    /// transport can (plain TCP): a reply on an otherwise idle connection
+    /// then leaves from the task that makes it, without waking the writer.
+    /// `None`, the default, when it cannot.
+    fn direct(&self) -> Option<Arc<dyn DirectWrite>> {
+        None
+    }
+}
+
+/// Writes without waiting (see [`FrameWriter::direct`]). The session uses it
+/// only while its writer is idle and nothing is queued, so the bytes keep
+/// their order; what it cannot take goes through the writer.
+pub trait DirectWrite: Send + Sync + 'static {
+    /// Writes what the transport takes at once, and says how much;
+    /// `ErrorKind::WouldBlock` when it takes nothing now.
+    fn try_write(&self, data: &[u8]) -> io::Result<usize>;
 }
 
 /// Both halves of a new connection.

@@ -10,17 +10,13 @@ use std::{
 };
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{
-    TcpListener, TcpStream,
-    tcp::{OwnedReadHalf, OwnedWriteHalf},
-};
+use tokio::net::{TcpListener, TcpStream, tcp::OwnedReadHalf};
 
 use super::{Backend, Listener, Pipe};
-use crate::{
-    codec::HANDSHAKE_MAX_FRAME_SIZE,
-    error::TransportError,
-    stream::{StreamFrameReader, StreamFrameWriter},
-};
+
+mod writer;
+use crate::{codec::HANDSHAKE_MAX_FRAME_SIZE, error::TransportError, stream::StreamFrameReader};
+pub use writer::TcpWriter;
 
 /// Socket options of the TCP back-end.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -111,7 +107,7 @@ fn pipe(stream: TcpStream) -> Pipe<TcpReader, TcpWriter> {
     Pipe {
         // The handshake limit applies until the session raises it.
         reader: StreamFrameReader::new(read, HANDSHAKE_MAX_FRAME_SIZE),
-        writer: StreamFrameWriter(write),
+        writer: TcpWriter::new(write),
         remote_addr,
         metadata: Vec::new(),
     }
@@ -186,8 +182,6 @@ impl Future for TcpConnecting {
 
 /// Reading half of a TCP pipe.
 pub type TcpReader = StreamFrameReader<OwnedReadHalf>;
-/// Writing half of a TCP pipe.
-pub type TcpWriter = StreamFrameWriter<OwnedWriteHalf>;
 
 /// A bound TCP listener.
 #[derive(Debug)]

@@ -3,7 +3,7 @@
 
 use super::{
     Acks, Inbound, SIGNED_FRAME_OVERHEAD, SessionEnd,
-    outbox::{Outbox, Refused},
+    outbox::{Outbox, Pushed, Refused},
     requests::{IdField, REPLY_TO_FIELD, REQUEST_ID_FIELD, Requests},
 };
 use crate::proto::{MessageKind, rollup::v1::DisconnectMessage};
@@ -241,7 +241,10 @@ impl Connection {
         }
         let len = self.check_size(&message, 0)?;
         match self.outbox.push(&mut message, len, &[], None, false) {
-            Ok(()) => Ok(()),
+            Ok(pushed) => {
+                self.pushed(pushed);
+                Ok(())
+            }
             Err((Refused::Full, _)) => Err(TrySendError::Full(Box::new(message))),
             Err((Refused::Closed, _)) => Err(self.closed_error().into()),
         }
@@ -369,7 +372,10 @@ impl Connection {
         let deadline = crate::deadline::deadline_after(self.write_timeout);
         loop {
             match self.outbox.push(&mut message, len, tail, confirm, false) {
-                Ok(()) => return Ok(()),
+                Ok(pushed) => {
+                    self.pushed(pushed);
+                    return Ok(());
+                }
                 Err((Refused::Closed, _)) => return Err(self.closed_error()),
                 Err((Refused::Full, back)) => confirm = back,
             }
@@ -383,6 +389,17 @@ impl Connection {
                     after: self.write_timeout,
                 });
             }
+        }
+    }
+
+    /// Counts a message written directly, as the writer counts the others.
+    fn pushed(&self, pushed: Pushed) {
+        if let Pushed::Written { bytes } = pushed {
+            let counters = &self.counters;
+            counters
+                .bytes_out
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+            counters.messages_out.fetch_add(1, Ordering::Relaxed);
         }
     }
 

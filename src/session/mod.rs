@@ -262,6 +262,9 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
             sender_id: setup.sender_id,
             pool: context.write_buffers.clone(),
             metrics: context.metrics.clone(),
+            direct: (setup.signer.is_none() && !setup.delivery_acks)
+                .then(|| writer.direct())
+                .flatten(),
         }),
         closed: CancellationToken::new(),
         end: OnceLock::new(),

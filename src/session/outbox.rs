@@ -12,7 +12,7 @@
 //! The budget counts messages (`send_queue_capacity`) and bytes
 //! (`send_queue_bytes`) waiting to be taken by the writer.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicBool};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
@@ -21,12 +21,16 @@ use tokio::sync::{Notify, oneshot};
 use crate::{
     error::DisconnectReason,
     metrics::{Direction, MessageTally, Metrics},
+    pipe::DirectWrite,
     pool::BufferPool,
     proto::{Message, MessageKind},
     signed,
 };
 
 use super::{SIGNED_BATCH_MAX_MESSAGES, SIGNED_FRAME_OVERHEAD, WRITE_COALESCE_BYTES};
+
+mod direct;
+pub(super) use direct::Pushed;
 
 /// Room a unicast signed batch leaves ahead of its messages: the length
 /// prefix, the sequence number (tag + up to 10 bytes) and the recipient's
@@ -126,6 +130,11 @@ struct State {
     /// writes of application messages hand their tally back, and an idle
     /// connection lets it go (`trim`): idle connections hold none.
     spare: Spare,
+    /// Writes without waiting while the writer is idle (see `direct`);
+    /// let go when the outbox closes.
+    direct: Option<Arc<dyn DirectWrite>>,
+    /// A direct write's frame, kept for the next one.
+    scratch: BytesMut,
 }
 
 /// See the module documentation.
@@ -143,6 +152,10 @@ pub(super) struct Outbox {
     stamp: Box<[u8]>,
     pool: std::sync::Arc<BufferPool>,
     metrics: std::sync::Arc<Metrics>,
+    /// The transport writes directly.
+    direct: bool,
+    /// The gate of the next direct write (see `direct`).
+    armed: AtomicBool,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -164,6 +177,8 @@ pub(super) struct OutboxConfig {
     pub(super) sender_id: Option<String>,
     pub(super) pool: std::sync::Arc<BufferPool>,
     pub(super) metrics: std::sync::Arc<Metrics>,
+    /// Given only to sessions without signed frames or acknowledgements.
+    pub(super) direct: Option<Arc<dyn DirectWrite>>,
 }
 
 impl Outbox {
@@ -193,6 +208,8 @@ impl Outbox {
                 ready: std::collections::VecDeque::new(),
                 urgent: None,
                 spare: Spare::default(),
+                direct: config.direct.clone(),
+                scratch: BytesMut::new(),
             }),
             metrics: config.metrics,
             wake: Notify::new(),
@@ -203,6 +220,8 @@ impl Outbox {
             max_frame_size: config.max_frame_size,
             stamp: stamp.into_boxed_slice(),
             pool: config.pool,
+            direct: config.direct.is_some() && !config.signed,
+            armed: AtomicBool::new(false),
         }
     }
 
@@ -227,7 +246,7 @@ impl Outbox {
         tail: &[u8],
         confirm: Option<oneshot::Sender<()>>,
         force: bool,
-    ) -> Result<(), (Refused, Option<oneshot::Sender<()>>)> {
+    ) -> Result<Pushed, (Refused, Option<oneshot::Sender<()>>)> {
         let kind = MessageKind::of(message);
         let stamp: &[u8] = if kind.is_application() && !self.stamp.is_empty() {
             &self.stamp
@@ -251,18 +270,27 @@ impl Outbox {
         if own > 0 {
             message.sender_id.clear();
         }
-        self.append(&mut state, kind, size, |chunk| {
+        let encode = |chunk: &mut BytesMut| {
             chunk.put_slice(stamp);
             // Capacity is reserved and the length measured: cannot fail.
             let _ = message.encode(chunk);
             chunk.put_slice(tail);
-        });
+        };
+        if confirm.is_none() && self.direct_open(&state, size) {
+            let pushed = self.write_direct(&mut state, kind, size, encode);
+            if pushed != Pushed::Queued {
+                // Nothing for the writer: it stays parked.
+                return Ok(pushed);
+            }
+        } else {
+            self.append(&mut state, kind, size, encode);
+        }
         if let Some(confirm) = confirm {
             state.entries.push(Entry::Confirm(confirm));
             state.open_batch = None;
         }
         self.wake_writer(state);
-        Ok(())
+        Ok(Pushed::Queued)
     }
 
     /// Queues a frame encoded for many recipients, within the budget.
@@ -591,7 +619,9 @@ impl Outbox {
 
     /// Lets go of the spare tally: the connection has been idle.
     pub(super) fn trim(&self) {
-        self.lock().spare.tally = None;
+        let mut state = self.lock();
+        state.spare.tally = None;
+        state.scratch = BytesMut::new();
     }
 
     /// Resolves when the writer should look again (after `take` said `None`).
@@ -628,6 +658,7 @@ impl Outbox {
         let mut state = self.lock();
         state.closed = true;
         state.ack_queued = true;
+        state.direct = None;
         let mut entries = std::mem::take(&mut state.entries);
         // Local counters publish when dropped: what is never written must
         // be forgotten first.

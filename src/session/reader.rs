@@ -284,6 +284,8 @@ async fn handle_waiting(
     if dispatch.batch.is_empty() {
         return;
     }
+    // A reply to these may be written at once.
+    connection.outbox.arm_direct();
     let Some(handler) = dispatch.handler.current(&context.handler).cloned() else {
         let dropped = dispatch.batch.len();
         context
@@ -502,7 +504,9 @@ fn deliver(
             };
             if let Some(requests) = &connection.requests {
                 if reply_to != 0 {
-                    // A reply goes to its caller, never to the handler.
+                    // A reply goes to its caller, never to the handler; the
+                    // caller's next request may be written at once.
+                    connection.outbox.arm_direct();
                     if !requests.complete(reply_to, inbound) {
                         let unknown = requests.unknown_reply();
                         context.metrics.error("unknown_reply", "read");

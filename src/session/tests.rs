@@ -165,6 +165,7 @@ fn outbox(signed: bool) -> Outbox {
         sender_id: Some("me".into()),
         pool: std::sync::Arc::new(BufferPool::new(WRITE_BUFFER_CAPACITY, 2)),
         metrics: Metrics::new("outbox_test"),
+        direct: None,
     })
 }
 
