@@ -16,6 +16,8 @@
 mod acks;
 mod connection;
 mod core;
+#[cfg(test)]
+mod direct_tests;
 mod establish;
 mod handler;
 mod messages;
@@ -222,7 +224,7 @@ const WRITE_BUFFERS_KEPT: usize = 16;
 pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
     id: u64,
     mut reader: R,
-    writer: W,
+    mut writer: W,
     setup: SessionSetup,
     context: Arc<SessionContext>,
 ) -> (Arc<Connection>, tokio::task::JoinHandle<SessionEnd>) {
@@ -282,17 +284,37 @@ pub(crate) fn start_session<R: FrameReader, W: FrameWriter>(
         identity = %connection.identity,
         remote = ?connection.remote_addr,
     );
+    // Each task owns its state in its async block and lends it to its loop:
+    // an async fn holds two copies of what it takes by value. The opener
+    // (replay windows, keys: over a kilobyte) lives on the heap, so that an
+    // unsigned session does not carry the room for one.
+    let (writer_connection, writer_context) = (connection.clone(), context.clone());
     let writer_task = tokio::spawn(
-        write_loop(writer, connection.clone(), setup.signer, context.clone())
-            .instrument(span.clone()),
+        async move {
+            write_loop(
+                &mut writer,
+                &writer_connection,
+                setup.signer.as_ref(),
+                &writer_context,
+            )
+            .await;
+        }
+        .instrument(span.clone()),
     );
     let reader_connection = connection.clone();
+    let mut opener = setup.opener.map(Box::new);
     context.metrics.connection("opened");
     context.metrics.connections_active.inc();
     let started = Instant::now();
     let task = tokio::spawn(
         async move {
-            read_loop(reader, &reader_connection, setup.opener, &context).await;
+            read_loop(
+                &mut reader,
+                &reader_connection,
+                opener.as_deref_mut(),
+                &context,
+            )
+            .await;
             let mut writer_task = writer_task;
             let mut writer_done = false;
             if !reader_connection.closed.is_cancelled() {

@@ -23,10 +23,13 @@ use crate::{
     signed::FrameOpener,
 };
 
+/// Reads until the connection ends. The reader and opener are borrowed, not
+/// owned: an async fn keeps a second copy of every argument it owns in its
+/// state, and the opener's replay windows are over a kilobyte.
 pub(super) async fn read_loop<R: FrameReader>(
-    mut reader: R,
+    reader: &mut R,
     connection: &Arc<Connection>,
-    mut opener: Option<FrameOpener>,
+    mut opener: Option<&mut FrameOpener>,
     context: &SessionContext,
 ) {
     let config = &context.config;
@@ -70,61 +73,65 @@ pub(super) async fn read_loop<R: FrameReader>(
         if connection.is_closed() && connection.closed.is_cancelled() {
             return;
         }
-        let batch = tokio::select! {
-            biased;
-            batch = reader.read_batch() => batch,
-            _ = &mut closed => return,
-            () = &mut timer, if timer_armed => {
-                let now = tokio::time::Instant::now();
-                match health.handle_timeout(now, unconfirmed()) {
-                    Some(HealthAction::Ping) => {
-                        // Quiet for a ping interval: spares go.
-                        connection.outbox.trim();
-                        connection.ping();
+        // In a block, so that what the read returned takes no room while
+        // the frames are handled.
+        let mut batch = {
+            let read = tokio::select! {
+                biased;
+                batch = reader.read_batch() => batch,
+                _ = &mut closed => return,
+                () = &mut timer, if timer_armed => {
+                    let now = tokio::time::Instant::now();
+                    match health.handle_timeout(now, unconfirmed()) {
+                        Some(HealthAction::Ping) => {
+                            // Quiet for a ping interval: spares go.
+                            connection.outbox.trim();
+                            connection.ping();
+                        }
+                        Some(HealthAction::Idle(idle)) => {
+                            warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
+                            connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));
+                        }
+                        Some(HealthAction::Unacknowledged(waited)) => {
+                            warn!(waited_ms = waited.as_millis() as u64, "peer stopped acknowledging");
+                            connection.close(
+                                DisconnectReason::ReadTimeout,
+                                format!("no delivery acknowledgement for {waited:?}"),
+                            );
+                        }
+                        None => {}
                     }
-                    Some(HealthAction::Idle(idle)) => {
-                        warn!(idle_ms = idle.as_millis() as u64, "evicting idle peer");
-                        connection.close(DisconnectReason::ReadTimeout, format!("nothing received for {idle:?}"));
+                    // After an eviction the writer sends the Disconnect and
+                    // cancels; the reader waits for that.
+                    match health.poll_timeout(unconfirmed()) {
+                        Some(at) => timer.as_mut().reset(at),
+                        None => timer_armed = false,
                     }
-                    Some(HealthAction::Unacknowledged(waited)) => {
-                        warn!(waited_ms = waited.as_millis() as u64, "peer stopped acknowledging");
-                        connection.close(
-                            DisconnectReason::ReadTimeout,
-                            format!("no delivery acknowledgement for {waited:?}"),
-                        );
+                    continue;
+                }
+            };
+            match read {
+                None => {
+                    connection.finish(SessionEnd {
+                        reason: DisconnectReason::NetworkError,
+                        details: "peer closed the connection".into(),
+                        by_peer: true,
+                    });
+                    return;
+                }
+                Some(Err(err)) => {
+                    let reason = err.disconnect_reason();
+                    warn!(error = %err, "read failed");
+                    context.metrics.error(reason.as_str(), "read");
+                    if matches!(err, CodecError::Io(_)) {
+                        connection.abort(reason, err.to_string());
+                    } else {
+                        connection.close(reason, err.to_string());
                     }
-                    None => {}
+                    return;
                 }
-                // After an eviction the writer sends the Disconnect and
-                // cancels; the reader waits for that.
-                match health.poll_timeout(unconfirmed()) {
-                    Some(at) => timer.as_mut().reset(at),
-                    None => timer_armed = false,
-                }
-                continue;
+                Some(Ok(batch)) => batch,
             }
-        };
-        let batch = match batch {
-            None => {
-                connection.finish(SessionEnd {
-                    reason: DisconnectReason::NetworkError,
-                    details: "peer closed the connection".into(),
-                    by_peer: true,
-                });
-                return;
-            }
-            Some(Err(err)) => {
-                let reason = err.disconnect_reason();
-                warn!(error = %err, "read failed");
-                context.metrics.error(reason.as_str(), "read");
-                if matches!(err, CodecError::Io(_)) {
-                    connection.abort(reason, err.to_string());
-                } else {
-                    connection.close(reason, err.to_string());
-                }
-                return;
-            }
-            Some(Ok(batch)) => batch,
         };
         // Byte counters, metrics and the rate limit once per read.
         let wire_len = batch.wire_len();
@@ -140,14 +147,35 @@ pub(super) async fn read_loop<R: FrameReader>(
         context.metrics.bytes(Direction::In, wire_len);
 
         let mut flow = Flow::Continue;
-        for body in batch {
-            flow = receive_frame(body, connection, opener.as_mut(), context, &mut dispatch).await;
-            if !matches!(flow, Flow::Continue) {
+        loop {
+            // Taken one by one: iterating the batch by value would keep a
+            // second copy of it in the task's state.
+            let more = match batch.next() {
+                Some(body) => {
+                    flow = receive_frame(
+                        body,
+                        connection,
+                        opener.as_deref_mut(),
+                        context,
+                        &mut dispatch,
+                    );
+                    matches!(flow, Flow::Continue)
+                }
+                None => false,
+            };
+            // Waiting messages hold what decoding them was charged; past a
+            // bound the handler takes them before more is decoded, so that
+            // a read of many small frames cannot pile up what each alone
+            // was allowed. What arrived before a Disconnect or a bad frame
+            // is still handled. One await for both keeps one state for it.
+            if !more || dispatch.held >= BATCH_HELD_BYTES || dispatch.batch.len() >= BATCH_MESSAGES
+            {
+                handle_batch(connection, context, &mut dispatch).await;
+            }
+            if !more {
                 break;
             }
         }
-        // What arrived before a Disconnect or a bad frame is still handled.
-        handle_batch(connection, context, &mut dispatch).await;
         match flow {
             Flow::Continue => {
                 // Before waiting for more: one clock reading, one ack and one
@@ -178,7 +206,7 @@ pub(super) async fn read_loop<R: FrameReader>(
 
 /// Opens (in signed sessions) and decodes one frame; control messages are
 /// acted on, application messages join the batch for the handler.
-async fn receive_frame(
+fn receive_frame(
     body: Bytes,
     connection: &Connection,
     opener: Option<&mut FrameOpener>,
@@ -255,13 +283,7 @@ async fn receive_frame(
             }
         },
     };
-    // Waiting messages hold what decoding them was charged; past a bound
-    // the handler takes them before more is decoded, so that a read of
-    // many small frames cannot pile up what each alone was allowed.
     dispatch.held += allowance.bound() - allowance.remaining();
-    if dispatch.held >= BATCH_HELD_BYTES || dispatch.batch.len() >= BATCH_MESSAGES {
-        handle_batch(connection, context, dispatch).await;
-    }
     flow
 }
 

@@ -6,17 +6,21 @@
 //! updated once per write.
 
 use std::{
+    io,
     ops::Range,
-    sync::{Arc, PoisonError, atomic::Ordering},
+    pin::Pin,
+    sync::{PoisonError, atomic::Ordering},
+    time::Duration,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
-use tokio::time::Instant;
+use tokio::time::{Instant, error::Elapsed};
+use tokio_util::sync::{ReusableBoxFuture, WaitForCancellationFuture};
 use tracing::warn;
 
 use super::{
-    Connection, FrameSigner, FrameWriter, SessionContext,
+    Acks, Connection, FrameSigner, FrameWriter, SessionConfig, SessionContext,
     outbox::{Entry, Spare, Taken, UNICAST_HEADER_ROOM},
 };
 use crate::{
@@ -89,9 +93,105 @@ struct Write {
     messages: u64,
     /// The writer's own traffic and signed frames, for the metrics.
     tally: MessageTally,
+    /// The delivered count last acknowledged.
+    last_ack: u64,
 }
 
 impl Write {
+    /// Lays out what was taken from the outbox for one write: seals signed
+    /// batches where they lie in `chunk`, adds acknowledgements, and
+    /// registers confirmations at their place in the stream (`written`
+    /// application messages went before this write). Returns the `Close`
+    /// entry, if any. Every entry is accounted for even when one cannot be
+    /// sealed; the error is returned then.
+    fn compose(
+        &mut self,
+        entries: &mut Vec<Entry>,
+        chunk: &mut BytesMut,
+        signer: Option<&FrameSigner>,
+        acks: Option<&Acks>,
+        written: u64,
+    ) -> Result<Option<(DisconnectReason, String)>, SignedFrameError> {
+        let mut close = None;
+        let mut confirming = false;
+        let mut failed = None;
+        self.messages = 0;
+        for entry in entries.drain(..) {
+            match entry {
+                Entry::Frames {
+                    start,
+                    end,
+                    application,
+                } => {
+                    push_piece(&mut self.pieces, Piece::Chunk(start..end));
+                    self.messages += application;
+                }
+                Entry::Batch {
+                    start,
+                    end,
+                    count,
+                    application,
+                } => {
+                    self.messages += application;
+                    let sealed = match signer {
+                        Some(signer) => seal(signer, &mut chunk[start..end], count),
+                        None => Err(SignedFrameError::Malformed("no signing key".into())),
+                    };
+                    match sealed {
+                        Ok((offset, signature)) => {
+                            let at = self.own.len();
+                            self.own.put_slice(&signature);
+                            self.tally.add(
+                                MessageKind::SignedFrame,
+                                end - start - offset - LENGTH_PREFIX_LEN + signature.len(),
+                            );
+                            self.pieces.push(Piece::Chunk(start + offset..end));
+                            self.pieces.push(Piece::Own(at..self.own.len()));
+                        }
+                        Err(err) => failed = Some(err),
+                    }
+                }
+                Entry::Shared { frame, application } => {
+                    self.pieces.push(Piece::Shared(frame));
+                    self.messages += u64::from(application);
+                }
+                Entry::Ack => {
+                    if let Some(acks) = acks {
+                        let delivered = acks.dispatched.load(Ordering::Relaxed);
+                        if delivered != self.last_ack {
+                            self.last_ack = delivered;
+                            if let Err(err) = self.push_ack(Some(delivered), signer) {
+                                failed = Some(err);
+                            }
+                        }
+                    }
+                }
+                Entry::Confirm(done) => {
+                    // A confirmation nobody can give drops `done`: its sender
+                    // learns the message was not confirmed.
+                    if let Some(acks) = acks {
+                        confirming = true;
+                        acks.waiting
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push_back((written + self.messages, Instant::now(), done));
+                    }
+                }
+                Entry::Close(reason, details) => close = Some((reason, details)),
+            }
+        }
+        if confirming
+            && close.is_none()
+            && let Err(err) = self.push_ack(None, signer)
+        {
+            failed = Some(err);
+        }
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(close),
+        }
+    }
+
     /// Adds an acknowledgement (`Some(count)`) or a request for one (`None`).
     fn push_ack(
         &mut self,
@@ -134,29 +234,84 @@ impl Write {
 
 /// The connection's single writer.
 pub(super) async fn write_loop<W: FrameWriter>(
-    mut writer: W,
-    connection: Arc<Connection>,
-    signer: Option<FrameSigner>,
-    context: Arc<SessionContext>,
+    writer: &mut W,
+    connection: &Connection,
+    signer: Option<&FrameSigner>,
+    context: &SessionContext,
 ) {
+    let lost = write_queued(&mut *writer, connection, signer, context).await;
+    let end = connection.end.get();
+    let reason = end.map(|end| (end.reason, end.details.as_str()));
+    // Boxed: it runs once, and inline it would widen the state every idle
+    // connection keeps.
+    let shutdown = tokio::time::timeout(context.config.disconnect_timeout, writer.shutdown(reason));
+    let _ = Box::pin(shutdown).await;
+    // Whatever is still queued will never be written: say so, counting
+    // application messages one by one, those of a write cut off included.
+    let undelivered = lost + connection.outbox.close();
+    if undelivered > 0 {
+        context.metrics.errors("undelivered", "write", undelivered);
+        warn!(undelivered, "connection closed with messages unsent");
+    }
+}
+
+/// Bound on one write: the last, with the `Disconnect`, has the shorter
+/// disconnect timeout.
+fn write_limit(config: &SessionConfig, closing: bool) -> Duration {
+    if closing {
+        config.disconnect_timeout
+    } else {
+        config.write_timeout
+    }
+}
+
+/// What a write borrows, and gives back when it ends.
+struct Lent<'w, 'c, W> {
+    writer: &'w mut W,
+    segments: Vec<Bytes>,
+    closed: Pin<&'w mut WaitForCancellationFuture<'c>>,
+}
+
+/// How a write went: `None` when the connection was aborted meanwhile.
+type WriteResult = Option<Result<io::Result<()>, Elapsed>>;
+
+/// Writes what senders queue until the connection closes or a write fails.
+/// Returns the application messages of writes that never fully left.
+async fn write_queued<W: FrameWriter>(
+    writer: &mut W,
+    connection: &Connection,
+    signer: Option<&FrameSigner>,
+    context: &SessionContext,
+) -> u64 {
     let config = &context.config;
     let outbox = &connection.outbox;
-    let signer = signer.as_ref();
+    let closed = connection.closed.cancelled();
+    tokio::pin!(closed);
+    let mut lent = Lent {
+        writer,
+        segments: Vec::new(),
+        closed,
+    };
+    // The write in progress lives on the heap: a byte stream's write keeps
+    // a kilobyte of slices, which an idle writer need not carry. The
+    // allocation is reused from write to write, and let go when the queue
+    // runs dry after a write of no application message (the handshake
+    // response, or the ping of a connection quiet for a ping interval): a
+    // connection carrying data allocates nothing per write.
+    let mut keep_in_flight = false;
+    let mut in_flight: Option<ReusableBoxFuture<'_, (Lent<'_, '_, W>, WriteResult)>> = None;
     let mut spare = Spare::default();
     let mut write = Write {
         pieces: Vec::new(),
         own: BytesMut::new(),
         messages: 0,
         tally: context.metrics.tally(Direction::Out),
+        last_ack: 0,
     };
-    let mut segments: Vec<Bytes> = Vec::new();
     // Application messages put on the wire so far: ack positions.
     let mut written: u64 = 0;
-    let mut last_ack: u64 = 0;
     // Application messages of writes that never fully left.
     let mut lost: u64 = 0;
-    let closed = connection.closed.cancelled();
-    tokio::pin!(closed);
     loop {
         let Some(Taken {
             mut chunk,
@@ -165,103 +320,41 @@ pub(super) async fn write_loop<W: FrameWriter>(
             ..
         }) = outbox.take(&mut spare)
         else {
+            if !keep_in_flight {
+                in_flight = None;
+            }
             tokio::select! {
                 biased;
                 () = outbox.parked() => continue,
-                () = &mut closed => break,
+                () = lent.closed.as_mut() => break,
             }
         };
-        let mut close = None;
-        let mut confirming = false;
-        let mut failed = None;
-        write.messages = 0;
-        for entry in entries.drain(..) {
-            match entry {
-                Entry::Frames {
-                    start,
-                    end,
-                    application,
-                } => {
-                    push_piece(&mut write.pieces, Piece::Chunk(start..end));
-                    write.messages += application;
+        let close = match write.compose(
+            &mut entries,
+            &mut chunk,
+            signer,
+            connection.acks.as_ref(),
+            written,
+        ) {
+            Ok(close) => close,
+            Err(err) => {
+                // Messages counted for acknowledgements cannot be sent: the
+                // session cannot go on.
+                lost += write.messages;
+                taken.discard();
+                if chunk.capacity() > 0 {
+                    outbox.recycle(chunk);
                 }
-                Entry::Batch {
-                    start,
-                    end,
-                    count,
-                    application,
-                } => {
-                    write.messages += application;
-                    let sealed = match signer {
-                        Some(signer) => seal(signer, &mut chunk[start..end], count),
-                        None => Err(SignedFrameError::Malformed("no signing key".into())),
-                    };
-                    match sealed {
-                        Ok((offset, signature)) => {
-                            let at = write.own.len();
-                            write.own.put_slice(&signature);
-                            write.tally.add(
-                                MessageKind::SignedFrame,
-                                end - start - offset - LENGTH_PREFIX_LEN + signature.len(),
-                            );
-                            write.pieces.push(Piece::Chunk(start + offset..end));
-                            write.pieces.push(Piece::Own(at..write.own.len()));
-                        }
-                        Err(err) => failed = Some(err),
-                    }
-                }
-                Entry::Shared { frame, application } => {
-                    write.pieces.push(Piece::Shared(frame));
-                    write.messages += u64::from(application);
-                }
-                Entry::Ack => {
-                    if let Some(acks) = &connection.acks {
-                        let delivered = acks.dispatched.load(Ordering::Relaxed);
-                        if delivered != last_ack {
-                            last_ack = delivered;
-                            if let Err(err) = write.push_ack(Some(delivered), signer) {
-                                failed = Some(err);
-                            }
-                        }
-                    }
-                }
-                Entry::Confirm(done) => {
-                    // A confirmation nobody can give drops `done`: its sender
-                    // learns the message was not confirmed.
-                    if let Some(acks) = &connection.acks {
-                        confirming = true;
-                        acks.waiting
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push_back((written + write.messages, Instant::now(), done));
-                    }
-                }
-                Entry::Close(reason, details) => close = Some((reason, details)),
+                context.metrics.error("encode", "write");
+                warn!(error = %err, "a signed batch could not be sealed");
+                connection.abort(
+                    DisconnectReason::InternalError,
+                    "a signed batch could not be sealed",
+                );
+                break;
             }
-        }
+        };
         spare.entries = entries;
-        if confirming
-            && close.is_none()
-            && let Err(err) = write.push_ack(None, signer)
-        {
-            failed = Some(err);
-        }
-        if let Some(err) = failed {
-            // Messages counted for acknowledgements cannot be sent: the
-            // session cannot go on.
-            lost += write.messages;
-            taken.discard();
-            if chunk.capacity() > 0 {
-                outbox.recycle(chunk);
-            }
-            context.metrics.error("encode", "write");
-            warn!(error = %err, "a signed batch could not be sealed");
-            connection.abort(
-                DisconnectReason::InternalError,
-                "a signed batch could not be sealed",
-            );
-            break;
-        }
         if let Some(acks) = &connection.acks {
             // Published before the bytes leave: an ack can cover no more.
             acks.written
@@ -273,29 +366,43 @@ pub(super) async fn write_loop<W: FrameWriter>(
         let chunk = chunk.freeze();
         let own = std::mem::take(&mut write.own).freeze();
         for piece in write.pieces.drain(..) {
-            segments.push(match piece {
+            lent.segments.push(match piece {
                 Piece::Shared(frame) => frame,
                 Piece::Chunk(range) => chunk.slice(range),
                 Piece::Own(range) => own.slice(range),
             });
         }
-        let bytes: usize = segments.iter().map(Bytes::len).sum();
-        let limit = if close.is_some() {
-            config.disconnect_timeout
-        } else {
-            config.write_timeout
-        };
+        let bytes: usize = lent.segments.iter().map(Bytes::len).sum();
         let result = if bytes == 0 {
             Some(Ok(Ok(())))
         } else {
-            // An aborted connection (too slow, replaced, stopped) stops even a
-            // write that is blocked on a peer which does not read.
-            tokio::select! {
-                result = tokio::time::timeout(limit, writer.write_segments(&segments)) => Some(result),
-                () = &mut closed => None,
-            }
+            let limit = write_limit(config, close.is_some());
+            let write = async move {
+                let Lent {
+                    writer,
+                    segments,
+                    closed,
+                } = &mut lent;
+                // An aborted connection (too slow, replaced, stopped) stops
+                // even a write that is blocked on a peer which does not read.
+                let result = tokio::select! {
+                    result = tokio::time::timeout(limit, writer.write_segments(segments)) => Some(result),
+                    () = closed.as_mut() => None,
+                };
+                (lent, result)
+            };
+            let write = match &mut in_flight {
+                Some(slot) => {
+                    slot.set(write);
+                    slot
+                }
+                None => in_flight.insert(ReusableBoxFuture::new(write)),
+            };
+            let (back, result) = write.await;
+            lent = back;
+            result
         };
-        segments.clear();
+        lent.segments.clear();
         // Buffers nobody else holds any more are reused.
         if leased {
             // A buffer still shared (a transport keeps slices of it) is
@@ -340,12 +447,16 @@ pub(super) async fn write_loop<W: FrameWriter>(
                 context.metrics.error("write_timeout", "write");
                 connection.abort(
                     DisconnectReason::WriteTimeout,
-                    format!("write blocked for {limit:?}"),
+                    format!(
+                        "write blocked for {:?}",
+                        write_limit(config, close.is_some())
+                    ),
                 );
                 break;
             }
         }
-        if write.messages > 0 {
+        keep_in_flight = write.messages > 0;
+        if keep_in_flight {
             spare.tally = Some(taken);
         }
         if let Some((reason, details)) = close {
@@ -353,14 +464,5 @@ pub(super) async fn write_loop<W: FrameWriter>(
             break;
         }
     }
-    let end = connection.end.get();
-    let reason = end.map(|end| (end.reason, end.details.as_str()));
-    let _ = tokio::time::timeout(config.disconnect_timeout, writer.shutdown(reason)).await;
-    // Whatever is still queued will never be written: say so, counting
-    // application messages one by one, those of a write cut off included.
-    let undelivered = lost + outbox.close();
-    if undelivered > 0 {
-        context.metrics.errors("undelivered", "write", undelivered);
-        warn!(undelivered, "connection closed with messages unsent");
-    }
+    lost
 }
