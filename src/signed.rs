@@ -453,11 +453,28 @@ impl FrameOpener {
         body: Bytes,
         allowance: &mut DecodeAllowance,
     ) -> Result<Vec<Bytes>, SignedFrameError> {
+        let mut frame = SignedFrame::default();
+        self.open_into(body, allowance, &mut frame)?;
+        Ok(frame.messages)
+    }
+
+    /// Like [`open_within`](Self::open_within), decoding into `frame`
+    /// (cleared first), whose message list keeps its capacity from frame to
+    /// frame; the messages are `frame.messages`. Whatever the outcome,
+    /// `frame` may still hold slices of `body` until it is cleared again.
+    pub fn open_into(
+        &mut self,
+        body: Bytes,
+        allowance: &mut DecodeAllowance,
+        frame: &mut SignedFrame,
+    ) -> Result<(), SignedFrameError> {
         // Before decoding, so before the signature is checked: bounded.
         allowance
             .charge::<SignedFrame>(&body, decode_bound::Source::Shared)
             .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
-        let frame = SignedFrame::decode(body)
+        frame.clear();
+        frame
+            .merge(body)
             .map_err(|err| SignedFrameError::Malformed(err.to_string()))?;
         if frame.messages.is_empty() {
             return Err(SignedFrameError::Malformed(
@@ -505,7 +522,7 @@ impl FrameOpener {
             .map_err(|_| SignedFrameError::BadSignature)?;
         // Recorded only once authentic, so forgeries cannot advance the window.
         window.record(frame.sequence);
-        Ok(frame.messages)
+        Ok(())
     }
 
     /// Verifies a signed frame body and decodes its messages.

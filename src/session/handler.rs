@@ -287,4 +287,7 @@ pub(super) struct Dispatch {
     /// Replies received behind messages still waiting for the handler, not
     /// yet counted as dispatched.
     pub(super) replies: u64,
+    /// Reused by signed frames; boxed, and made on the first one, so that
+    /// unsigned and idle connections do not carry it.
+    pub(super) signed: Option<Box<super::reader::SignedScratch>>,
 }

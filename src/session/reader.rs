@@ -19,7 +19,11 @@ use crate::{
     decode_bound::{DecodeAllowance, DecodeBoundError},
     error::{CodecError, DisconnectReason, SignedFrameError},
     metrics::Direction,
-    proto::{Message, MessageKind, Payload, rollup::v1::Pong, transport::v1::MessageExt},
+    proto::{
+        Message, MessageKind, Payload,
+        rollup::v1::Pong,
+        transport::v1::{MessageExt, SignedFrame},
+    },
     signed::FrameOpener,
 };
 
@@ -62,6 +66,7 @@ pub(super) async fn read_loop<R: FrameReader>(
         calls: 0,
         this: Arc::downgrade(connection),
         replies: 0,
+        signed: None,
     };
     // Made once, and polled only when no frame is ready: polling it takes
     // the token's lock.
@@ -86,6 +91,7 @@ pub(super) async fn read_loop<R: FrameReader>(
                         Some(HealthAction::Ping) => {
                             // Quiet for a ping interval: spares go.
                             connection.outbox.trim();
+                            dispatch.signed = None;
                             connection.ping();
                         }
                         Some(HealthAction::Idle(idle)) => {
@@ -228,63 +234,125 @@ fn receive_frame(
                 ),
             }
         }
-        Some(opener) => match opener.open_within(body.clone(), &mut allowance) {
-            Ok(encoded) => {
-                dispatch.tally.add(MessageKind::SignedFrame, body.len());
-                // Every message is decoded before the first is handled:
-                // a frame with one undecodable message delivers nothing,
-                // control messages included (docs/PROTOCOL.md §4.1).
-                match decode_all(
-                    body.len(),
-                    &encoded,
-                    acks,
-                    requests,
-                    &mut allowance,
-                    &mut dispatch.batch,
-                ) {
-                    Ok(decoded) => {
-                        let mut flow = Flow::Continue;
-                        for (inbound, bytes) in decoded.into_iter().zip(&encoded) {
-                            flow = deliver(connection, context, inbound, bytes.len(), dispatch);
-                            if !matches!(flow, Flow::Continue) {
-                                break;
-                            }
-                        }
-                        flow
-                    }
-                    Err(err) => {
-                        let err = SignedFrameError::Malformed(match err {
-                            DecodeBoundError::TooLarge { .. } => err.to_string(),
-                            err => format!("message does not decode: {err}"),
-                        });
-                        context
-                            .metrics
-                            .signature_failures_total
-                            .with_label_values(&[err.kind()])
-                            .inc();
-                        Flow::Close(err.disconnect_reason(), err.to_string())
-                    }
-                }
-            }
-            Err(err) => {
-                warn!(error = %err, kind = err.kind(), "signed frame refused");
-                let metrics = &context.metrics;
-                metrics
-                    .signature_failures_total
-                    .with_label_values(&[err.kind()])
-                    .inc();
-                if matches!(
-                    err,
-                    SignedFrameError::Replayed { .. } | SignedFrameError::TooOld { .. }
-                ) {
-                    metrics.replay_refusals_total.inc();
-                }
-                Flow::Close(err.disconnect_reason(), err.to_string())
-            }
-        },
+        Some(opener) => {
+            // Lent out of `dispatch`, which delivering borrows.
+            let mut scratch = dispatch.signed.take().unwrap_or_default();
+            let flow = open_signed(
+                body,
+                opener,
+                &mut allowance,
+                &mut scratch,
+                connection,
+                context,
+                dispatch,
+            );
+            scratch.release();
+            dispatch.signed = Some(scratch);
+            flow
+        }
     };
+    // Waiting messages hold what decoding them was charged; past a bound
+    // the handler takes them before more is decoded, so that a read of
+    // many small frames cannot pile up what each alone was allowed.
     dispatch.held += allowance.bound() - allowance.remaining();
     flow
+}
+
+/// Opens a signed frame into `scratch`, decodes its messages and delivers them.
+fn open_signed(
+    body: Bytes,
+    opener: &mut FrameOpener,
+    allowance: &mut DecodeAllowance,
+    scratch: &mut SignedScratch,
+    connection: &Connection,
+    context: &SessionContext,
+    dispatch: &mut Dispatch,
+) -> Flow {
+    let acks = connection.acks.is_some();
+    let requests = connection.requests.is_some();
+    let body_len = body.len();
+    match opener.open_into(body, allowance, &mut scratch.frame) {
+        Ok(()) => {
+            dispatch.tally.add(MessageKind::SignedFrame, body_len);
+            let encoded = &scratch.frame.messages;
+            // Every message is decoded before the first is handled:
+            // a frame with one undecodable message delivers nothing,
+            // control messages included (docs/PROTOCOL.md §4.1).
+            match decode_all(
+                body_len,
+                encoded,
+                acks,
+                requests,
+                allowance,
+                &mut dispatch.batch,
+                &mut scratch.decoded,
+            ) {
+                Ok(()) => {
+                    let mut flow = Flow::Continue;
+                    for (inbound, bytes) in scratch.decoded.drain(..).zip(encoded) {
+                        flow = deliver(connection, context, inbound, bytes.len(), dispatch);
+                        if !matches!(flow, Flow::Continue) {
+                            break;
+                        }
+                    }
+                    flow
+                }
+                Err(err) => {
+                    let err = SignedFrameError::Malformed(match err {
+                        DecodeBoundError::TooLarge { .. } => err.to_string(),
+                        err => format!("message does not decode: {err}"),
+                    });
+                    context
+                        .metrics
+                        .signature_failures_total
+                        .with_label_values(&[err.kind()])
+                        .inc();
+                    Flow::Close(err.disconnect_reason(), err.to_string())
+                }
+            }
+        }
+        Err(err) => {
+            warn!(error = %err, kind = err.kind(), "signed frame refused");
+            let metrics = &context.metrics;
+            metrics
+                .signature_failures_total
+                .with_label_values(&[err.kind()])
+                .inc();
+            if matches!(
+                err,
+                SignedFrameError::Replayed { .. } | SignedFrameError::TooOld { .. }
+            ) {
+                metrics.replay_refusals_total.inc();
+            }
+            Flow::Close(err.disconnect_reason(), err.to_string())
+        }
+    }
+}
+
+/// What opening signed frames reuses from frame to frame: the decoded
+/// frame (its message list) and the decoded messages' slots.
+#[derive(Default)]
+pub(super) struct SignedScratch {
+    frame: SignedFrame,
+    decoded: Vec<Decoded>,
+}
+
+impl SignedScratch {
+    /// Slots kept between frames: a larger frame's are let go, so a burst
+    /// of large frames does not leave each connection holding them.
+    const KEPT_SLOTS: usize = 64;
+
+    /// Lets go of everything that refers to the frame's buffer, keeping
+    /// the message list's capacity.
+    fn release(&mut self) {
+        self.frame.messages.clear();
+        self.frame.signature = Bytes::new();
+        self.frame.audience = None;
+        self.decoded.clear();
+        if self.decoded.capacity() > Self::KEPT_SLOTS {
+            self.decoded = Vec::new();
+        }
+    }
 }
 
 /// Hands the waiting application messages to the handler, in order.
@@ -443,7 +511,7 @@ fn decode_inbound(
 }
 
 /// Decodes every message of an opened signed frame within the frame's
-/// allowance. The results' vector is charged up front, so that a frame of
+/// allowance, into `decoded`. The results' vector is charged up front, so that a frame of
 /// many tiny messages is refused before anything is built.
 pub(super) fn decode_all(
     frame_len: usize,
@@ -452,15 +520,17 @@ pub(super) fn decode_all(
     requests: bool,
     allowance: &mut DecodeAllowance,
     batch: &mut InboundBatch,
-) -> Result<Vec<Decoded>, DecodeBoundError> {
+    decoded: &mut Vec<Decoded>,
+) -> Result<(), DecodeBoundError> {
     let slots = (encoded.len() as u64).saturating_mul(std::mem::size_of::<Decoded>() as u64);
     allowance.reserve("the messages of a signed frame", frame_len, slots)?;
-    let mut decoded = Vec::with_capacity(encoded.len());
+    decoded.clear();
+    decoded.reserve(encoded.len());
     for bytes in encoded {
         let message = batch.spare();
         decoded.push(decode_inbound(bytes, message, acks, requests, allowance)?);
     }
-    Ok(decoded)
+    Ok(())
 }
 
 /// Acts on a control message; queues an application message for the handler.

@@ -36,6 +36,7 @@ fn decode_frame(body: &Bytes) -> Result<Vec<Decoded>, DecodeBoundError> {
         crate::decode_bound::Source::Shared,
     )?;
     let frame = crate::proto::transport::v1::SignedFrame::decode(body.clone()).unwrap();
+    let mut decoded = Vec::new();
     decode_all(
         body.len(),
         &frame.messages,
@@ -43,7 +44,9 @@ fn decode_frame(body: &Bytes) -> Result<Vec<Decoded>, DecodeBoundError> {
         true,
         &mut allowance,
         &mut super::InboundBatch::default(),
-    )
+        &mut decoded,
+    )?;
+    Ok(decoded)
 }
 
 #[test]
