@@ -15,6 +15,7 @@
 
 mod acks;
 mod connection;
+mod control;
 mod core;
 #[cfg(test)]
 mod direct_tests;

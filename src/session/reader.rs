@@ -3,6 +3,7 @@
 use super::{
     Connection, Dispatch, FrameReader, Handled, HandlerCache, Inbound, InboundBatch,
     PROCESSING_SAMPLE, ReplyTo, SessionContext, SessionEnd,
+    control::{self, Control},
     core::{Health, HealthAction},
 };
 use std::{
@@ -224,16 +225,30 @@ fn receive_frame(
     // One allowance for everything decoding the frame allocates.
     let mut allowance = DecodeAllowance::for_frame(body.len());
     let flow = match opener {
-        None => {
-            let message = dispatch.batch.spare();
-            match decode_inbound(&body, message, acks, requests, &mut allowance) {
-                Ok(inbound) => deliver(connection, context, inbound, body.len(), dispatch),
-                Err(err) => Flow::Close(
-                    DisconnectReason::ProtocolError,
-                    format!("malformed Message: {err}"),
-                ),
+        None => match control::divert(&body) {
+            // Control off the handler's path: no decode bound, no slot.
+            Some(Control::Ping(ping)) => {
+                dispatch.tally.add(MessageKind::Ping, body.len());
+                connection.push_control(Payload::Pong(Pong {
+                    timestamp: ping.timestamp,
+                }));
+                return Flow::Continue;
             }
-        }
+            Some(Control::Pong) => {
+                dispatch.tally.add(MessageKind::Pong, body.len());
+                return Flow::Continue;
+            }
+            None => {
+                let message = dispatch.batch.spare();
+                match decode_inbound(&body, message, acks, requests, &mut allowance) {
+                    Ok(inbound) => deliver(connection, context, inbound, body.len(), dispatch),
+                    Err(err) => Flow::Close(
+                        DisconnectReason::ProtocolError,
+                        format!("malformed Message: {err}"),
+                    ),
+                }
+            }
+        },
         Some(opener) => {
             // Lent out of `dispatch`, which delivering borrows.
             let mut scratch = dispatch.signed.take().unwrap_or_default();
