@@ -19,6 +19,13 @@
 //! `--touch-all` has glibc fill every server allocation (`MALLOC_PERTURB_`):
 //! buffers an idle connection never wrote to then count as resident, as they
 //! become once traffic has passed through them.
+//!
+//! `--broadcast BYTES` then has the server broadcast one message of that many
+//! bytes to every connection and reports how much the server's peak resident
+//! memory rose until every client had it: a broadcast is encoded and sealed
+//! once and its frame shared by every recipient's writer, so the rise should
+//! be about one copy, not one per recipient (`cargo bench --bench
+//! memory_per_connection -- --connections 100 --broadcast 8388608`).
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -34,12 +41,15 @@ use std::{
 
 use futures::StreamExt;
 use publisher_transport::{
-    ClientAuth, ClientConfig, SecretKey, ServerAuth, ServerConfig, TcpClient, TcpServer,
-    TrustStore, crypto::keccak256,
+    ClientAuth, ClientConfig, SecretKey, ServerAuth, ServerConfig, SyncHandler, TcpClient,
+    TcpServer, TrustStore,
+    crypto::keccak256,
+    proto::{Payload, rollup::v1::L2Block},
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStdin, ChildStdout, Command},
+    sync::Notify,
 };
 
 /// Allocation sizes tracked one by one; larger ones share the last slot.
@@ -224,6 +234,18 @@ fn server_main() -> Result<(), Error> {
                     }
                     println!("{}", line.trim_end());
                 }
+                Some(other) if other.starts_with("broadcast ") => {
+                    let bytes: usize = other["broadcast ".len()..].parse()?;
+                    let message = publisher_transport::Message {
+                        sender_id: String::new(),
+                        payload: Some(Payload::L2Block(L2Block {
+                            block: vec![7u8; bytes].into(),
+                            ..L2Block::default()
+                        })),
+                    };
+                    let report = server.broadcast(message, None)?;
+                    println!("{}", report.delivered.len());
+                }
                 Some(other) => return Err(format!("unknown command {other:?}").into()),
                 None => break,
             }
@@ -240,6 +262,7 @@ struct Options {
     connections: usize,
     mode: Mode,
     touch_all: bool,
+    broadcast: Option<usize>,
 }
 
 fn options() -> Result<Options, Error> {
@@ -249,6 +272,7 @@ fn options() -> Result<Options, Error> {
     };
     let mut mode = Mode::Signed;
     let mut touch_all = false;
+    let mut broadcast = None;
     let mut args = env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -258,6 +282,9 @@ fn options() -> Result<Options, Error> {
             "--unsigned" => mode = Mode::Unsigned,
             "--no-auth" => mode = Mode::NoAuth,
             "--touch-all" => touch_all = true,
+            "--broadcast" => {
+                broadcast = Some(args.next().ok_or("--broadcast needs a size")?.parse()?)
+            }
             // `cargo bench` passes `--bench` and any filter: not ours.
             other => {
                 if let Some(value) = other.strip_prefix("--connections=") {
@@ -273,6 +300,7 @@ fn options() -> Result<Options, Error> {
         connections,
         mode,
         touch_all,
+        broadcast,
     })
 }
 
@@ -281,6 +309,7 @@ fn driver_main() -> Result<(), Error> {
         connections: requested,
         mode,
         touch_all,
+        broadcast,
     } = options()?;
     // The child inherits the raised limit; each process needs one descriptor
     // per connection.
@@ -297,7 +326,7 @@ fn driver_main() -> Result<(), Error> {
         return Err(format!("RLIMIT_NOFILE hard limit {limit} is too low").into());
     }
     runtime()?.block_on(async move {
-        tokio::time::timeout(DEADLINE, drive(connections, mode, touch_all))
+        tokio::time::timeout(DEADLINE, drive(connections, mode, touch_all, broadcast))
             .await
             .map_err(|_| format!("gave up after {DEADLINE:?}"))?
     })
@@ -391,18 +420,21 @@ impl ServerProcess {
         Ok(())
     }
 
+    /// A field of the server's /proc status, in KiB.
+    fn status_kib(&self, name: &str) -> Result<u64, Error> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let line = status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .ok_or_else(|| format!("/proc status lacks {name}"))?;
+        let value = line.trim_start_matches(':').split_whitespace().next();
+        Ok(value.ok_or("empty /proc field")?.parse()?)
+    }
+
     async fn snapshot(&mut self) -> Result<Snapshot, Error> {
         let (connections, heap) = self.count().await?;
         let profile = self.profile().await?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let field = |name: &str| -> Result<u64, Error> {
-            let line = status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .ok_or_else(|| format!("/proc status lacks {name}"))?;
-            let value = line.trim_start_matches(':').split_whitespace().next();
-            Ok(value.ok_or("empty /proc field")?.parse()?)
-        };
+        let field = |name: &str| self.status_kib(name);
         Ok(Snapshot {
             connections,
             heap,
@@ -481,13 +513,18 @@ async fn connect_all(
     (connected, failures)
 }
 
-async fn drive(connections: usize, mode: Mode, touch_all: bool) -> Result<(), Error> {
+async fn drive(
+    connections: usize,
+    mode: Mode,
+    touch_all: bool,
+    broadcast: Option<usize>,
+) -> Result<(), Error> {
     let seed: [u8; 32] = rand::random();
     let (mut server, addr) = ServerProcess::spawn(&seed, connections, mode, touch_all).await?;
     if touch_all {
         println!("server allocations are filled on malloc (MALLOC_PERTURB_): all of them resident");
     }
-    let result = measure(&mut server, &seed, &addr, connections, mode).await;
+    let result = measure(&mut server, &seed, &addr, connections, mode, broadcast).await;
     server.shut_down().await;
     result
 }
@@ -498,6 +535,7 @@ async fn measure(
     addr: &str,
     connections: usize,
     mode: Mode,
+    broadcast: Option<usize>,
 ) -> Result<(), Error> {
     println!(
         "memory per idle connection: {connections} connections, {mode_name}, server pid {pid}",
@@ -544,6 +582,56 @@ async fn measure(
         .into());
     }
     report(&before, &after, connect_time);
+    if let Some(bytes) = broadcast {
+        measure_broadcast(server, &clients, bytes).await?;
+    }
+    Ok(())
+}
+
+/// One broadcast of `bytes` to every client: the server's peak resident
+/// memory until all of them have it, against its resident memory before.
+async fn measure_broadcast(
+    server: &mut ServerProcess,
+    clients: &[TcpClient],
+    bytes: usize,
+) -> Result<(), Error> {
+    let received = Arc::new(AtomicI64::new(0));
+    let all = Arc::new(Notify::new());
+    let expected = clients.len() as i64;
+    for client in clients {
+        let (received, all) = (received.clone(), all.clone());
+        client.set_handler(Arc::new(SyncHandler(move |_| {
+            if received.fetch_add(1, Ordering::SeqCst) + 1 == expected {
+                all.notify_one();
+            }
+            Ok(())
+        })));
+    }
+    let before = server.status_kib("VmRSS")?;
+    // Resets the peak (VmHWM) to the current resident set.
+    std::fs::write(format!("/proc/{}/clear_refs", server.pid), "5")?;
+    let started = Instant::now();
+    let sent: usize = server.ask(&format!("broadcast {bytes}")).await?.parse()?;
+    tokio::time::timeout(Duration::from_secs(60), all.notified())
+        .await
+        .map_err(|_| {
+            format!(
+                "{} of {expected} clients received the broadcast within 60 s",
+                received.load(Ordering::SeqCst)
+            )
+        })?;
+    let took = started.elapsed();
+    let peak = server.status_kib("VmHWM")?;
+    let rise = peak.saturating_sub(before) as f64 / 1024.0;
+    let frame = bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "broadcast of {frame:.1} MiB to {sent} recipients, all received in {:.2} s: \
+         server peak RSS {:.1} MiB -> {:.1} MiB, +{rise:.1} MiB = {:.2}× the message",
+        took.as_secs_f64(),
+        before as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        rise / frame
+    );
     Ok(())
 }
 
