@@ -169,6 +169,25 @@ impl InboundBatch {
         self.messages.push_back(inbound);
     }
 
+    /// Appends a message from `from` to decode into (a recycled one, or a
+    /// new one), and returns it where it lies.
+    pub(super) fn push_slot(&mut self, from: Arc<str>, connection_id: u64) -> &mut Inbound {
+        let message = self.spare.pop().unwrap_or_default();
+        self.messages.push_back(Inbound {
+            from,
+            connection_id,
+            message,
+            reply_to: None,
+        });
+        let last = self.messages.len() - 1;
+        &mut self.messages[last]
+    }
+
+    /// Takes the last message back (it was not for the handler after all).
+    pub(super) fn pop_back(&mut self) -> Option<Inbound> {
+        self.messages.pop_back()
+    }
+
     /// A message to decode into: a recycled one, or a new one.
     pub(super) fn spare(&mut self) -> Message {
         self.spare.pop().unwrap_or_default()

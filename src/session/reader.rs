@@ -220,8 +220,6 @@ fn receive_frame(
     context: &SessionContext,
     dispatch: &mut Dispatch,
 ) -> Flow {
-    let acks = connection.acks.is_some();
-    let requests = connection.requests.is_some();
     // One allowance for everything decoding the frame allocates.
     let mut allowance = DecodeAllowance::for_frame(body.len());
     let flow = match opener {
@@ -238,16 +236,7 @@ fn receive_frame(
                 dispatch.tally.add(MessageKind::Pong, body.len());
                 return Flow::Continue;
             }
-            None => {
-                let message = dispatch.batch.spare();
-                match decode_inbound(&body, message, acks, requests, &mut allowance) {
-                    Ok(inbound) => deliver(connection, context, inbound, body.len(), dispatch),
-                    Err(err) => Flow::Close(
-                        DisconnectReason::ProtocolError,
-                        format!("malformed Message: {err}"),
-                    ),
-                }
-            }
+            None => receive_in_place(body, connection, context, &mut allowance, dispatch),
         },
         Some(opener) => {
             // Lent out of `dispatch`, which delivering borrows.
@@ -271,6 +260,86 @@ fn receive_frame(
     // many small frames cannot pile up what each alone was allowed.
     dispatch.held += allowance.bound() - allowance.remaining();
     flow
+}
+
+/// Decodes an unsigned frame's message where it waits for the handler, so
+/// that an application message is not moved on its way there (a `Message`
+/// is some 250 bytes); anything else is taken back out and delivered.
+fn receive_in_place(
+    body: Bytes,
+    connection: &Connection,
+    context: &SessionContext,
+    allowance: &mut DecodeAllowance,
+    dispatch: &mut Dispatch,
+) -> Flow {
+    let acks = connection.acks.is_some();
+    let requests = connection.requests.is_some();
+    let slot = dispatch
+        .batch
+        .push_slot(connection.identity.clone(), connection.id);
+    let decoded = allowance
+        .decode_into(body.clone(), &mut slot.message)
+        .and_then(|()| {
+            if requests || (acks && slot.message.payload.is_none()) {
+                // Allocates nothing: an inline `Ack`, a flag and two ids.
+                MessageExt::decode(body.clone())
+                    .map(Some)
+                    .map_err(|source| DecodeBoundError::Decode {
+                        what: "transport.v1.MessageExt",
+                        source,
+                    })
+            } else {
+                Ok(None)
+            }
+        });
+    let ext = match decoded {
+        Ok(ext) => ext,
+        Err(err) => {
+            if let Some(inbound) = dispatch.batch.pop_back() {
+                dispatch.batch.recycle(inbound.message);
+            }
+            return Flow::Close(
+                DisconnectReason::ProtocolError,
+                format!("malformed Message: {err}"),
+            );
+        }
+    };
+    let kind = MessageKind::of(&slot.message);
+    let (request_id, reply_to) = ext.map_or((0, 0), |ext| (ext.request_id, ext.reply_to));
+    // As `deliver` tells them: a payload-less message carrying an ack is
+    // control, a reply goes to its caller.
+    let ack = acks
+        && slot.message.payload.is_none()
+        && ext.is_some_and(|ext| ext.ack.is_some() || ext.ack_request);
+    if kind.is_application() && reply_to == 0 && !ack {
+        // The common case: it stays where it is, for the handler.
+        if requests && request_id != 0 {
+            slot.reply_to = Some(ReplyTo {
+                connection: dispatch.this.clone(),
+                id: request_id,
+            });
+        }
+        dispatch.tally.add(kind, body.len());
+        connection
+            .counters
+            .messages_in
+            .fetch_add(1, Ordering::Relaxed);
+        dispatch.held += std::mem::size_of::<Inbound>() as u64;
+        return Flow::Continue;
+    }
+    match dispatch.batch.pop_back() {
+        Some(inbound) => deliver(
+            connection,
+            context,
+            Decoded {
+                message: inbound.message,
+                ext,
+            },
+            body.len(),
+            dispatch,
+        ),
+        None => Flow::Continue,
+    }
 }
 
 /// Opens a signed frame into `scratch`, decodes its messages and delivers them.
