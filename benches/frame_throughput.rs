@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the frame path: the length-prefixed codec, and sealing
-//! and opening signed frames with each compiled-in crypto backend.
+//! Micro-benchmarks of the frame path: the length-prefixed codec, the
+//! decode-bound pre-scan, and sealing and opening signed frames with each
+//! compiled-in crypto backend.
 //!
 //! `cargo bench --all-features --bench frame_throughput` covers libsecp256k1 too.
 
@@ -13,10 +14,12 @@ use criterion::{
 use prost::Message as _;
 use publisher_transport::{
     CryptoBackend, FrameCodec, Message, SecretKey,
+    decode_bound::{DecodeAllowance, Source},
     handshake::{SequenceFloors, SignedFrameSession},
     proto::{
         Payload,
         rollup::v1::{Vote, XtId},
+        transport::v1::SignedFrame,
     },
     signed::{Audience, FrameOpener, seal},
 };
@@ -120,6 +123,54 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
+/// The pre-scan every received body goes through before it is decoded.
+fn scan(c: &mut Criterion) {
+    let encoded = Bytes::from(vote().encode_to_vec());
+    let mut group = c.benchmark_group("decode_bound");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("scan/vote100", |b| {
+        b.iter(|| {
+            DecodeAllowance::for_frame(MESSAGE_LEN)
+                .charge::<Message>(black_box(&encoded), Source::Shared)
+                .unwrap()
+        });
+    });
+
+    // A signed frame as a receiver scans it: the frame, then each message,
+    // charged to one allowance.
+    let count = 64;
+    let sender = SecretKey::generate();
+    let audience = Audience::Unicast {
+        recipient: SecretKey::generate().public_key().clone(),
+        session: [7; 32],
+    };
+    let frame = seal(
+        &sender,
+        CryptoBackend::available()[0],
+        FIRST_SEQUENCE,
+        &audience,
+        vec![encoded; count],
+    );
+    let body = frame.encode_to_vec();
+    group.throughput(Throughput::Elements(count as u64));
+    group.bench_function(BenchmarkId::new("scan/signed", count), |b| {
+        b.iter(|| {
+            let mut allowance = DecodeAllowance::for_frame(body.len());
+            allowance
+                .charge::<SignedFrame>(black_box(&body), Source::Shared)
+                .unwrap();
+            for message in &frame.messages {
+                allowance
+                    .charge::<Message>(black_box(message), Source::Shared)
+                    .unwrap();
+            }
+            allowance.remaining()
+        });
+    });
+    group.finish();
+}
+
 fn signed(c: &mut Criterion) {
     let sender = SecretKey::generate();
     let receiver = SecretKey::generate();
@@ -181,5 +232,5 @@ fn signed(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, signed);
+criterion_group!(benches, codec, scan, signed);
 criterion_main!(benches);

@@ -237,12 +237,35 @@ struct FieldSchema {
     repeated: bool,
     /// Bytes one element takes in a repeated field's vector.
     element_size: usize,
+    /// The field's counter in a scanned instance, if it is repeated or a
+    /// string (`usize::MAX` otherwise).
+    slot: usize,
 }
 
 #[derive(Debug)]
 struct MessageSchema {
     name: &'static str,
     fields: &'static [FieldSchema],
+    /// Index in `fields` by field number (255: none), up to the highest
+    /// number below 256 that the type has.
+    by_number: &'static [u8],
+    /// Indices of the repeated fields, in order.
+    tallied: &'static [usize],
+}
+
+impl MessageSchema {
+    #[inline(always)]
+    fn field(&self, number: u64) -> Option<&'static FieldSchema> {
+        let fields = self.fields;
+        match usize::try_from(number)
+            .ok()
+            .and_then(|n| self.by_number.get(n))
+        {
+            Some(&index) => fields.get(usize::from(index)),
+            None if number < 256 => None,
+            None => fields.iter().find(|field| field.number == number),
+        }
+    }
 }
 
 include!(concat!(env!("OUT_DIR"), "/decode_schema.rs"));
@@ -258,7 +281,20 @@ struct Scan {
     source: Source,
 }
 
+#[inline(always)]
 fn varint(buf: &mut &[u8]) -> Result<u64, Stop> {
+    // Most keys, lengths and values of small messages fit one byte.
+    if let Some((&byte, rest)) = buf.split_first()
+        && byte < 0x80
+    {
+        *buf = rest;
+        return Ok(u64::from(byte));
+    }
+    varint_slow(buf)
+}
+
+#[inline(never)]
+fn varint_slow(buf: &mut &[u8]) -> Result<u64, Stop> {
     let mut value = 0u64;
     for (i, &byte) in buf.iter().enumerate().take(10) {
         value |= u64::from(byte & 0x7f) << (7 * i);
@@ -274,6 +310,7 @@ fn varint(buf: &mut &[u8]) -> Result<u64, Stop> {
 }
 
 /// Reads a field key: its wire type and field number.
+#[inline(always)]
 fn key(buf: &mut &[u8]) -> Result<(u64, u64), Stop> {
     let key = varint(buf)?;
     if key > u64::from(u32::MAX) {
@@ -308,6 +345,7 @@ fn skip_group(buf: &mut &[u8], number: u64, depth: u32) -> Result<(), Stop> {
     Err(Stop::Malformed("buffer underflow"))
 }
 
+#[inline(always)]
 fn take<'a>(buf: &mut &'a [u8], len: u64) -> Result<&'a [u8], Stop> {
     let len = usize::try_from(len)
         .ok()
@@ -345,15 +383,13 @@ impl Scan {
         if depth >= MAX_DEPTH {
             return Err(Stop::Malformed("recursion limit reached"));
         }
-        let fields = SCHEMAS[schema].fields;
-        // Occurrences of each field in this instance (elements, if repeated).
-        let mut counts = [0u64; MAX_FIELDS];
+        let schema = &SCHEMAS[schema];
+        // Per counted field of this instance: elements of a repeated field,
+        // occurrences of a singular string.
+        let mut counts = [0u64; MAX_SLOTS];
         while !buf.is_empty() {
             let (wire_type, number) = key(&mut buf)?;
-            let field = fields
-                .iter()
-                .position(|field| field.number == number)
-                .map(|index| (index, &fields[index]));
+            let field = schema.field(number);
             match wire_type {
                 0 => {
                     varint(&mut buf)?;
@@ -367,9 +403,8 @@ impl Scan {
                 2 => {
                     let len = varint(&mut buf)?;
                     let payload = take(&mut buf, len)?;
-                    if let Some((index, field)) = field {
-                        let again = counts[index] > 0;
-                        counts[index] += self.length_delimited(field, payload, again, depth)?;
+                    if let Some(field) = field {
+                        self.length_delimited(field, payload, &mut counts, depth)?;
                     }
                     continue;
                 }
@@ -384,39 +419,42 @@ impl Scan {
             }
             // A scalar, unpacked. (A wire type the field does not have fails
             // prost's decoding, and allocates nothing.)
-            if let Some((index, field)) = field
+            if let Some(field) = field
                 && field.repeated
             {
                 let matches = matches!(
                     (field.kind, wire_type),
                     (FieldKind::Varint, 0) | (FieldKind::Fixed64, 1) | (FieldKind::Fixed32, 5)
                 );
-                counts[index] += u64::from(matches);
+                counts[field.slot] += u64::from(matches);
             }
         }
-        for (field, &count) in fields.iter().zip(&counts) {
-            if field.repeated && count > 0 {
+        for &index in schema.tallied {
+            let field = &schema.fields[index];
+            let count = counts[field.slot];
+            if count > 0 {
                 self.add(vector_bytes(count, field.element_size))?;
             }
         }
         Ok(())
     }
 
-    /// Charges a length-delimited field's contents; returns the elements it
-    /// adds to the field's vector (1 for a singular field). `again`: the
-    /// field occurred before in this instance.
+    /// Charges a length-delimited field's contents, and counts it in
+    /// `counts` if the field has a counter.
+    #[inline(always)]
     fn length_delimited(
         &mut self,
         field: &FieldSchema,
         payload: &[u8],
-        again: bool,
+        counts: &mut [u64; MAX_SLOTS],
         depth: u32,
-    ) -> Result<u64, Stop> {
+    ) -> Result<(), Stop> {
         let elements = match field.kind {
             FieldKind::String => {
                 // A string is copied into a vector of at least 8 bytes; a
                 // singular one seen again grows its buffer, maybe doubling it.
                 let len = payload.len() as u64;
+                let again = counts[field.slot] > 0;
                 let factor = if again && !field.repeated { 2 } else { 1 };
                 if len > 0 {
                     self.add((factor * len).max(8))?;
@@ -439,7 +477,12 @@ impl Scan {
             FieldKind::Fixed32 => payload.len() as u64 / 4,
             FieldKind::Fixed64 => payload.len() as u64 / 8,
         };
-        Ok(if field.repeated { elements } else { 1 })
+        if field.repeated {
+            counts[field.slot] += elements;
+        } else if matches!(field.kind, FieldKind::String) {
+            counts[field.slot] += 1;
+        }
+        Ok(())
     }
 }
 

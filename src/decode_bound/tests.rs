@@ -404,3 +404,38 @@ fn malformed_input_is_refused_by_the_scan() {
     assert_eq!(estimate::<Message>(&groups, Source::Shared), Some(0));
     assert!(Message::decode(&groups[..]).is_ok());
 }
+
+#[test]
+fn fields_are_found_by_number() {
+    for schema in SCHEMAS {
+        for (index, field) in schema.fields.iter().enumerate() {
+            assert!(
+                std::ptr::eq(schema.field(field.number).unwrap(), &schema.fields[index]),
+                "{} field {}",
+                schema.name,
+                field.number
+            );
+        }
+        for number in [1, 17, 99, 255, 256, 1000, u64::from(u32::MAX >> 3)] {
+            let found = schema.field(number).map(|field| field.number);
+            let expected = schema.fields.iter().any(|field| field.number == number);
+            assert_eq!(found.is_some(), expected, "{} field {number}", schema.name);
+        }
+    }
+    // Numbers beyond the table are searched for.
+    static HIGH: MessageSchema = MessageSchema {
+        name: "high",
+        fields: &[FieldSchema {
+            number: 300,
+            kind: FieldKind::Varint,
+            repeated: false,
+            element_size: 8,
+            slot: usize::MAX,
+        }],
+        by_number: &[],
+        tallied: &[],
+    };
+    assert_eq!(HIGH.field(300).map(|field| field.number), Some(300));
+    assert!(HIGH.field(5).is_none());
+    assert!(HIGH.field(301).is_none());
+}
