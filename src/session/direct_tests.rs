@@ -128,22 +128,7 @@ fn session(delivery_acks: bool) -> Session {
         write_buffer_pool(&metrics),
         None,
     );
-    let setup = SessionSetup {
-        identity: "peer".into(),
-        client_id: None,
-        session_id: None,
-        remote_addr: None,
-        signer: None,
-        opener: None,
-        peer_key: None,
-        sender_id: None,
-        delivery_acks,
-        requests: false,
-        go_mode: false,
-        chain_id: None,
-        metadata: Vec::new(),
-        first_frame: None,
-    };
+    let setup = SessionSetup::plain("peer", delivery_acks);
     let wire = Arc::new(Wire {
         log: Mutex::new(Vec::new()),
         direct_takes: AtomicUsize::new(usize::MAX),

@@ -167,6 +167,29 @@ pub(crate) struct SessionSetup {
     pub(crate) first_frame: Option<bytes::Bytes>,
 }
 
+#[cfg(test)]
+impl SessionSetup {
+    /// A session without authentication, signed frames or requests.
+    pub(super) fn plain(identity: &str, delivery_acks: bool) -> Self {
+        Self {
+            identity: identity.into(),
+            client_id: None,
+            session_id: None,
+            remote_addr: None,
+            signer: None,
+            opener: None,
+            peer_key: None,
+            sender_id: None,
+            delivery_acks,
+            requests: false,
+            go_mode: false,
+            chain_id: None,
+            metadata: Vec::new(),
+            first_frame: None,
+        }
+    }
+}
+
 /// What a server or client shares with each of its sessions.
 pub(crate) struct SessionContext {
     pub(crate) config: SessionConfig,

@@ -39,22 +39,7 @@ fn pair(config: SessionConfig, delivery_acks: bool) -> Pair {
         write_buffer_pool(&metrics),
         None,
     );
-    let setup = SessionSetup {
-        identity: "peer".into(),
-        client_id: None,
-        session_id: None,
-        remote_addr: None,
-        signer: None,
-        opener: None,
-        peer_key: None,
-        sender_id: None,
-        delivery_acks,
-        requests: false,
-        go_mode: false,
-        chain_id: None,
-        metadata: Vec::new(),
-        first_frame: None,
-    };
+    let setup = SessionSetup::plain("peer", delivery_acks);
     let reader = StreamFrameReader::new(read, codec::DEFAULT_MAX_FRAME_SIZE);
     let (connection, task) = start_session(1, reader, StreamFrameWriter(write), setup, context);
     let (peer_read, peer_writer) = tokio::io::split(theirs);
