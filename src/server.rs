@@ -429,14 +429,14 @@ async fn serve<B: Backend>(
         if !admitted {
             let details = "connection rate limit";
             let reason = DisconnectReason::Throttled;
-            return refuse_early::<B::Listener>(
+            return Box::pin(refuse_early::<B::Listener>(
                 connecting,
                 authenticating,
                 metrics,
                 config,
                 reason,
                 details,
-            )
+            ))
             .await;
         }
     }
@@ -448,14 +448,14 @@ async fn serve<B: Backend>(
                 PendingRefusal::PoolFull => "too many pending handshakes",
             };
             let reason = DisconnectReason::TooManyPeers;
-            return refuse_early::<B::Listener>(
+            return Box::pin(refuse_early::<B::Listener>(
                 connecting,
                 authenticating,
                 metrics,
                 config,
                 reason,
                 details,
-            )
+            ))
             .await;
         }
     };
@@ -476,20 +476,23 @@ async fn serve<B: Backend>(
                 _ => {
                     drop(slot);
                     let (reason, details) = (DisconnectReason::Throttled, "connection rate limit");
-                    return refuse_early::<B::Listener>(
+                    return Box::pin(refuse_early::<B::Listener>(
                         connecting,
                         authenticating,
                         metrics,
                         config,
                         reason,
                         details,
-                    )
+                    ))
                     .await;
                 }
             }
         }
     };
-    let establishing = tokio::time::timeout_at(deadline, connecting);
+    // Boxed, as the handshake below and the refusals are: each runs once,
+    // and inline they would widen the state this task keeps while the
+    // session lasts.
+    let establishing = Box::pin(tokio::time::timeout_at(deadline, connecting));
     let Some(established) =
         while_pending(&slot, &shutdown, Some(&mut charge), metrics, establishing).await
     else {
@@ -524,7 +527,13 @@ async fn serve<B: Backend>(
             let (reason, details) = (DisconnectReason::TooManyPeers, "connection limit reached");
             info!(%reason, details, "connection refused");
             metrics.connection(&format!("refused_{reason}"));
-            send_disconnect(&mut writer, reason, details, config.disconnect_timeout).await;
+            Box::pin(send_disconnect(
+                &mut writer,
+                reason,
+                details,
+                config.disconnect_timeout,
+            ))
+            .await;
             return;
         }
     }
@@ -556,14 +565,14 @@ async fn serve<B: Backend>(
                 unicast: unicast.floor(),
                 broadcast: Some(inner.broadcasts.floor()),
             };
-            let exchange = server_handshake(
+            let exchange = Box::pin(server_handshake(
                 &mut reader,
                 &mut writer,
                 handshake,
                 floors,
                 deadline.saturating_duration_since(tokio::time::Instant::now()),
                 config.disconnect_timeout,
-            );
+            ));
             let Some(outcome) =
                 while_pending(&slot, &shutdown, Some(&mut charge), metrics, exchange).await
             else {
@@ -601,13 +610,13 @@ async fn serve<B: Backend>(
             {
                 info!(identity = %client.identity, "connection refused: connection limit reached");
                 metrics.connection("refused_too_many_peers");
-                session::refuse_after_handshake(
+                Box::pin(session::refuse_after_handshake(
                     &mut writer,
                     DisconnectReason::TooManyPeers,
                     "connection limit reached",
                     "connection limit reached",
                     config.disconnect_timeout,
-                )
+                ))
                 .await;
                 return;
             }
