@@ -155,7 +155,8 @@ impl InboundBatch {
 
     /// Gives a handled message back; a later message is decoded into it,
     /// reusing its allocations. A connection keeps up to 1,280 (about
-    /// 250 KiB): as many as can wait for the handler at once.
+    /// 250 KiB): as many as can wait for the handler at once. It lets them
+    /// go once it has been quiet for a ping interval.
     pub fn recycle(&mut self, mut message: Message) {
         if self.spare.len() < SPARE_MESSAGES {
             // Its payload's bytes share received buffers: let them go now,
@@ -181,6 +182,16 @@ impl InboundBatch {
         });
         let last = self.messages.len() - 1;
         &mut self.messages[last]
+    }
+
+    /// Lets go of the recycled messages and of the queue's room, once the
+    /// connection has been quiet: a connection that was busy once does not
+    /// keep what its bursts needed.
+    pub(super) fn trim(&mut self) {
+        self.spare = Vec::new();
+        if self.messages.is_empty() {
+            self.messages = VecDeque::new();
+        }
     }
 
     /// Takes the last message back (it was not for the handler after all).

@@ -95,6 +95,7 @@ pub(super) async fn read_loop<R: FrameReader>(
                             // Quiet for a ping interval: spares go.
                             connection.outbox.trim();
                             dispatch.signed = None;
+                            dispatch.batch.trim();
                             connection.ping();
                         }
                         Some(HealthAction::Idle(idle)) => {

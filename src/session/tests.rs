@@ -266,3 +266,25 @@ fn the_handshake_response_goes_before_an_early_ping() {
         assert_eq!(outbox.queued(), 0);
     }
 }
+
+#[test]
+fn a_quiet_connection_lets_go_of_recycled_messages() {
+    let mut batch = InboundBatch::default();
+    let mut message = control(Payload::Pong(Pong { timestamp: 1 }));
+    message.sender_id = "x".repeat(100);
+    batch.recycle(message);
+    // A recycled message comes back with its string's room.
+    let reused = batch.spare();
+    assert!(reused.sender_id.capacity() >= 100);
+    batch.recycle(reused);
+    batch.trim();
+    assert_eq!(
+        batch.spare().sender_id.capacity(),
+        0,
+        "a new message after trim"
+    );
+    // Messages still waiting for the handler stay.
+    batch.push_slot("peer".into(), 1);
+    batch.trim();
+    assert_eq!(batch.len(), 1);
+}
