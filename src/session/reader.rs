@@ -12,23 +12,22 @@ use std::{
 };
 
 use bytes::Bytes;
-use prost::Message as _;
 use tracing::{debug, info, warn};
 
 use crate::{
     config::InboundLimit,
-    decode_bound::{DecodeAllowance, DecodeBoundError},
+    decode_bound::DecodeAllowance,
     error::{CodecError, DisconnectReason},
     metrics::Direction,
-    proto::{MessageKind, Payload, rollup::v1::Pong, transport::v1::MessageExt},
+    proto::{MessageKind, Payload, rollup::v1::Pong},
     signed::FrameOpener,
 };
 
 mod decode;
 #[cfg(test)]
 pub(in crate::session) use decode::decode_all;
-use decode::open_signed;
 pub(in crate::session) use decode::{Decoded, SignedScratch};
+use decode::{decode_ext, is_ack, open_signed};
 
 /// Reads until the connection ends. The reader and opener are borrowed, not
 /// owned: an async fn keeps a second copy of every argument it owns in its
@@ -282,19 +281,7 @@ fn receive_in_place(
         .push_slot(connection.identity.clone(), connection.id);
     let decoded = allowance
         .decode_into(body.clone(), &mut slot.message)
-        .and_then(|()| {
-            if requests || (acks && slot.message.payload.is_none()) {
-                // Allocates nothing: an inline `Ack`, a flag and two ids.
-                MessageExt::decode(body.clone())
-                    .map(Some)
-                    .map_err(|source| DecodeBoundError::Decode {
-                        what: "transport.v1.MessageExt",
-                        source,
-                    })
-            } else {
-                Ok(None)
-            }
-        });
+        .and_then(|()| decode_ext(&body, &slot.message, acks, requests));
     let ext = match decoded {
         Ok(ext) => ext,
         Err(err) => {
@@ -309,12 +296,8 @@ fn receive_in_place(
     };
     let kind = MessageKind::of(&slot.message);
     let (request_id, reply_to) = ext.map_or((0, 0), |ext| (ext.request_id, ext.reply_to));
-    // As `deliver` tells them: a payload-less message carrying an ack is
-    // control, a reply goes to its caller.
-    let ack = acks
-        && slot.message.payload.is_none()
-        && ext.is_some_and(|ext| ext.ack.is_some() || ext.ack_request);
-    if kind.is_application() && reply_to == 0 && !ack {
+    // As `deliver` tells them: an ack is control, a reply goes to its caller.
+    if kind.is_application() && reply_to == 0 && !is_ack(acks, &slot.message, ext.as_ref()) {
         // The common case: it stays where it is, for the handler.
         if requests && request_id != 0 {
             slot.reply_to = Some(ReplyTo {
@@ -476,8 +459,7 @@ fn deliver(
     let tally = &mut dispatch.tally;
     if let Some(acks) = &connection.acks
         && let Some(ext) = &ext
-        && message.payload.is_none()
-        && (ext.ack.is_some() || ext.ack_request)
+        && is_ack(true, &message, Some(ext))
     {
         tally.add(MessageKind::Ack, size);
         dispatch.batch.recycle(message);

@@ -39,18 +39,35 @@ fn decode_inbound(
     allowance: &mut DecodeAllowance,
 ) -> Result<Decoded, DecodeBoundError> {
     allowance.decode_into(encoded.clone(), &mut message)?;
-    let ext = if requests || (acks && message.payload.is_none()) {
-        // Allocates nothing: an inline `Ack`, a flag and two ids.
-        let ext =
-            MessageExt::decode(encoded.clone()).map_err(|source| DecodeBoundError::Decode {
-                what: "transport.v1.MessageExt",
-                source,
-            })?;
-        Some(ext)
-    } else {
-        None
-    };
+    let ext = decode_ext(encoded, &message, acks, requests)?;
     Ok(Decoded { message, ext })
+}
+
+/// The extension fields of a decoded `message`, where the session may have
+/// them: on payload-less messages with acknowledgements, on every message
+/// with requests.
+pub(super) fn decode_ext(
+    encoded: &Bytes,
+    message: &Message,
+    acks: bool,
+    requests: bool,
+) -> Result<Option<MessageExt>, DecodeBoundError> {
+    if !(requests || (acks && message.payload.is_none())) {
+        return Ok(None);
+    }
+    // Allocates nothing: an inline `Ack`, a flag and two ids.
+    MessageExt::decode(encoded.clone())
+        .map(Some)
+        .map_err(|source| DecodeBoundError::Decode {
+            what: "transport.v1.MessageExt",
+            source,
+        })
+}
+
+/// Whether a decoded message is an acknowledgement (or a request for one):
+/// control, never for the handler (docs/PROTOCOL.md §5.1).
+pub(super) fn is_ack(acks: bool, message: &Message, ext: Option<&MessageExt>) -> bool {
+    acks && message.payload.is_none() && ext.is_some_and(|ext| ext.ack.is_some() || ext.ack_request)
 }
 
 /// Decodes every message of an opened signed frame within the frame's
