@@ -5,12 +5,11 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::{
-    error::{DisconnectReason, TransportError},
+    error::DisconnectReason,
     session::{Connection, ConnectionInfo},
 };
 
@@ -142,38 +141,5 @@ impl ConnectionManager {
             .iter()
             .map(|entry| entry.value().info())
             .collect()
-    }
-
-    /// Queues pre-encoded frames on `recipients` without waiting: `signed` for
-    /// connections with signed frames, `plain` for the others. A recipient
-    /// whose queue is full is disconnected and reported as dropped.
-    pub(crate) fn fan_out<'a>(
-        recipients: impl Iterator<Item = &'a Arc<Connection>>,
-        plain: Option<&Bytes>,
-        signed: Option<&Bytes>,
-        kind: crate::proto::MessageKind,
-    ) -> BroadcastReport {
-        let mut report = BroadcastReport::default();
-        for connection in recipients {
-            let frame = if connection.is_signed() {
-                signed
-            } else {
-                plain
-            };
-            let result = match frame {
-                Some(frame) => connection.try_send_frame(frame.clone(), kind),
-                None => Err(TransportError::Config(
-                    "no frame for this connection kind".into(),
-                )),
-            };
-            match result {
-                Ok(()) => report.delivered.push(connection.identity_arc().clone()),
-                Err(err) => report.dropped.push(DroppedPeer {
-                    identity: connection.identity().to_owned(),
-                    reason: err.to_string(),
-                }),
-            }
-        }
-        report
     }
 }

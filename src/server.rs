@@ -18,18 +18,18 @@ use crate::{
         Attempt, PendingHandshakes, PendingRefusal, PendingSlot, Prefix, RateLimiter, refuse_early,
     },
     backend::{Backend, Listener, Pipe},
-    codec,
     config::{ServerAuth, ServerConfig},
     error::{CodecError, DisconnectReason, TransportError},
     handshake::{SequenceFloors, ServerHandshake, ServerHandshakeConfig},
     manager::{BroadcastReport, ConnectionManager},
     metrics::Metrics,
-    proto::{Message, MessageKind},
+    proto::Message,
     session::{
-        self, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionSetup, send_disconnect,
-        server_handshake, signing_state,
+        self, ConnectionInfo, Handler, HandlerSlot, SessionContext, SessionSetup,
+        broadcast::{BroadcastLog, BroadcastSealer},
+        send_disconnect, server_handshake, signing_state,
     },
-    signed::{self, Audience, SequenceCounter},
+    signed::SequenceCounter,
 };
 
 mod trust;
@@ -60,7 +60,9 @@ struct Inner<B: Backend> {
     handshake: Option<ServerHandshake>,
     manager: ConnectionManager,
     context: Arc<SessionContext>,
-    broadcasts: SequenceCounter,
+    broadcasts: Arc<SequenceCounter>,
+    /// Seals signed broadcasts; `None` without a signing key.
+    broadcast_log: Option<BroadcastLog>,
     next_id: AtomicU64,
     rate_limiter: Option<Arc<RateLimiter>>,
     handshakes: Arc<PendingHandshakes>,
@@ -84,6 +86,15 @@ impl<B: Backend> TransportServer<B> {
             hs.max_clock_skew = auth.max_clock_skew;
             ServerHandshake::new(hs)
         });
+        let broadcasts = Arc::new(SequenceCounter::from_clock(SystemTime::now()));
+        let broadcast_log = auth.as_ref().and_then(|auth| {
+            Some(BroadcastLog::new(BroadcastSealer {
+                key: auth.key.clone()?,
+                backend: auth.backend,
+                sequence: broadcasts.clone(),
+                max_frame_size: config.max_message_size,
+            }))
+        });
         let metrics = Metrics::new("server");
         let context = SessionContext::new(
             config.session(),
@@ -106,7 +117,8 @@ impl<B: Backend> TransportServer<B> {
             handshake,
             manager: ConnectionManager::new(),
             context,
-            broadcasts: SequenceCounter::from_clock(SystemTime::now()),
+            broadcasts,
+            broadcast_log,
             next_id: AtomicU64::new(1),
             running: Mutex::new(None),
         });
@@ -272,9 +284,13 @@ impl<B: Backend> TransportServer<B> {
         self.inner.context.handler.set(handler);
     }
 
-    /// Sends `message` to every peer except `exclude`. It is encoded once, and
-    /// signed once for all signed-frame peers. Never waits on a slow peer: a
-    /// peer whose queue is full is disconnected and listed as dropped.
+    /// Sends `message` to every peer except `exclude`. It is encoded once for
+    /// all peers without signed frames, and once for all signed-frame peers,
+    /// into a batch that the first of their writers seals: broadcasts made
+    /// while the writers are busy share one frame and one signature. Each
+    /// peer still gets its messages in the order they were sent. Never waits
+    /// on a slow peer: a peer whose queue is full is disconnected and listed
+    /// as dropped.
     pub fn broadcast(
         &self,
         mut message: Message,
@@ -282,44 +298,17 @@ impl<B: Backend> TransportServer<B> {
     ) -> Result<BroadcastReport, TransportError> {
         let started = Instant::now();
         message.sender_id = PUBLISHER_SENDER_ID.to_owned();
-        // Snapshot before drawing the sequence number: every recipient's
-        // handshake announced a floor at or below it (docs/PROTOCOL.md §4.3).
+        // The recipients are fixed before any sequence number is drawn (it is
+        // drawn when the batch is sealed): every recipient's handshake
+        // announced a floor at or below it (docs/PROTOCOL.md §4.3).
         let everyone = self.inner.manager.everyone();
-        let recipients = || {
-            everyone
-                .iter()
-                .filter(move |c| exclude.is_none_or(|excluded| c.identity() != excluded))
-        };
-        let max = self.inner.config.max_message_size;
-        let plain = if recipients().any(|c| !c.is_signed()) {
-            Some(codec::frame_message(&message, max)?)
-        } else {
-            None
-        };
-        let sealed = match (recipients().any(|c| c.is_signed()), self.signing_key()) {
-            (true, Some(key)) => {
-                let backend = self
-                    .inner
-                    .auth
-                    .as_ref()
-                    .map(|a| a.backend)
-                    .unwrap_or_default();
-                let audience = Audience::Broadcast {
-                    exclude: exclude.unwrap_or_default().to_owned(),
-                };
-                let sequence = self.inner.broadcasts.next();
-                Some(signed::seal_message(
-                    key, backend, sequence, &audience, &message, max,
-                )?)
-            }
-            _ => None,
-        };
-        let report = ConnectionManager::fan_out(
-            recipients(),
-            plain.as_ref(),
-            sealed.as_ref(),
-            MessageKind::of(&message),
-        );
+        let report = session::broadcast::broadcast(
+            self.inner.broadcast_log.as_ref(),
+            &everyone,
+            exclude,
+            &message,
+            self.inner.config.max_message_size,
+        )?;
         let recipients = report.delivered.len() + report.dropped.len();
         (self.inner.context.metrics).broadcast(recipients, started.elapsed());
         debug!(
@@ -337,10 +326,6 @@ impl<B: Backend> TransportServer<B> {
     /// Metadata and counters of every live connection.
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         self.inner.manager.infos()
-    }
-
-    fn signing_key(&self) -> Option<&Arc<crate::SecretKey>> {
-        self.inner.auth.as_ref().and_then(|auth| auth.key.as_ref())
     }
 }
 

@@ -6,7 +6,7 @@ use super::{
     outbox::{Outbox, Pushed, Refused},
     requests::{IdField, REPLY_TO_FIELD, REQUEST_ID_FIELD, Requests},
 };
-use crate::proto::{MessageKind, rollup::v1::DisconnectMessage};
+use crate::proto::rollup::v1::DisconnectMessage;
 use std::{
     net::SocketAddr,
     sync::{
@@ -16,7 +16,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use bytes::Bytes;
 use prost::Message as _;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -429,28 +428,6 @@ impl Connection {
             .into());
         }
         Ok(len)
-    }
-
-    /// Queues a pre-encoded frame without waiting. On a full queue the peer is
-    /// too slow: it is disconnected with `WRITE_TIMEOUT` and the error says so.
-    pub(crate) fn try_send_frame(
-        &self,
-        frame: Bytes,
-        kind: MessageKind,
-    ) -> Result<(), TransportError> {
-        if self.is_closed() {
-            return Err(self.closed_error());
-        }
-        match self.outbox.push_shared(frame, kind, false) {
-            Ok(()) => Ok(()),
-            Err(Refused::Closed) => Err(self.closed_error()),
-            Err(Refused::Full) => {
-                self.abort(DisconnectReason::WriteTimeout, "send queue full");
-                Err(TransportError::QueueFull {
-                    peer: self.identity.to_string(),
-                })
-            }
-        }
     }
 
     /// Sends `Disconnect{reason, details}` after what is already queued, then

@@ -5,6 +5,8 @@
 //! - `establish`: the handshake over the pipe, and refusals;
 //! - `outbox`: senders encode each message once, in wire form, into the
 //!   connection's byte outbox (budgets in messages and bytes);
+//! - `broadcast`: signed broadcasts gathered into batches sealed once, by
+//!   the first writer to reach them, and shared by every recipient;
 //! - `writer`: the single writer (so frames never interleave) takes a
 //!   write's worth, seals signed batches in place, writes vectored;
 //! - `reader`: reads, verifies, answers pings, dispatches to the handler;
@@ -14,6 +16,7 @@
 //!   delivery acknowledgements.
 
 mod acks;
+pub(crate) mod broadcast;
 mod connection;
 mod control;
 mod core;

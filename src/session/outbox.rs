@@ -27,9 +27,12 @@ use crate::{
     signed,
 };
 
-use super::{SIGNED_BATCH_MAX_MESSAGES, SIGNED_FRAME_OVERHEAD, WRITE_COALESCE_BYTES};
+use super::{
+    SIGNED_BATCH_MAX_MESSAGES, SIGNED_FRAME_OVERHEAD, WRITE_COALESCE_BYTES, broadcast::PendingBatch,
+};
 
 mod direct;
+mod shared;
 pub(super) use direct::Pushed;
 
 /// Room a unicast signed batch leaves ahead of its messages: the length
@@ -57,6 +60,12 @@ pub(super) enum Entry {
     },
     /// A complete frame encoded (and sealed) once for many recipients.
     Shared { frame: Bytes, application: bool },
+    /// The place of a signed broadcast batch, sealed by the first writer
+    /// that reaches it; `application` of its messages were charged here.
+    Pending {
+        batch: Arc<PendingBatch>,
+        application: u64,
+    },
     /// Acknowledge the messages dispatched to the handler so far.
     Ack,
     /// The message before this one waits for the peer's acknowledgement.
@@ -68,7 +77,9 @@ pub(super) enum Entry {
 impl Entry {
     fn application(&self) -> u64 {
         match self {
-            Self::Frames { application, .. } | Self::Batch { application, .. } => *application,
+            Self::Frames { application, .. }
+            | Self::Batch { application, .. }
+            | Self::Pending { application, .. } => *application,
             Self::Shared { application, .. } => u64::from(*application),
             _ => 0,
         }
@@ -135,6 +146,10 @@ struct State {
     direct: Option<Arc<dyn DirectWrite>>,
     /// A direct write's frame, kept for the next one.
     scratch: BytesMut,
+    /// The broadcast batch whose place the writer took last, until it
+    /// takes again: it may still gather, and must not take broadcasts made
+    /// after something queued since.
+    taken_batch: Option<Arc<PendingBatch>>,
 }
 
 /// See the module documentation.
@@ -210,6 +225,7 @@ impl Outbox {
                 spare: Spare::default(),
                 direct: config.direct.clone(),
                 scratch: BytesMut::new(),
+                taken_batch: None,
             }),
             metrics: config.metrics,
             wake: Notify::new(),
@@ -291,35 +307,6 @@ impl Outbox {
         }
         self.wake_writer(state);
         Ok(Pushed::Queued)
-    }
-
-    /// Queues a frame encoded for many recipients, within the budget.
-    pub(super) fn push_shared(
-        &self,
-        frame: Bytes,
-        kind: MessageKind,
-        force: bool,
-    ) -> Result<(), Refused> {
-        let mut state = self.lock();
-        if state.closed {
-            return Err(Refused::Closed);
-        }
-        if !force && !self.fits(&state, frame.len()) {
-            return Err(Refused::Full);
-        }
-        state.messages += 1;
-        state.bytes += frame.len();
-        state.open_messages += 1;
-        state.open_bytes += frame.len();
-        let size = frame.len().saturating_sub(crate::codec::LENGTH_PREFIX_LEN);
-        state.tally.add(kind, size);
-        state.open_batch = None;
-        state.entries.push(Entry::Shared {
-            frame,
-            application: kind.is_application(),
-        });
-        self.wake_writer(state);
-        Ok(())
     }
 
     /// Queues a control message ahead of everything waiting, whatever the
@@ -416,6 +403,7 @@ impl Outbox {
         if state.closed || state.ack_queued {
             return;
         }
+        shared::fence(&mut state);
         state.ack_queued = true;
         state.open_batch = None;
         state.entries.push(Entry::Ack);
@@ -460,6 +448,7 @@ impl Outbox {
         size: usize,
         encode: impl FnOnce(&mut BytesMut),
     ) {
+        shared::fence(state);
         if state.chunk.capacity() == 0 {
             state.chunk = self.pool.take();
         }
@@ -591,10 +580,16 @@ impl Outbox {
         let taken = match state.urgent.take().or_else(|| state.ready.pop_front()) {
             Some(taken) => taken,
             None if state.entries.is_empty() => {
+                state.taken_batch = None;
                 state.parked = true;
                 return None;
             }
             None => {
+                // The place goes, the batch may still gather (see `shared`).
+                state.taken_batch = match state.entries.last() {
+                    Some(Entry::Pending { batch, .. }) => Some(batch.clone()),
+                    _ => None,
+                };
                 let (entries, tally) = self.next_lists(&mut state);
                 state.open_batch = None;
                 state.ack_queued = false;
@@ -659,6 +654,7 @@ impl Outbox {
         state.closed = true;
         state.ack_queued = true;
         state.direct = None;
+        state.taken_batch = None;
         let mut entries = std::mem::take(&mut state.entries);
         // Local counters publish when dropped: what is never written must
         // be forgotten first.

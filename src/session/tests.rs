@@ -288,3 +288,61 @@ fn a_quiet_connection_lets_go_of_recycled_messages() {
     batch.trim();
     assert_eq!(batch.len(), 1);
 }
+
+/// A broadcast batch with one 100-byte block, and that block.
+fn broadcast_batch() -> (Arc<broadcast::PendingBatch>, Message) {
+    let sealer = Arc::new(broadcast::BroadcastSealer {
+        key: Arc::new(SecretKey::generate()),
+        backend: CryptoBackend::default(),
+        sequence: Arc::new(SequenceCounter::starting_at(7)),
+        max_frame_size: 1 << 20,
+    });
+    let block = Message {
+        sender_id: "publisher".into(),
+        payload: Some(Payload::L2Block(crate::proto::rollup::v1::L2Block {
+            block: vec![7; 100].into(),
+            ..Default::default()
+        })),
+    };
+    let batch = Arc::new(broadcast::PendingBatch::new(sealer, "", &block));
+    (batch, block)
+}
+
+#[test]
+fn a_broadcast_batch_gathers_until_something_is_queued_behind_its_place() {
+    let kind = MessageKind::L2Block;
+    // Its place still waits: a unicast queued behind it ends it.
+    let queue = outbox(true);
+    let (batch, mut block) = broadcast_batch();
+    queue.push_pending(&batch, kind, 200, true).unwrap();
+    assert!(batch.is_open());
+    let len = block.encoded_len();
+    queue.push(&mut block, len, &[], None, false).unwrap();
+    assert!(!batch.is_open(), "fenced by the unicast behind its place");
+    assert!(!batch.join(&block, 200, 1 << 20));
+
+    // The writer took its place: it still gathers until something is queued.
+    let queue = outbox(true);
+    let (batch, block) = broadcast_batch();
+    queue.push_pending(&batch, kind, 200, true).unwrap();
+    let taken = queue
+        .take(&mut outbox::Spare::default())
+        .expect("the place");
+    assert!(matches!(taken.entries[..], [outbox::Entry::Pending { .. }]));
+    assert!(
+        batch.join(&block, 200, 1 << 20),
+        "taking the place does not end it"
+    );
+    queue.push_ack();
+    assert!(!batch.is_open(), "fenced by what was queued after the take");
+
+    // Sealed once, with both messages, which the writer counts.
+    let metrics = Metrics::new("batch_test");
+    let mut tally = metrics.tally(crate::metrics::Direction::Out);
+    let (frame, application) = batch.frame(&mut tally).unwrap();
+    assert_eq!(application, 2);
+    let sealed = crate::proto::transport::v1::SignedFrame::decode(&frame[4..]).unwrap();
+    assert_eq!((sealed.sequence, sealed.messages.len()), (7, 2));
+    let (again, _) = batch.frame(&mut tally).unwrap();
+    assert_eq!(again, frame, "every recipient writes the same bytes");
+}

@@ -155,6 +155,15 @@ impl Write {
                     self.pieces.push(Piece::Shared(frame));
                     self.messages += u64::from(application);
                 }
+                // Counted from the batch: it may have taken broadcasts after
+                // the place was taken from the outbox.
+                Entry::Pending { batch, .. } => match batch.frame(&mut self.tally) {
+                    Ok((frame, application)) => {
+                        self.pieces.push(Piece::Shared(frame));
+                        self.messages += application;
+                    }
+                    Err(err) => failed = Some(err),
+                },
                 Entry::Ack => {
                     if let Some(acks) = acks {
                         let delivered = acks.dispatched.load(Ordering::Relaxed);
@@ -329,6 +338,15 @@ async fn write_queued<W: FrameWriter>(
                 () = lent.closed.as_mut() => break,
             }
         };
+        // A broadcast batch still gathering is sealed after one pass of the
+        // scheduler: a busy broadcaster adds what it has meanwhile, so its
+        // peers verify one signature for many messages; an idle server pays
+        // a task switch.
+        if let Some(Entry::Pending { batch, .. }) = entries.last()
+            && batch.is_open()
+        {
+            tokio::task::yield_now().await;
+        }
         let close = match write.compose(
             &mut entries,
             &mut chunk,

@@ -1,6 +1,7 @@
 //! Integration tests, one binary to save link time.
 
 mod admission;
+mod broadcast_batches;
 mod codec_props;
 /// The example programs' shared code, for tests of their parts.
 #[path = "../../examples/common/mod.rs"]

@@ -27,7 +27,7 @@ use publisher_transport::{
     signed::{Audience, FrameOpener, seal},
 };
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
     time::timeout,
 };
@@ -39,7 +39,7 @@ const BOUND: Duration = Duration::from_secs(10);
 pub(crate) struct RawClient {
     framed: Framed<TcpStream, FrameCodec>,
     key: Arc<SecretKey>,
-    server_key: PublicKey,
+    pub(crate) server_key: PublicKey,
     /// What the handshake negotiated (the server's floors among it).
     pub(crate) signed: SignedFrameSession,
     opener: FrameOpener,
@@ -49,6 +49,15 @@ pub(crate) struct RawClient {
 /// A started server whose handler feeds a channel, and a hand-driven client
 /// in a signed session with it, trusted as "seq-a".
 pub(crate) async fn signed_session() -> (TcpServer, mpsc::Receiver<Inbound>, RawClient) {
+    signed_session_with(None).await
+}
+
+/// As [`signed_session`]; `receive_buffer` sets the client socket's
+/// `SO_RCVBUF`, so that a client that does not read holds the server's
+/// writer up after a few KiB.
+pub(crate) async fn signed_session_with(
+    receive_buffer: Option<u32>,
+) -> (TcpServer, mpsc::Receiver<Inbound>, RawClient) {
     let key = Arc::new(SecretKey::generate());
     let server_key = Arc::new(SecretKey::generate());
     let trust = Arc::new(TrustStore::new());
@@ -61,7 +70,11 @@ pub(crate) async fn signed_session() -> (TcpServer, mpsc::Receiver<Inbound>, Raw
     server.set_handler(handler);
     let addr = server.start().await.unwrap();
 
-    let stream = TcpStream::connect(addr).await.unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(size) = receive_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let stream = socket.connect(addr).await.unwrap();
     let mut framed = Framed::new(stream, FrameCodec::default());
     let (signed, opener) =
         signed_handshake(&mut framed, &key, server_key.public_key(), "raw").await;

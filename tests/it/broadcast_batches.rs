@@ -1,0 +1,128 @@
+//! Signed broadcasts made while a recipient's writer is busy share one
+//! frame (one signature), and that never reorders a connection's messages
+//! nor hides a broadcast from a peer that joined in between.
+//!
+//! The recipient is a hand-driven client with a tiny receive buffer: until
+//! it reads, the server's writer is held up in a large first frame, and
+//! everything broadcast meanwhile waits behind it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use publisher_transport::{
+    ClientAuth, ClientConfig, Message, SecretKey, TcpClient, channel_handler,
+};
+
+use crate::{
+    e2e::{block, eventually, number_of, registered},
+    raw_peer::{RawClient, signed_session_with},
+};
+
+/// Larger than the server's send buffer can take (4 MiB at most here) plus
+/// the client's receive buffer: the writer is still writing it when the
+/// test's later broadcasts are made.
+const HOLD_UP: usize = 6 * 1024 * 1024;
+const BOUND: Duration = Duration::from_secs(30);
+
+fn numbered(n: u64) -> Message {
+    block(n, Bytes::from(vec![n as u8; 100]))
+}
+
+/// Broadcasts a first message so large that the writer of `seq-a` is still
+/// writing it when the test goes on, and waits until that writer took it.
+async fn hold_up_the_writer(server: &publisher_transport::TcpServer) {
+    server
+        .broadcast(block(0, Bytes::from(vec![7; HOLD_UP])), None)
+        .unwrap();
+    let connection = server.manager().get("seq-a").expect("registered");
+    eventually("the writer took the first frame", || {
+        connection.queued() == 0
+    })
+    .await;
+}
+
+/// Frames (as numbers of their messages) until `count` messages came.
+async fn frames(client: &mut RawClient, count: usize) -> Vec<Vec<u64>> {
+    let mut frames = Vec::new();
+    let mut seen = 0;
+    while seen < count {
+        let (_, messages) = client.receive().await.expect("the server's frames");
+        seen += messages.len();
+        frames.push(
+            messages
+                .iter()
+                .map(|m| number_of(&Message::decode(&m[..]).unwrap()))
+                .collect(),
+        );
+    }
+    frames
+}
+
+#[tokio::test]
+async fn broadcasts_behind_a_busy_writer_share_frames_and_unicasts_fence_them() {
+    tokio::time::timeout(BOUND, async {
+        let (server, _inbound, mut client) = signed_session_with(Some(4096)).await;
+        registered(&server, "seq-a").await;
+        hold_up_the_writer(&server).await;
+        for n in 1..=50 {
+            let report = server.broadcast(numbered(n), None).unwrap();
+            assert!(report.dropped.is_empty(), "{report:?}");
+        }
+        server.send("seq-a", numbered(51)).await.unwrap();
+        for n in 52..=100 {
+            server.broadcast(numbered(n), None).unwrap();
+        }
+
+        let frames = frames(&mut client, 101).await;
+        let order: Vec<u64> = frames.iter().flatten().copied().collect();
+        assert_eq!(order, (0..=100).collect::<Vec<_>>(), "one order");
+        // The broadcasts made meanwhile share a frame; the unicast fences
+        // it, and a new one takes the broadcasts after it.
+        let lengths: Vec<usize> = frames.iter().map(Vec::len).collect();
+        assert_eq!(lengths, [1, 50, 1, 49], "{frames:?}");
+        server.stop().await.unwrap();
+    })
+    .await
+    .expect("within the bound");
+}
+
+#[tokio::test]
+async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
+    tokio::time::timeout(BOUND, async {
+        let (server, _inbound, mut client) = signed_session_with(Some(4096)).await;
+        registered(&server, "seq-a").await;
+        hold_up_the_writer(&server).await;
+        server.broadcast(numbered(1), None).unwrap();
+
+        // A second, ordinary client joins while the first batch is open.
+        let key = std::sync::Arc::new(SecretKey::generate());
+        let trust = server.trust().expect("an authenticated server");
+        trust.add("seq-b", key.public_key().clone()).unwrap();
+        let late = TcpClient::tcp(
+            ClientConfig::default().with_client_id("seq-b"),
+            Some(ClientAuth::new(key).with_server_key(client.server_key.clone())),
+        );
+        let (handler, mut inbox) = channel_handler(16);
+        late.set_handler(handler);
+        late.connect(&server.local_addr().unwrap().to_string())
+            .await
+            .unwrap();
+        registered(&server, "seq-b").await;
+        let report = server.broadcast(numbered(2), None).unwrap();
+        assert_eq!(report.delivered.len(), 2, "{report:?}");
+
+        let got = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("seq-b gets the broadcast made after it joined")
+            .expect("a message");
+        assert_eq!(number_of(&got.message), 2);
+        // Its own batch, not the open one, which `seq-b` has no place in.
+        let frames = frames(&mut client, 3).await;
+        assert_eq!(frames, [vec![0], vec![1], vec![2]]);
+        late.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await
+    .expect("within the bound");
+}
