@@ -372,7 +372,7 @@ impl Default for ClientConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             ping_interval: Some(Duration::from_secs(15)),
             send_queue_capacity: 4096,
-            send_queue_bytes: crate::session::DEFAULT_SEND_QUEUE_BYTES,
+            send_queue_bytes: crate::session::DEFAULT_CLIENT_SEND_QUEUE_BYTES,
             disconnect_timeout: Duration::from_secs(1),
         }
     }

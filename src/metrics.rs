@@ -7,7 +7,11 @@
 //! subsystem. Per-message series are resolved once into handles, so the hot
 //! path does no label hashing.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -43,15 +47,8 @@ impl MessageTally {
         let index = match self.slots.iter().position(|(seen, _)| *seen == kind) {
             Some(index) => index,
             None => {
-                let direction = self.direction as usize;
-                let per_kind = &self.metrics.per_kind;
-                self.slots.push((
-                    kind,
-                    (
-                        per_kind.messages[direction][kind].local(),
-                        per_kind.sizes[direction][kind].local(),
-                    ),
-                ));
+                let (count, sizes) = self.metrics.per_kind(self.direction, kind);
+                self.slots.push((kind, (count.local(), sizes.local())));
                 self.slots.len() - 1
             }
         };
@@ -98,12 +95,17 @@ pub(crate) enum Direction {
     Out = 1,
 }
 
-/// Pre-resolved per-kind, per-direction series.
+/// Per-kind, per-direction series, resolved on first use: a client or
+/// server sees a few kinds, and a histogram takes about a kilobyte.
+#[derive(Default)]
 struct PerKind {
-    messages: [[IntCounter; KINDS]; 2],
-    sizes: [[Histogram; KINDS]; 2],
-    processing: [Histogram; KINDS],
+    messages: [[OnceLock<IntCounter>; KINDS]; 2],
+    sizes: [[OnceLock<Histogram>; KINDS]; 2],
+    processing: [OnceLock<Histogram>; KINDS],
 }
+
+/// Label values of [`Direction`].
+const DIRECTIONS: [&str; 2] = ["in", "out"];
 
 /// The metrics of one server or client.
 pub struct Metrics {
@@ -298,17 +300,8 @@ impl Metrics {
             "Connection attempts after a failure.",
         );
 
-        let directions = ["in", "out"];
-        let per_kind = PerKind {
-            messages: directions.map(|d| {
-                MessageKind::ALL.map(|k| messages_total.with_label_values(&[k.label(), d]))
-            }),
-            sizes: directions
-                .map(|d| MessageKind::ALL.map(|k| message_size.with_label_values(&[k.label(), d]))),
-            processing: MessageKind::ALL
-                .map(|k| processing_duration.with_label_values(&[k.label()])),
-        };
-        let bytes = directions.map(|d| bytes_total.with_label_values(&[d]));
+        let per_kind = PerKind::default();
+        let bytes = DIRECTIONS.map(|d| bytes_total.with_label_values(&[d]));
         // Only the pooled write buffers are measured (`type="write"`): the
         // read buffers belong to their connections, not to a pool.
         buffer_utilization.with_label_values(&["write"]).set(0.0);
@@ -380,15 +373,29 @@ impl Metrics {
         }
     }
 
+    /// The count and size series of `kind` (an index) in `direction`.
+    fn per_kind(&self, direction: Direction, kind: usize) -> (&IntCounter, &Histogram) {
+        let (label, d) = (MessageKind::ALL[kind].label(), direction as usize);
+        let count = self.per_kind.messages[d][kind].get_or_init(|| {
+            self.messages_total
+                .with_label_values(&[label, DIRECTIONS[d]])
+        });
+        let sizes = self.per_kind.sizes[d][kind]
+            .get_or_init(|| self.message_size.with_label_values(&[label, DIRECTIONS[d]]));
+        (count, sizes)
+    }
+
     /// Counts one message outside a tally (a direct write).
     pub(crate) fn message(&self, direction: Direction, kind: MessageKind, size: usize) {
-        let (direction, kind) = (direction as usize, kind.index());
-        self.per_kind.messages[direction][kind].inc();
-        self.per_kind.sizes[direction][kind].observe(size as f64);
+        let (count, sizes) = self.per_kind(direction, kind.index());
+        count.inc();
+        sizes.observe(size as f64);
     }
 
     pub(crate) fn processing(&self, kind: MessageKind, took: Duration) {
-        self.per_kind.processing[kind.index()].observe(took.as_secs_f64());
+        self.per_kind.processing[kind.index()]
+            .get_or_init(|| self.processing_duration.with_label_values(&[kind.label()]))
+            .observe(took.as_secs_f64());
     }
 
     pub(crate) fn bytes(&self, direction: Direction, count: usize) {

@@ -132,6 +132,8 @@ async fn every_message_lost_with_a_timed_out_write_is_counted_and_its_buffer_ret
             disconnect_timeout: Duration::from_millis(300),
             ping_interval: None,
             auto_reconnect: false,
+            // Room for all of them: the write must take them, then fail.
+            send_queue_bytes: 64 * 1024 * 1024,
             ..ClientConfig::default()
         },
         None,

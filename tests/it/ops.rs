@@ -341,11 +341,13 @@ async fn scrapes_after_traffic() -> (String, String) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Label sets appear on first use; these need forged frames to occur.
+    // Label sets appear on first use; these need forged frames to occur,
+    // and handler time a handler (this server has none).
     for metrics in [server.metrics(), client.metrics()] {
         metrics
             .signature_failures_total
             .with_label_values(&["bad_signature"]);
+        metrics.processing_duration.with_label_values(&["vote"]);
     }
     let scrapes = (server.metrics().render(), client.metrics().render());
     client.disconnect().await.unwrap();
