@@ -3,8 +3,8 @@
 //! A broadcast to signed-frame peers is not sealed by its caller. It is
 //! encoded into the open *batch*, and each recipient's outbox holds a place
 //! for that batch where the broadcast was made. The first writer to reach a
-//! place seals the batch (one sequence number, one signature) and every
-//! recipient writes the same bytes. While the writers are busy, later
+//! place seals the batch (one signature) and every recipient writes the same
+//! bytes. While the writers are busy, later
 //! broadcasts join the open batch: a busy publisher signs once per batch, and
 //! each peer verifies once per batch, not once per message.
 //!
@@ -12,9 +12,11 @@
 //! sealed it and nothing was queued behind its place on any connection (that
 //! *fences* it), the recipients and the exclusion are the same, and it has
 //! room. So every connection still gets its unicast and broadcast messages in
-//! the order they were sent. Recipients are fixed when a batch opens and its
-//! sequence number is drawn when it is sealed, later, so the rule of
-//! docs/PROTOCOL.md §4.3 (snapshot, then draw) holds.
+//! the order they were sent. A batch's recipients are fixed, and then its
+//! sequence number drawn, when it opens (docs/PROTOCOL.md §4.3: snapshot,
+//! then draw). Drawing it then, not when a writer seals it, keeps the
+//! numbers a connection receives in order: a lagging peer's writer may seal
+//! a batch long after a fast peer's writer sealed the next one.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
@@ -53,8 +55,9 @@ pub(crate) struct BroadcastLog {
 struct Open {
     /// Weak: a batch every recipient has written is let go at once.
     batch: Weak<PendingBatch>,
-    /// The snapshot the batch was opened for.
-    everyone: Arc<[Arc<Connection>]>,
+    /// The snapshot the batch was opened for, only to compare with (it
+    /// keeps no connection alive).
+    everyone: Weak<[Arc<Connection>]>,
 }
 
 impl BroadcastLog {
@@ -89,7 +92,7 @@ impl BroadcastLog {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let joined = open.as_ref().and_then(|open| {
             let batch = open.batch.upgrade()?;
-            (Arc::ptr_eq(&open.everyone, everyone)
+            (Weak::ptr_eq(&open.everyone, &Arc::downgrade(everyone))
                 && batch.exclude() == exclude
                 && batch.join(message, field + len, max))
             .then_some(batch)
@@ -97,10 +100,12 @@ impl BroadcastLog {
         let (batch, first) = match joined {
             Some(batch) => (batch, false),
             None => {
-                let batch = Arc::new(PendingBatch::new(self.sealer.clone(), exclude, message));
+                let sequence = self.sealer.sequence.next();
+                let sealer = self.sealer.clone();
+                let batch = Arc::new(PendingBatch::new(sealer, sequence, exclude, message));
                 *open = Some(Open {
                     batch: Arc::downgrade(&batch),
-                    everyone: everyone.clone(),
+                    everyone: Arc::downgrade(everyone),
                 });
                 (batch, true)
             }
@@ -194,6 +199,8 @@ fn record(report: &mut BroadcastReport, connection: &Connection, queued: Result<
 #[derive(Debug)]
 pub(crate) struct PendingBatch {
     sealer: Arc<BroadcastSealer>,
+    /// Drawn when the batch opened.
+    sequence: u64,
     audience: Audience,
     /// Room ahead of the messages for the frame's header.
     room: usize,
@@ -216,12 +223,17 @@ enum BatchState {
         kinds: Vec<(MessageKind, usize)>,
     },
     /// Sealing failed (a bug, not a peer's doing); every recipient's writer
-    /// reports it.
-    Failed(String),
+    /// reports it and counts its `application` messages as lost.
+    Failed { why: String, application: u64 },
 }
 
 impl PendingBatch {
-    pub(super) fn new(sealer: Arc<BroadcastSealer>, exclude: &str, first: &Message) -> Self {
+    pub(super) fn new(
+        sealer: Arc<BroadcastSealer>,
+        sequence: u64,
+        exclude: &str,
+        first: &Message,
+    ) -> Self {
         let audience = Audience::Broadcast {
             exclude: exclude.to_owned(),
         };
@@ -234,6 +246,7 @@ impl PendingBatch {
         let _ = first.encode(&mut body);
         Self {
             sealer,
+            sequence,
             audience,
             room,
             state: Mutex::new(BatchState::Gathering {
@@ -290,14 +303,17 @@ impl PendingBatch {
         }
     }
 
-    /// The sealed frame, sealing it now if no writer has yet; its messages
-    /// are added to `tally`, and the number of application messages among
-    /// them is returned with it.
-    pub(super) fn frame(&self, tally: &mut MessageTally) -> Result<(Bytes, u64), SignedFrameError> {
+    /// The sealed frame, sealing it now if no writer has yet, with the
+    /// number of application messages in it. Once sealed, its messages are
+    /// added to `tally`; a batch that cannot be sealed still says how many
+    /// it held, for the writer to count as lost.
+    pub(super) fn frame(&self, tally: &mut MessageTally) -> (Result<Bytes, SignedFrameError>, u64) {
         let mut state = self.lock();
         let (mut body, kinds) = match &mut *state {
-            BatchState::Sealed { frame, kinds } => return Ok((frame.clone(), count(kinds, tally))),
-            BatchState::Failed(why) => return Err(SignedFrameError::Malformed(why.clone())),
+            BatchState::Sealed { frame, kinds } => return (Ok(frame.clone()), count(kinds, tally)),
+            BatchState::Failed { why, application } => {
+                return (Err(SignedFrameError::Malformed(why.clone())), *application);
+            }
             BatchState::Gathering { body, kinds, .. } => {
                 (std::mem::take(body), std::mem::take(kinds))
             }
@@ -306,7 +322,7 @@ impl PendingBatch {
         let sealed = signed::seal_in_place(
             &sealer.key,
             sealer.backend,
-            sealer.sequence.next(),
+            self.sequence,
             &self.audience,
             &mut body,
             self.room,
@@ -321,14 +337,18 @@ impl PendingBatch {
                     frame: frame.clone(),
                     kinds,
                 };
-                Ok((frame, application))
+                (Ok(frame), application)
             }
             Err(err) => {
-                *state = BatchState::Failed(match &err {
-                    SignedFrameError::Malformed(why) => why.clone(),
-                    other => other.to_string(),
-                });
-                Err(err)
+                let application = kinds.iter().filter(|(k, _)| k.is_application()).count() as u64;
+                *state = BatchState::Failed {
+                    why: match &err {
+                        SignedFrameError::Malformed(why) => why.clone(),
+                        other => other.to_string(),
+                    },
+                    application,
+                };
+                (Err(err), application)
             }
         }
     }

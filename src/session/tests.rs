@@ -294,7 +294,7 @@ fn broadcast_batch() -> (Arc<broadcast::PendingBatch>, Message) {
     let sealer = Arc::new(broadcast::BroadcastSealer {
         key: Arc::new(SecretKey::generate()),
         backend: CryptoBackend::default(),
-        sequence: Arc::new(SequenceCounter::starting_at(7)),
+        sequence: Arc::new(SequenceCounter::starting_at(1)),
         max_frame_size: 1 << 20,
     });
     let block = Message {
@@ -304,7 +304,7 @@ fn broadcast_batch() -> (Arc<broadcast::PendingBatch>, Message) {
             ..Default::default()
         })),
     };
-    let batch = Arc::new(broadcast::PendingBatch::new(sealer, "", &block));
+    let batch = Arc::new(broadcast::PendingBatch::new(sealer, 7, "", &block));
     (batch, block)
 }
 
@@ -336,13 +336,30 @@ fn a_broadcast_batch_gathers_until_something_is_queued_behind_its_place() {
     queue.push_ack();
     assert!(!batch.is_open(), "fenced by what was queued after the take");
 
+    // A broadcast that joined just before a unicast fenced the batch is
+    // charged to the place all the same: never written, it is counted lost.
+    let queue = outbox(true);
+    let (late, mut block) = broadcast_batch();
+    queue.push_pending(&late, kind, 200, true).unwrap();
+    assert!(late.join(&block, 200, 1 << 20));
+    let len = block.encoded_len();
+    queue.push(&mut block, len, &[], None, false).unwrap();
+    queue.push_pending(&late, kind, 200, false).unwrap();
+    assert_eq!(queue.queued(), 3);
+    assert_eq!(
+        queue.close(),
+        3,
+        "two broadcasts and a unicast never written"
+    );
+
     // Sealed once, with both messages, which the writer counts.
     let metrics = Metrics::new("batch_test");
     let mut tally = metrics.tally(crate::metrics::Direction::Out);
-    let (frame, application) = batch.frame(&mut tally).unwrap();
+    let (frame, application) = batch.frame(&mut tally);
+    let frame = frame.unwrap();
     assert_eq!(application, 2);
     let sealed = crate::proto::transport::v1::SignedFrame::decode(&frame[4..]).unwrap();
     assert_eq!((sealed.sequence, sealed.messages.len()), (7, 2));
-    let (again, _) = batch.frame(&mut tally).unwrap();
+    let again = batch.frame(&mut tally).0.unwrap();
     assert_eq!(again, frame, "every recipient writes the same bytes");
 }

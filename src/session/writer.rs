@@ -157,13 +157,14 @@ impl Write {
                 }
                 // Counted from the batch: it may have taken broadcasts after
                 // the place was taken from the outbox.
-                Entry::Pending { batch, .. } => match batch.frame(&mut self.tally) {
-                    Ok((frame, application)) => {
-                        self.pieces.push(Piece::Shared(frame));
-                        self.messages += application;
+                Entry::Pending { batch, .. } => {
+                    let (frame, application) = batch.frame(&mut self.tally);
+                    self.messages += application;
+                    match frame {
+                        Ok(frame) => self.pieces.push(Piece::Shared(frame)),
+                        Err(err) => failed = Some(err),
                     }
-                    Err(err) => failed = Some(err),
-                },
+                }
                 Entry::Ack => {
                     if let Some(acks) = acks {
                         let delivered = acks.dispatched.load(Ordering::Relaxed);
@@ -360,6 +361,7 @@ async fn write_queued<W: FrameWriter>(
                 // session cannot go on.
                 lost += write.messages;
                 taken.discard();
+                write.tally.discard();
                 if chunk.capacity() > 0 {
                     outbox.recycle(chunk);
                 }
@@ -403,9 +405,11 @@ async fn write_queued<W: FrameWriter>(
                 } = &mut lent;
                 // An aborted connection (too slow, replaced, stopped) stops
                 // even a write that is blocked on a peer which does not read.
+                // Checked first: nothing more goes to a peer once dropped.
                 let result = tokio::select! {
-                    result = tokio::time::timeout(limit, writer.write_segments(segments)) => Some(result),
+                    biased;
                     () = closed.as_mut() => None,
+                    result = tokio::time::timeout(limit, writer.write_segments(segments)) => Some(result),
                 };
                 (lent, result)
             };

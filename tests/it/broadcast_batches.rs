@@ -44,19 +44,53 @@ async fn hold_up_the_writer(server: &publisher_transport::TcpServer) {
 
 /// Frames (as numbers of their messages) until `count` messages came.
 async fn frames(client: &mut RawClient, count: usize) -> Vec<Vec<u64>> {
+    numbered_frames(client, count)
+        .await
+        .into_iter()
+        .map(|(_, numbers)| numbers)
+        .collect()
+}
+
+/// Frames as their sequence numbers and their messages' numbers, until
+/// `count` messages came.
+async fn numbered_frames(client: &mut RawClient, count: usize) -> Vec<(u64, Vec<u64>)> {
     let mut frames = Vec::new();
     let mut seen = 0;
     while seen < count {
-        let (_, messages) = client.receive().await.expect("the server's frames");
+        let (sequence, messages) = client.receive().await.expect("the server's frames");
         seen += messages.len();
-        frames.push(
-            messages
-                .iter()
-                .map(|m| number_of(&Message::decode(&m[..]).unwrap()))
-                .collect(),
-        );
+        let numbers = messages
+            .iter()
+            .map(|m| number_of(&Message::decode(&m[..]).unwrap()))
+            .collect();
+        frames.push((sequence, numbers));
     }
     frames
+}
+
+/// An ordinary signed client trusted as `seq-b`, connected, feeding `inbox`.
+async fn second_client(
+    server: &publisher_transport::TcpServer,
+    raw: &RawClient,
+) -> (
+    TcpClient,
+    tokio::sync::mpsc::Receiver<publisher_transport::Inbound>,
+) {
+    let key = std::sync::Arc::new(SecretKey::generate());
+    let trust = server.trust().expect("an authenticated server");
+    trust.add("seq-b", key.public_key().clone()).unwrap();
+    let client = TcpClient::tcp(
+        ClientConfig::default().with_client_id("seq-b"),
+        Some(ClientAuth::new(key).with_server_key(raw.server_key.clone())),
+    );
+    let (handler, inbox) = channel_handler(64);
+    client.set_handler(handler);
+    client
+        .connect(&server.local_addr().unwrap().to_string())
+        .await
+        .unwrap();
+    registered(server, "seq-b").await;
+    (client, inbox)
 }
 
 #[tokio::test]
@@ -96,19 +130,7 @@ async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
         server.broadcast(numbered(1), None).unwrap();
 
         // A second, ordinary client joins while the first batch is open.
-        let key = std::sync::Arc::new(SecretKey::generate());
-        let trust = server.trust().expect("an authenticated server");
-        trust.add("seq-b", key.public_key().clone()).unwrap();
-        let late = TcpClient::tcp(
-            ClientConfig::default().with_client_id("seq-b"),
-            Some(ClientAuth::new(key).with_server_key(client.server_key.clone())),
-        );
-        let (handler, mut inbox) = channel_handler(16);
-        late.set_handler(handler);
-        late.connect(&server.local_addr().unwrap().to_string())
-            .await
-            .unwrap();
-        registered(&server, "seq-b").await;
+        let (late, mut inbox) = second_client(&server, &client).await;
         let report = server.broadcast(numbered(2), None).unwrap();
         assert_eq!(report.delivered.len(), 2, "{report:?}");
 
@@ -121,6 +143,46 @@ async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
         let frames = frames(&mut client, 3).await;
         assert_eq!(frames, [vec![0], vec![1], vec![2]]);
         late.disconnect().await.unwrap();
+        server.stop().await.unwrap();
+    })
+    .await
+    .expect("within the bound");
+}
+
+/// Batches a fast peer's writer seals at once, and batches only a lagging
+/// peer gets, which its writer seals much later: the lagging peer still gets
+/// its broadcasts' sequence numbers in order (numbers are drawn as batches
+/// open), so they never fall behind its replay window.
+#[tokio::test]
+async fn a_lagging_peer_gets_broadcast_sequence_numbers_in_order() {
+    tokio::time::timeout(BOUND, async {
+        let (server, _inbound, mut client) = signed_session_with(Some(4096)).await;
+        registered(&server, "seq-a").await;
+        let (fast, mut inbox) = second_client(&server, &client).await;
+        hold_up_the_writer(&server).await;
+        let mut next = async || {
+            let got = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+                .await
+                .expect("seq-b keeps up")
+                .expect("a message");
+            number_of(&got.message)
+        };
+        assert_eq!(next().await, 0);
+        // Alternately to `seq-a` alone and to both: every one opens a batch.
+        for n in 1..=20 {
+            let exclude = (n % 2 == 1).then_some("seq-b");
+            server.broadcast(numbered(n), exclude).unwrap();
+            if exclude.is_none() {
+                // The fast peer's writer sealed that batch already.
+                assert_eq!(next().await, n);
+            }
+        }
+        let frames = numbered_frames(&mut client, 21).await;
+        let order: Vec<u64> = frames.iter().flat_map(|(_, n)| n.clone()).collect();
+        assert_eq!(order, (0..=20).collect::<Vec<_>>());
+        let sequences: Vec<u64> = frames.iter().map(|(s, _)| *s).collect();
+        assert!(sequences.is_sorted(), "in order: {sequences:?}");
+        fast.disconnect().await.unwrap();
         server.stop().await.unwrap();
     })
     .await

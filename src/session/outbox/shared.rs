@@ -5,8 +5,10 @@
 //! A batch keeps taking later broadcasts only while nothing was queued
 //! behind its place, whether the place still waits or the writer has taken
 //! it and not yet sealed the batch: anything queued fences it first, so no
-//! later broadcast can overtake what the connection sent after the earlier
-//! ones.
+//! broadcast made after it can overtake what the connection sent after the
+//! earlier ones. (A broadcast made at the same time as a unicast may join
+//! just before the fence: then the two calls were concurrent, and either
+//! order is theirs.)
 
 use std::sync::Arc;
 
@@ -44,10 +46,12 @@ impl Outbox {
     }
 
     /// Charges a message of the signed broadcast `batch` (`kind`, taking
-    /// `bytes` of the frame). The `first` queues the batch's place; a later
-    /// one is charged to that place, or rides along uncharged when the
-    /// writer has taken it already (the batch is sealed with it and written
-    /// soon). The writer counts the messages in the metrics once written.
+    /// `bytes` of the frame). The `first` queues the batch's place. A later
+    /// one is charged to that place, wherever it waits (a unicast may have
+    /// fenced the batch after the message joined it), or rides along
+    /// uncharged once the writer has taken it (the batch is sealed with it
+    /// and written soon). The writer counts the messages in the metrics once
+    /// written.
     pub(in crate::session) fn push_pending(
         &self,
         batch: &Arc<PendingBatch>,
@@ -59,34 +63,62 @@ impl Outbox {
         if state.closed {
             return Err(Refused::Closed);
         }
-        let placed = matches!(
-            state.entries.last(),
-            Some(Entry::Pending { batch: placed, .. }) if Arc::ptr_eq(placed, batch)
-        );
-        if !first && !placed {
-            return Ok(());
-        }
-        if !self.fits(&state, bytes) {
-            return Err(Refused::Full);
-        }
-        charge(&mut state, bytes);
         let application = u64::from(kind.is_application());
         if first {
+            if !self.fits(&state, bytes) {
+                return Err(Refused::Full);
+            }
             fence(&mut state);
+            charge(&mut state, bytes);
             state.open_batch = None;
             state.entries.push(Entry::Pending {
                 batch: batch.clone(),
                 application,
             });
             self.wake_writer(state);
-        } else if let Some(Entry::Pending {
+            return Ok(());
+        }
+        let is_place = |entry: &Entry| matches!(entry, Entry::Pending { batch: placed, .. } if Arc::ptr_eq(placed, batch));
+        let open = state.entries.iter().rposition(is_place);
+        let ready = match open {
+            Some(_) => None,
+            None => state
+                .ready
+                .iter()
+                .enumerate()
+                .rev()
+                .find_map(|(chunk, taken)| {
+                    Some((chunk, taken.entries.iter().rposition(is_place)?))
+                }),
+        };
+        let found = open.is_some() || ready.is_some();
+        if found && !self.fits(&state, bytes) {
+            return Err(Refused::Full);
+        }
+        let place = match (open, ready) {
+            (Some(index), _) => {
+                charge(&mut state, bytes);
+                &mut state.entries[index]
+            }
+            (None, Some((chunk, index))) => {
+                state.messages += 1;
+                state.bytes += bytes;
+                let taken = &mut state.ready[chunk];
+                taken.messages += 1;
+                taken.bytes += bytes;
+                &mut taken.entries[index]
+            }
+            // Taken by the writer already.
+            (None, None) => return Ok(()),
+        };
+        if let Entry::Pending {
             application: charged,
             ..
-        }) = state.entries.last_mut()
+        } = place
         {
-            // The writer knows already: the place woke it.
             *charged += application;
         }
+        // The writer knows already: the place woke it.
         Ok(())
     }
 }
