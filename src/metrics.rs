@@ -254,7 +254,7 @@ impl Metrics {
         );
         let broadcast_duration = histogram(
             "broadcast_duration_seconds",
-            "Time to encode, sign and queue a broadcast.",
+            "Time to encode and queue a broadcast (writers seal signed batches).",
             buckets_seconds(),
         );
         let buffer_utilization = prometheus::GaugeVec::new(
