@@ -112,9 +112,12 @@ async fn broadcasts_behind_a_busy_writer_share_frames_and_unicasts_fence_them() 
         let order: Vec<u64> = frames.iter().flatten().copied().collect();
         assert_eq!(order, (0..=100).collect::<Vec<_>>(), "one order");
         // The broadcasts made meanwhile share a frame; the unicast fences
-        // it, and a new one takes the broadcasts after it.
-        let lengths: Vec<usize> = frames.iter().map(Vec::len).collect();
-        assert_eq!(lengths, [1, 50, 1, 49], "{frames:?}");
+        // it, and a new one takes the broadcasts after it. (The first few
+        // may still have joined the large first frame, had its writer not
+        // sealed it yet.)
+        let unicast = frames.iter().position(|f| f == &[51]).expect("alone");
+        assert!(unicast <= 2, "at most two frames before it: {frames:?}");
+        assert_eq!(frames[unicast + 1..], [(52..=100).collect::<Vec<_>>()]);
         server.stop().await.unwrap();
     })
     .await
@@ -141,7 +144,8 @@ async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
         assert_eq!(number_of(&got.message), 2);
         // Its own batch, not the open one, which `seq-b` has no place in.
         let frames = frames(&mut client, 3).await;
-        assert_eq!(frames, [vec![0], vec![1], vec![2]]);
+        assert_eq!(frames.concat(), [0, 1, 2]);
+        assert_eq!(frames.last(), Some(&vec![2]), "{frames:?}");
         late.disconnect().await.unwrap();
         server.stop().await.unwrap();
     })
