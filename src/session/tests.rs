@@ -223,9 +223,9 @@ fn pings_and_pongs_overtake_a_full_queue() {
 
 #[test]
 fn recycled_messages_stay_within_what_the_documentation_says() {
-    // `InboundBatch::recycle` documents about 250 KiB for 1,280 messages.
+    // `InboundBatch::recycle` documents about 280 KiB for 1,152 messages.
     let size = std::mem::size_of::<Message>();
-    assert!(size * handler::SPARE_MESSAGES <= 320 * 1024, "{size} bytes");
+    assert!(size * handler::SPARE_MESSAGES <= 290 * 1024, "{size} bytes");
 }
 
 #[test]
