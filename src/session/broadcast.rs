@@ -79,9 +79,9 @@ impl BroadcastLog {
         report: &mut BroadcastReport,
     ) -> Result<(), TransportError> {
         let len = message.encoded_len();
-        let field = 1 + prost::encoding::encoded_len_varint(len as u64);
+        let entry = entry_len(len);
         let max = self.sealer.max_frame_size;
-        let alone = field + len + SIGNED_FRAME_OVERHEAD + exclude.len();
+        let alone = entry + SIGNED_FRAME_OVERHEAD + exclude.len();
         if alone > max {
             return Err(CodecError::FrameTooLarge { size: alone, max }.into());
         }
@@ -94,7 +94,7 @@ impl BroadcastLog {
             let batch = open.batch.upgrade()?;
             (Weak::ptr_eq(&open.everyone, &Arc::downgrade(everyone))
                 && batch.exclude() == exclude
-                && batch.join(message, field + len, max))
+                && batch.join(message, len, max))
             .then_some(batch)
         });
         let (batch, first) = match joined {
@@ -102,7 +102,7 @@ impl BroadcastLog {
             None => {
                 let sequence = self.sealer.sequence.next();
                 let sealer = self.sealer.clone();
-                let batch = Arc::new(PendingBatch::new(sealer, sequence, exclude, message));
+                let batch = Arc::new(PendingBatch::new(sealer, sequence, exclude, message, len));
                 *open = Some(Open {
                     batch: Arc::downgrade(&batch),
                     everyone: Arc::downgrade(everyone),
@@ -112,9 +112,9 @@ impl BroadcastLog {
         };
         // The first message also carries the frame's header and signature.
         let bytes = if first {
-            batch.room + field + len + signed::SIGNATURE_FIELD_LEN
+            batch.room + entry + signed::SIGNATURE_FIELD_LEN
         } else {
-            field + len
+            entry
         };
         let recipients = everyone
             .iter()
@@ -233,12 +233,12 @@ impl PendingBatch {
         sequence: u64,
         exclude: &str,
         first: &Message,
+        len: usize,
     ) -> Self {
         let audience = Audience::Broadcast {
             exclude: exclude.to_owned(),
         };
         let room = signed::header_room(&audience);
-        let len = first.encoded_len();
         let mut body = BytesMut::with_capacity(room + 11 + len + signed::SIGNATURE_FIELD_LEN);
         body.put_bytes(0, room);
         signed::put_message_field(&mut body, len);
@@ -268,9 +268,10 @@ impl PendingBatch {
         }
     }
 
-    /// Appends `message` (`entry` bytes with its field header) if the batch
-    /// is open and has room for it within `max_frame_size`.
-    pub(super) fn join(&self, message: &Message, entry: usize, max_frame_size: usize) -> bool {
+    /// Appends `message` (its `encoded_len` is `len`) if the batch is open
+    /// and has room for it within `max_frame_size`.
+    pub(super) fn join(&self, message: &Message, len: usize, max_frame_size: usize) -> bool {
+        let entry = entry_len(len);
         let mut state = self.lock();
         let BatchState::Gathering { body, kinds, open } = &mut *state else {
             return false;
@@ -282,7 +283,6 @@ impl PendingBatch {
             *open = false;
             return false;
         }
-        let len = message.encoded_len();
         body.reserve(entry + signed::SIGNATURE_FIELD_LEN);
         signed::put_message_field(body, len);
         let _ = message.encode(body);
@@ -352,6 +352,12 @@ impl PendingBatch {
             }
         }
     }
+}
+
+/// Bytes of a `messages` entry of a message `len` bytes long, field header
+/// included.
+fn entry_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 /// Adds `kinds` to `tally`; the number of application messages among them.

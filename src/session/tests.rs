@@ -304,7 +304,13 @@ fn broadcast_batch() -> (Arc<broadcast::PendingBatch>, Message) {
             ..Default::default()
         })),
     };
-    let batch = Arc::new(broadcast::PendingBatch::new(sealer, 7, "", &block));
+    let batch = Arc::new(broadcast::PendingBatch::new(
+        sealer,
+        7,
+        "",
+        &block,
+        block.encoded_len(),
+    ));
     (batch, block)
 }
 
@@ -319,7 +325,7 @@ fn a_broadcast_batch_gathers_until_something_is_queued_behind_its_place() {
     let len = block.encoded_len();
     queue.push(&mut block, len, &[], None, false).unwrap();
     assert!(!batch.is_open(), "fenced by the unicast behind its place");
-    assert!(!batch.join(&block, 200, 1 << 20));
+    assert!(!batch.join(&block, block.encoded_len(), 1 << 20));
 
     // The writer took its place: it still gathers until something is queued.
     let queue = outbox(true);
@@ -330,7 +336,7 @@ fn a_broadcast_batch_gathers_until_something_is_queued_behind_its_place() {
         .expect("the place");
     assert!(matches!(taken.entries[..], [outbox::Entry::Pending { .. }]));
     assert!(
-        batch.join(&block, 200, 1 << 20),
+        batch.join(&block, block.encoded_len(), 1 << 20),
         "taking the place does not end it"
     );
     queue.push_ack();
@@ -341,7 +347,7 @@ fn a_broadcast_batch_gathers_until_something_is_queued_behind_its_place() {
     let queue = outbox(true);
     let (late, mut block) = broadcast_batch();
     queue.push_pending(&late, kind, 200, true).unwrap();
-    assert!(late.join(&block, 200, 1 << 20));
+    assert!(late.join(&block, block.encoded_len(), 1 << 20));
     let len = block.encoded_len();
     queue.push(&mut block, len, &[], None, false).unwrap();
     queue.push_pending(&late, kind, 200, false).unwrap();

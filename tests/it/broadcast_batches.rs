@@ -29,6 +29,27 @@ fn numbered(n: u64) -> Message {
     block(n, Bytes::from(vec![n as u8; 100]))
 }
 
+/// A server and a hand-driven client, `seq-a`, registered, whose tiny
+/// receive buffer holds the server's writer up until it reads.
+async fn slow_reader() -> (
+    publisher_transport::TcpServer,
+    tokio::sync::mpsc::Receiver<publisher_transport::Inbound>,
+    RawClient,
+) {
+    let (server, inbound, client) = signed_session_with(Some(4096)).await;
+    registered(&server, "seq-a").await;
+    (server, inbound, client)
+}
+
+/// The number of the next message `inbox` gets, within 10 s.
+async fn next_number(inbox: &mut tokio::sync::mpsc::Receiver<publisher_transport::Inbound>) -> u64 {
+    let got = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+        .await
+        .expect("a message in time")
+        .expect("a message");
+    number_of(&got.message)
+}
+
 /// Broadcasts a first message so large that the writer of `seq-a` is still
 /// writing it when the test goes on, and waits until that writer took it.
 async fn hold_up_the_writer(server: &publisher_transport::TcpServer) {
@@ -96,8 +117,7 @@ async fn second_client(
 #[tokio::test]
 async fn broadcasts_behind_a_busy_writer_share_frames_and_unicasts_fence_them() {
     tokio::time::timeout(BOUND, async {
-        let (server, _inbound, mut client) = signed_session_with(Some(4096)).await;
-        registered(&server, "seq-a").await;
+        let (server, _inbound, mut client) = slow_reader().await;
         hold_up_the_writer(&server).await;
         for n in 1..=50 {
             let report = server.broadcast(numbered(n), None).unwrap();
@@ -127,8 +147,7 @@ async fn broadcasts_behind_a_busy_writer_share_frames_and_unicasts_fence_them() 
 #[tokio::test]
 async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
     tokio::time::timeout(BOUND, async {
-        let (server, _inbound, mut client) = signed_session_with(Some(4096)).await;
-        registered(&server, "seq-a").await;
+        let (server, _inbound, mut client) = slow_reader().await;
         hold_up_the_writer(&server).await;
         server.broadcast(numbered(1), None).unwrap();
 
@@ -137,11 +156,7 @@ async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
         let report = server.broadcast(numbered(2), None).unwrap();
         assert_eq!(report.delivered.len(), 2, "{report:?}");
 
-        let got = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
-            .await
-            .expect("seq-b gets the broadcast made after it joined")
-            .expect("a message");
-        assert_eq!(number_of(&got.message), 2);
+        assert_eq!(next_number(&mut inbox).await, 2, "made after it joined");
         // Its own batch, not the open one, which `seq-b` has no place in.
         let frames = frames(&mut client, 3).await;
         assert_eq!(frames.concat(), [0, 1, 2]);
@@ -160,25 +175,17 @@ async fn a_peer_that_joins_gets_every_broadcast_made_after_it_joined() {
 #[tokio::test]
 async fn a_lagging_peer_gets_broadcast_sequence_numbers_in_order() {
     tokio::time::timeout(BOUND, async {
-        let (server, _inbound, mut client) = signed_session_with(Some(4096)).await;
-        registered(&server, "seq-a").await;
+        let (server, _inbound, mut client) = slow_reader().await;
         let (fast, mut inbox) = second_client(&server, &client).await;
         hold_up_the_writer(&server).await;
-        let mut next = async || {
-            let got = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
-                .await
-                .expect("seq-b keeps up")
-                .expect("a message");
-            number_of(&got.message)
-        };
-        assert_eq!(next().await, 0);
+        assert_eq!(next_number(&mut inbox).await, 0);
         // Alternately to `seq-a` alone and to both: every one opens a batch.
         for n in 1..=20 {
             let exclude = (n % 2 == 1).then_some("seq-b");
             server.broadcast(numbered(n), exclude).unwrap();
             if exclude.is_none() {
                 // The fast peer's writer sealed that batch already.
-                assert_eq!(next().await, n);
+                assert_eq!(next_number(&mut inbox).await, n);
             }
         }
         let frames = numbered_frames(&mut client, 21).await;
