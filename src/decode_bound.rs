@@ -174,6 +174,24 @@ impl DecodeAllowance {
         })
     }
 
+    /// Charges decoding `rest` as `M`, and `leading` bytes for what the
+    /// caller already decoded into `target` from the fields before it, then
+    /// merges `rest` into `target` (which it does not clear): the result is
+    /// that of decoding the whole body.
+    pub fn merge_into<M: BoundedMessage>(
+        &mut self,
+        rest: Bytes,
+        leading: u64,
+        target: &mut M,
+    ) -> Result<(), DecodeBoundError> {
+        let what = SCHEMAS[M::SCHEMA].name;
+        self.reserve(what, rest.len(), leading)?;
+        self.charge::<M>(&rest, Source::Shared)?;
+        target
+            .merge(rest)
+            .map_err(|source| DecodeBoundError::Decode { what, source })
+    }
+
     /// Charges decoding `body` as `M`, then decodes it into `target`,
     /// which keeps the allocations it can reuse (string and vector
     /// capacity) from an earlier message.
@@ -487,4 +505,4 @@ impl Scan {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -120,8 +120,9 @@ pub struct Metrics {
     pub messages_total: IntCounterVec,
     /// `message_size_bytes{type,direction}`.
     pub message_size: HistogramVec,
-    /// `message_processing_duration_seconds{type}`: time in the handler,
-    /// measured on one message in 16.
+    /// `message_processing_duration_seconds{type}`: time in the handler per
+    /// message, measured on one handler call in 16 (a call that takes
+    /// several messages counts its time divided among them).
     pub processing_duration: HistogramVec,
     /// `broadcasts_total`.
     pub broadcasts_total: IntCounter,

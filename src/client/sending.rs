@@ -1,6 +1,9 @@
 //! Messages and requests to the server, on the current session.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use super::TransportClient;
 use crate::{
@@ -19,7 +22,17 @@ impl<B: Backend> TransportClient<B> {
 
     /// Queues `message` without waiting; see [`Connection::try_send`].
     pub fn try_send(&self, message: Message) -> Result<(), TrySendError> {
-        self.live()?.try_send(message)
+        // Nothing here waits: the session is used under the read lock, which
+        // saves a reference count per message.
+        let current = self
+            .inner
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match current.as_deref().filter(|c| !c.is_closed()) {
+            Some(connection) => connection.try_send(message),
+            None => Err(TransportError::NotConnected.into()),
+        }
     }
 
     /// Sends `message` and waits until the publisher confirms delivery to its

@@ -67,7 +67,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Peak heap this thread allocated while running `f`, and its result.
-fn peak_allocation<T>(f: impl FnOnce() -> T) -> (u64, T) {
+pub(crate) fn peak_allocation<T>(f: impl FnOnce() -> T) -> (u64, T) {
     HELD.with(|held| held.set(0));
     PEAK.with(|peak| peak.set(0));
     TRACKING.with(|tracking| tracking.set(true));

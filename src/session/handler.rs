@@ -17,7 +17,7 @@ use super::Connection;
 use crate::{
     error::{DisconnectReason, TransportError},
     metrics::MessageTally,
-    proto::Message,
+    proto::{Message, MessageKind},
 };
 
 /// A verified message handed to the application.
@@ -143,6 +143,15 @@ impl InboundBatch {
         self.messages.pop_front()
     }
 
+    /// Takes the first message if `take` says so.
+    pub fn pop_if(&mut self, take: impl FnOnce(&Inbound) -> bool) -> Option<Inbound> {
+        if take(self.messages.front()?) {
+            self.messages.pop_front()
+        } else {
+            None
+        }
+    }
+
     /// The first message, left in place.
     pub fn front(&self) -> Option<&Inbound> {
         self.messages.front()
@@ -224,6 +233,21 @@ where
 {
     fn handle(&self, inbound: Inbound) -> Handled {
         Handled::Done((self.0)(inbound))
+    }
+
+    /// Takes the batch's messages of the first one's kind in one call,
+    /// until one fails: nothing here waits, so calling back per message
+    /// would only add overhead.
+    fn handle_batch(&self, batch: &mut InboundBatch) -> Handled {
+        let Some(kind) = batch.front().map(|first| MessageKind::of(&first.message)) else {
+            return Handled::Done(Ok(()));
+        };
+        while let Some(inbound) = batch.pop_if(|next| MessageKind::of(&next.message) == kind) {
+            if let Err(err) = (self.0)(inbound) {
+                return Handled::Done(Err(err));
+            }
+        }
+        Handled::Done(Ok(()))
     }
 }
 
@@ -314,6 +338,11 @@ pub(super) struct Dispatch {
     pub(super) calls: u64,
     /// The connection, for the reply handles of requests.
     pub(super) this: Weak<Connection>,
+    /// Application messages received and not yet added to the connection's
+    /// counter (once per batch, with the batch).
+    pub(super) messages_in: u64,
+    /// The sender field the peer's messages start with.
+    pub(super) sender: super::reader::KnownSender,
     /// Replies received behind messages still waiting for the handler, not
     /// yet counted as dispatched.
     pub(super) replies: u64,

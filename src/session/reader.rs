@@ -26,7 +26,7 @@ use crate::{
 mod decode;
 #[cfg(test)]
 pub(in crate::session) use decode::decode_all;
-pub(in crate::session) use decode::{Decoded, SignedScratch};
+pub(in crate::session) use decode::{Decoded, KnownSender, SignedScratch};
 use decode::{decode_ext, is_ack, open_signed};
 
 /// Reads until the connection ends. The reader and opener are borrowed, not
@@ -67,6 +67,8 @@ pub(super) async fn read_loop<R: FrameReader>(
         held: 0,
         calls: 0,
         this: Arc::downgrade(connection),
+        messages_in: 0,
+        sender: KnownSender::default(),
         replies: 0,
         signed: None,
     };
@@ -279,8 +281,9 @@ fn receive_in_place(
     let slot = dispatch
         .batch
         .push_slot(connection.identity.clone(), connection.id);
-    let decoded = allowance
-        .decode_into(body.clone(), &mut slot.message)
+    let decoded = dispatch
+        .sender
+        .decode_into(&body, &mut slot.message, allowance)
         .and_then(|()| decode_ext(&body, &slot.message, acks, requests));
     let ext = match decoded {
         Ok(ext) => ext,
@@ -306,10 +309,7 @@ fn receive_in_place(
             });
         }
         dispatch.tally.add(kind, body.len());
-        connection
-            .counters
-            .messages_in
-            .fetch_add(1, Ordering::Relaxed);
+        dispatch.messages_in += 1;
         dispatch.held += std::mem::size_of::<Inbound>() as u64;
         return Flow::Continue;
     }
@@ -331,6 +331,11 @@ fn receive_in_place(
 /// Hands the waiting application messages to the handler, in order.
 async fn handle_batch(connection: &Connection, context: &SessionContext, dispatch: &mut Dispatch) {
     dispatch.held = 0;
+    // Counted per batch, and before the handler sees them.
+    connection
+        .counters
+        .messages_in
+        .fetch_add(std::mem::take(&mut dispatch.messages_in), Ordering::Relaxed);
     handle_waiting(connection, context, dispatch).await;
     // Replies that arrived behind the batch count once it is dispatched, so
     // that an ack never counts past a message the handler has not finished.
@@ -365,7 +370,9 @@ async fn handle_waiting(
         let kind = MessageKind::of(&first.message);
         let before = dispatch.batch.len();
         // Handler time is sampled: two clock reads per call cost more than
-        // the figure is worth on a busy connection.
+        // the figure is worth on a busy connection. A call's messages are
+        // all of `kind` for the handlers this crate provides; a batch
+        // handler of the application's own is timed by its first message.
         let calls = dispatch.calls;
         dispatch.calls = calls.wrapping_add(1);
         let started = calls.is_multiple_of(PROCESSING_SAMPLE).then(Instant::now);
@@ -377,8 +384,9 @@ async fn handle_waiting(
         for _ in 0..taken {
             connection.dispatched();
         }
-        if let Some(started) = started {
-            context.metrics.processing(kind, started.elapsed());
+        if let (Some(started), Ok(taken @ 1..)) = (started, u32::try_from(taken)) {
+            // Per message: a batch handler may take many in one call.
+            context.metrics.processing(kind, started.elapsed() / taken);
         }
         if let Err(err) = result {
             context.metrics.error("handler", "handle");
@@ -500,10 +508,7 @@ fn deliver(
             "handshake message after the handshake".into(),
         ),
         _ => {
-            connection
-                .counters
-                .messages_in
-                .fetch_add(1, Ordering::Relaxed);
+            dispatch.messages_in += 1;
             let (request_id, reply_to) = ext.map_or((0, 0), |ext| (ext.request_id, ext.reply_to));
             let mut inbound = Inbound {
                 from: connection.identity.clone(),

@@ -3,7 +3,7 @@
 //! frame's decode allowance.
 
 use bytes::Bytes;
-use prost::Message as _;
+use prost::{Message as _, encoding::WireType};
 use tracing::warn;
 
 use super::{Dispatch, Flow, deliver};
@@ -25,6 +25,61 @@ pub(in crate::session) struct Decoded {
     /// Present for payload-less messages in sessions with acknowledgements,
     /// and for every message in sessions with requests.
     pub(super) ext: Option<MessageExt>,
+}
+
+/// The `sender_id` field a peer puts first in its messages, as last seen. A
+/// body that starts with exactly these bytes has its `sender_id` copied
+/// instead of decoded and checked for UTF-8 again; the rest of the body is
+/// decoded as usual, so the message is the same as a full decode's.
+#[derive(Debug, Default)]
+pub(in crate::session) struct KnownSender {
+    /// The field as encoded: key, length, contents.
+    field: Vec<u8>,
+    /// Its contents (valid UTF-8: taken from a decoded message).
+    id: String,
+}
+
+impl KnownSender {
+    /// Longest identity remembered: a peer's messages carry one identity,
+    /// and a short one.
+    const MAX_LEN: usize = 256;
+
+    /// Decodes `body` into `message` within `allowance`, copying the known
+    /// sender when the body starts with it, else learning it.
+    pub(in crate::session) fn decode_into(
+        &mut self,
+        body: &Bytes,
+        message: &mut Message,
+        allowance: &mut DecodeAllowance,
+    ) -> Result<(), DecodeBoundError> {
+        if !self.field.is_empty() && body.starts_with(&self.field) {
+            message.clear();
+            message.sender_id.push_str(&self.id);
+            // Charged as the scan charges a string: at least 8 bytes.
+            let leading = (self.id.len() as u64).max(8);
+            return allowance.merge_into(body.slice(self.field.len()..), leading, message);
+        }
+        allowance.decode_into(body.clone(), message)?;
+        self.learn(body, &message.sender_id);
+        Ok(())
+    }
+
+    /// Remembers `sender_id` if `body` starts with it as its first field.
+    fn learn(&mut self, body: &[u8], sender_id: &str) {
+        self.field.clear();
+        if sender_id.is_empty() || sender_id.len() > Self::MAX_LEN {
+            return;
+        }
+        prost::encoding::encode_key(1, WireType::LengthDelimited, &mut self.field);
+        prost::encoding::encode_varint(sender_id.len() as u64, &mut self.field);
+        self.field.extend_from_slice(sender_id.as_bytes());
+        if body.starts_with(&self.field) {
+            self.id.clear();
+            self.id.push_str(sender_id);
+        } else {
+            self.field.clear();
+        }
+    }
 }
 
 /// Decodes one received message. Acknowledgements ride on payload-less
@@ -187,5 +242,115 @@ impl SignedScratch {
         if self.decoded.capacity() > Self::KEPT_SLOTS {
             self.decoded = Vec::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode_bound::tests::peak_allocation,
+        proto::{Payload, rollup::v1::Vote},
+    };
+
+    fn encoded(sender: &str, chain: &'static [u8]) -> Bytes {
+        Message {
+            sender_id: sender.into(),
+            payload: Some(Payload::Vote(Vote {
+                sender_chain_id: Bytes::from_static(chain),
+                ..Vote::default()
+            })),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    /// Decodes `body` both ways, and into a new message to see what that
+    /// allocates; returns whether the known sender was used.
+    fn same_as_full_decode(known: &mut KnownSender, body: &Bytes) -> bool {
+        let copied = !known.field.is_empty() && body.starts_with(&known.field);
+        let mut again = KnownSender {
+            field: known.field.clone(),
+            id: known.id.clone(),
+        };
+        let expected = DecodeAllowance::for_frame(body.len()).decode::<Message>(body.clone());
+        // A reused message, as a recycling handler gives back.
+        let mut reused = Message {
+            sender_id: "an earlier sender".into(),
+            payload: Some(Payload::Vote(Vote::default())),
+        };
+        let mut allowance = DecodeAllowance::for_frame(body.len());
+        let got = known.decode_into(body, &mut reused, &mut allowance);
+        match expected {
+            Ok(expected) => {
+                got.expect("decodes as in full");
+                assert_eq!(reused, expected);
+            }
+            Err(_) => assert!(got.is_err(), "refused as in full"),
+        }
+        if !copied {
+            // The full decode, whose charge the scan's own tests cover.
+            return false;
+        }
+        // Into a new message: the charge covers what decoding allocates.
+        let mut fresh = Message::default();
+        let mut allowance = DecodeAllowance::for_frame(body.len());
+        // Shares the body the way a read buffer is shared: slicing it then
+        // allocates nothing of its own.
+        drop(body.clone());
+        let (allocated, got) =
+            peak_allocation(|| again.decode_into(body, &mut fresh, &mut allowance));
+        if got.is_ok() {
+            let charged = allowance.bound() - allowance.remaining();
+            assert!(
+                charged >= allocated,
+                "charged {charged} < allocated {allocated}"
+            );
+        }
+        true
+    }
+
+    #[test]
+    fn a_known_sender_is_copied_and_the_message_is_the_same() {
+        let mut known = KnownSender::default();
+        let first = encoded("sequencer-1", b"a");
+        assert!(
+            !same_as_full_decode(&mut known, &first),
+            "learnt, not known"
+        );
+        assert!(same_as_full_decode(
+            &mut known,
+            &encoded("sequencer-1", b"b")
+        ));
+        // Another sender, or none: decoded in full, and learnt anew.
+        assert!(!same_as_full_decode(
+            &mut known,
+            &encoded("sequencer-2", b"c")
+        ));
+        assert!(same_as_full_decode(
+            &mut known,
+            &encoded("sequencer-2", b"d")
+        ));
+        assert!(!same_as_full_decode(&mut known, &encoded("", b"e")));
+        assert!(!same_as_full_decode(
+            &mut known,
+            &encoded("sequencer-2", b"f")
+        ));
+        // A later `sender_id` in the same body wins, as in a full decode.
+        let mut twice = encoded("sequencer-2", b"g").to_vec();
+        twice.extend_from_slice(&encoded("impostor", b"").to_vec()[..10]);
+        assert!(same_as_full_decode(&mut known, &Bytes::from(twice)));
+        let mut longer = encoded("sequencer-2", b"g").to_vec();
+        let impostor = "i".repeat(100);
+        longer.extend_from_slice(&[0x0a, 100]);
+        longer.extend_from_slice(impostor.as_bytes());
+        assert!(same_as_full_decode(&mut known, &Bytes::from(longer)));
+        // Whatever follows the known sender is still checked.
+        let mut broken = encoded("sequencer-2", b"h").to_vec();
+        broken.push(0xff);
+        assert!(same_as_full_decode(&mut known, &Bytes::from(broken)));
+        let mut not_utf8 = encoded("sequencer-2", b"i").to_vec();
+        not_utf8.extend_from_slice(&[0x0a, 0x01, 0xff]);
+        assert!(same_as_full_decode(&mut known, &Bytes::from(not_utf8)));
     }
 }
