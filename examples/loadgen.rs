@@ -477,6 +477,17 @@ fn padded_message(size: usize) -> (Message, usize) {
     (message, encoded)
 }
 
+/// `template` with bytes of its own: a client of its own process would not
+/// share its message's reference count with every other client, and in one
+/// process that sharing makes every clone contend across the cores.
+fn own_copy(template: &Message) -> Message {
+    let mut message = template.clone();
+    if let Some(Payload::Block(block)) = &mut message.payload {
+        block.block_data = Bytes::copy_from_slice(&block.block_data);
+    }
+    message
+}
+
 /// `template` with `sent_at` (nanoseconds since the shared origin) as its chain id.
 fn stamped(template: &Message, sent_at: u64) -> Message {
     let mut message = template.clone();
@@ -669,7 +680,7 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
             for client in &clients {
                 drivers.push(tokio::spawn(stream_sender(
                     client.clone(),
-                    setup.template.clone(),
+                    own_copy(&setup.template),
                     measure.clone(),
                 )));
             }
@@ -718,14 +729,19 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
 async fn stream_sender(client: Arc<dyn Client>, template: Message, measure: Arc<Measure>) {
     let mut n: u64 = 0;
     while measure.running() {
-        let message = if n.is_multiple_of(SAMPLE_EVERY) {
-            stamped(&template, measure.now())
+        // The queue usually has room: `try_send` then costs no boxed future.
+        // Each message is built where the call takes it, not moved there.
+        let queued = if n.is_multiple_of(SAMPLE_EVERY) {
+            client.try_send(stamped(&template, measure.now()))
         } else {
-            template.clone()
+            client.try_send(template.clone())
         };
         n += 1;
-        // The queue usually has room: `try_send` then costs no boxed future.
-        if let Err(err) = send(client.as_ref(), message).await {
+        let sent = match queued {
+            Ok(()) => Ok(()),
+            Err(err) => resend(client.as_ref(), err).await,
+        };
+        if let Err(err) = sent {
             if measure.running() {
                 measure.send_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(client = %client.id(), error = %err, "send failed");
@@ -757,9 +773,16 @@ impl Handler for Echo {
 async fn send(client: &dyn Client, message: Message) -> Result<(), TransportError> {
     match client.try_send(message) {
         Ok(()) => Ok(()),
-        Err(TrySendError::Full(message)) => client.send(*message).await,
-        Err(TrySendError::Failed(err)) => Err(err),
-        Err(err) => Err(TransportError::Config(err.to_string())),
+        Err(err) => resend(client, err).await,
+    }
+}
+
+/// After a refused `try_send`: waits for room when the queue was full.
+async fn resend(client: &dyn Client, refused: TrySendError) -> Result<(), TransportError> {
+    match refused {
+        TrySendError::Full(message) => client.send(*message).await,
+        TrySendError::Failed(err) => Err(err),
+        err => Err(TransportError::Config(err.to_string())),
     }
 }
 
@@ -967,9 +990,10 @@ async fn run_raw(setup: &Setup<'_>) -> Result<(), BoxError> {
                     frames.clone(),
                     measure.clone(),
                 )));
+                // Its own frame, as each client sends its own message.
                 tasks.push(tokio::spawn(raw_writer(
                     vec![client],
-                    frames.clone(),
+                    Arc::new(RawFrames::new(&setup.template)),
                     measure.clone(),
                 )));
             }
