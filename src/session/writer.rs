@@ -21,7 +21,7 @@ use tracing::warn;
 
 use super::{
     Acks, Connection, FrameSigner, FrameWriter, SessionConfig, SessionContext,
-    outbox::{Entry, Spare, Taken, UNICAST_HEADER_ROOM},
+    outbox::{Entry, Outbox, Spare, Taken, UNICAST_HEADER_ROOM},
 };
 use crate::{
     codec::LENGTH_PREFIX_LEN,
@@ -51,19 +51,28 @@ enum Piece {
     Own(Range<usize>),
     /// A frame shared with other connections.
     Shared(Bytes),
+    /// Small shared frames, copied one after another into a pooled buffer.
+    Copied(Range<usize>),
 }
 
 /// Adds `piece`, extending the last one where they are adjacent in one
 /// buffer, so unsigned messages around a confirmation go out as one slice.
 fn push_piece(pieces: &mut Vec<Piece>, piece: Piece) {
-    if let (Some(Piece::Chunk(last)), Piece::Chunk(next)) = (pieces.last_mut(), &piece)
-        && last.end == next.start
-    {
-        last.end = next.end;
-        return;
+    match (pieces.last_mut(), &piece) {
+        (Some(Piece::Chunk(last)), Piece::Chunk(next))
+        | (Some(Piece::Copied(last)), Piece::Copied(next))
+            if last.end == next.start =>
+        {
+            last.end = next.end;
+        }
+        _ => pieces.push(piece),
     }
-    pieces.push(piece);
 }
+
+/// Shared frames up to this size are copied into one buffer rather than
+/// written as slices of their own: a system call's cost grows with its
+/// slices, and a run of small broadcasts would be one slice each.
+const COPY_SHARED_MAX: usize = 1024;
 
 /// Seals the unicast batch `batch` (room, then `count` entries) in place.
 fn seal(
@@ -89,6 +98,9 @@ fn seal(
 struct Write {
     pieces: Vec<Piece>,
     own: BytesMut,
+    /// Small shared frames gathered for this write, in a pooled buffer
+    /// (empty when none were).
+    copied: BytesMut,
     /// Application messages in it.
     messages: u64,
     /// The writer's own traffic and signed frames, for the metrics.
@@ -106,6 +118,7 @@ impl Write {
     /// sealed; the error is returned then.
     fn compose(
         &mut self,
+        outbox: &Outbox,
         entries: &mut Vec<Entry>,
         chunk: &mut BytesMut,
         signer: Option<&FrameSigner>,
@@ -152,7 +165,7 @@ impl Write {
                     }
                 }
                 Entry::Shared { frame, application } => {
-                    self.pieces.push(Piece::Shared(frame));
+                    self.push_shared(outbox, frame);
                     self.messages += u64::from(application);
                 }
                 // Counted from the batch: it may have taken broadcasts after
@@ -200,6 +213,26 @@ impl Write {
             Some(err) => Err(err),
             None => Ok(close),
         }
+    }
+
+    /// Adds a shared frame: copied after the small ones before it while the
+    /// pooled buffer has room, else as a slice of its own.
+    fn push_shared(&mut self, outbox: &Outbox, frame: Bytes) {
+        if frame.len() > COPY_SHARED_MAX {
+            self.pieces.push(Piece::Shared(frame));
+            return;
+        }
+        if self.copied.capacity() == 0 {
+            self.copied = outbox.lend_buffer();
+        }
+        let at = self.copied.len();
+        if self.copied.capacity() - at < frame.len() {
+            // Never grown: it goes back to the pool as it came.
+            self.pieces.push(Piece::Shared(frame));
+            return;
+        }
+        self.copied.put_slice(&frame);
+        push_piece(&mut self.pieces, Piece::Copied(at..self.copied.len()));
     }
 
     /// Adds an acknowledgement (`Some(count)`) or a request for one (`None`).
@@ -314,6 +347,7 @@ async fn write_queued<W: FrameWriter>(
     let mut write = Write {
         pieces: Vec::new(),
         own: BytesMut::new(),
+        copied: BytesMut::new(),
         messages: 0,
         tally: context.metrics.tally(Direction::Out),
         last_ack: 0,
@@ -349,6 +383,7 @@ async fn write_queued<W: FrameWriter>(
             tokio::task::yield_now().await;
         }
         let close = match write.compose(
+            outbox,
             &mut entries,
             &mut chunk,
             signer,
@@ -364,6 +399,9 @@ async fn write_queued<W: FrameWriter>(
                 write.tally.discard();
                 if chunk.capacity() > 0 {
                     outbox.recycle(chunk);
+                }
+                if write.copied.capacity() > 0 {
+                    outbox.recycle(std::mem::take(&mut write.copied));
                 }
                 context.metrics.error("encode", "write");
                 warn!(error = %err, "a signed batch could not be sealed");
@@ -385,11 +423,14 @@ async fn write_queued<W: FrameWriter>(
         let leased = chunk.capacity() > 0;
         let chunk = chunk.freeze();
         let own = std::mem::take(&mut write.own).freeze();
+        let copied_leased = write.copied.capacity() > 0;
+        let copied = std::mem::take(&mut write.copied).freeze();
         for piece in write.pieces.drain(..) {
             lent.segments.push(match piece {
                 Piece::Shared(frame) => frame,
                 Piece::Chunk(range) => chunk.slice(range),
                 Piece::Own(range) => own.slice(range),
+                Piece::Copied(range) => copied.slice(range),
             });
         }
         let bytes: usize = lent.segments.iter().map(Bytes::len).sum();
@@ -430,6 +471,10 @@ async fn write_queued<W: FrameWriter>(
             // A buffer still shared (a transport keeps slices of it) is
             // released to the allocator instead, ending its lease all the same.
             outbox.recycle(chunk.try_into_mut().unwrap_or_default());
+        }
+        if copied_leased {
+            // As `chunk`: released instead if a transport keeps slices.
+            outbox.recycle(copied.try_into_mut().unwrap_or_default());
         }
         if let Ok(mut own) = own.try_into_mut() {
             own.clear();

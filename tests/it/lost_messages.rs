@@ -55,11 +55,9 @@ fn block() -> Message {
     }
 }
 
-/// Waits for the writer's report of what it lost, then checks that every
-/// message was either written or counted lost, and that no write buffer is
-/// still lent out.
-async fn assert_every_message_accounted_for(metrics: &Metrics) {
-    let lost = timeout(STEP, async {
+/// Waits for the writer's report of what it lost.
+async fn reported_lost(metrics: &Metrics) -> u64 {
+    timeout(STEP, async {
         loop {
             let lost = undelivered(metrics);
             if lost > 0 {
@@ -69,7 +67,14 @@ async fn assert_every_message_accounted_for(metrics: &Metrics) {
         }
     })
     .await
-    .expect("the writer reports what it lost");
+    .expect("the writer reports what it lost")
+}
+
+/// Waits for the writer's report of what it lost, then checks that every
+/// message was either written or counted lost, and that no write buffer is
+/// still lent out.
+async fn assert_every_message_accounted_for(metrics: &Metrics) {
+    let lost = reported_lost(metrics).await;
     let written = blocks_written(metrics);
     assert_eq!(
         lost + written,
@@ -145,4 +150,64 @@ async fn every_message_lost_with_a_timed_out_write_is_counted_and_its_buffer_ret
     }
     // The write blocks on the silent server until the write timeout.
     assert_every_message_accounted_for(client.metrics()).await;
+}
+
+#[tokio::test]
+async fn small_broadcasts_lost_with_a_cut_connection_are_counted_and_their_buffer_returned() {
+    // Small shared frames are gathered into a pooled buffer for each write:
+    // a write cut off must still return it, and count what it carried.
+    const BROADCASTS: u64 = 60_000;
+    let server = TcpServer::tcp(
+        ServerConfig {
+            stop_timeout: Duration::from_millis(300),
+            disconnect_timeout: Duration::from_millis(300),
+            ping_interval: None,
+            // Room for all of them: the writer must take them, then be cut.
+            send_queue_capacity: BROADCASTS as usize,
+            ..ServerConfig::default()
+                .with_listen_addr("127.0.0.1:0")
+                .with_rate_limit(None)
+        },
+        None,
+    );
+    let addr = server.start().await.unwrap();
+    // A peer that never reads, with a small receive buffer: 6 MB of
+    // broadcasts are more than its buffer and the server's send buffer hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let _peer = socket.connect(addr).await.unwrap();
+    timeout(STEP, async {
+        while server.connections().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let small = Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Block(Block {
+            block_data: Bytes::from(vec![7u8; 100]),
+            ..Default::default()
+        })),
+    };
+    for _ in 0..BROADCASTS {
+        let report = server.broadcast(small.clone(), None).unwrap();
+        assert!(report.dropped.is_empty(), "the peer's queue has room");
+        // Let the writer take them while they come.
+        tokio::task::yield_now().await;
+    }
+    timeout(STEP, server.stop()).await.unwrap().unwrap();
+    let metrics = server.metrics();
+    let lost = reported_lost(metrics).await;
+    let written = blocks_written(metrics);
+    assert_eq!(lost + written, BROADCASTS, "{lost} lost, {written} written");
+    assert!(
+        written > 0,
+        "some were written before the peer's buffers filled"
+    );
+    assert_eq!(
+        write_buffers_in_use(metrics),
+        0.0,
+        "a lent buffer was not returned"
+    );
 }
