@@ -153,7 +153,11 @@ pub(crate) fn broadcast(
         true => Some(codec::frame_message(message, max_message_size)?),
         false => None,
     };
-    let mut report = BroadcastReport::default();
+    // Sized once: most broadcasts reach every connection.
+    let mut report = BroadcastReport {
+        delivered: Vec::with_capacity(everyone.len()),
+        ..BroadcastReport::default()
+    };
     if recipients().any(|c| c.is_signed()) {
         match log {
             Some(log) => log.queue(everyone, exclude.unwrap_or_default(), message, &mut report)?,
