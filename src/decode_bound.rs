@@ -176,9 +176,10 @@ impl DecodeAllowance {
 
     /// Charges decoding `rest` as `M`, and `leading` bytes for what the
     /// caller already decoded into `target` from the fields before it, then
-    /// merges `rest` into `target` (which it does not clear): the result is
+    /// merges `rest` into `target` (which it does not clear). When `target`
+    /// holds exactly the decoding of those leading fields, the result is
     /// that of decoding the whole body.
-    pub fn merge_into<M: BoundedMessage>(
+    pub(crate) fn merge_into<M: BoundedMessage>(
         &mut self,
         rest: Bytes,
         leading: u64,

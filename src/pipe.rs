@@ -71,6 +71,14 @@ pub trait FrameWriter: Send + 'static {
     fn direct(&self) -> Option<Arc<dyn DirectWrite>> {
         None
     }
+    /// Whether one long segment costs less than many short ones: a byte
+    /// stream, where every slice adds to a vectored write (and a system call
+    /// takes only so many). The session then copies small shared frames
+    /// (broadcasts) into one buffer per write. `false`, the default, for
+    /// transports that send each frame as a message of its own.
+    fn prefers_long_segments(&self) -> bool {
+        false
+    }
 }
 
 /// Writes without waiting (see [`FrameWriter::direct`]). The session uses it

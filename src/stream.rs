@@ -290,6 +290,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> FrameWriter for StreamFrameWriter<W
     async fn shutdown(&mut self, _reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
         self.0.shutdown().await
     }
+
+    fn prefers_long_segments(&self) -> bool {
+        true
+    }
 }
 
 /// Slices handed to one vectored write (Linux takes up to 1024; a few dozen

@@ -262,6 +262,10 @@ impl FrameWriter for QuicWriter {
             .map_err(|err| self.connection.explain(err))
     }
 
+    fn prefers_long_segments(&self) -> bool {
+        self.frames.prefers_long_segments()
+    }
+
     async fn shutdown(&mut self, reason: Option<(DisconnectReason, &str)>) -> io::Result<()> {
         // Already finished, or stopped by the peer: nothing left to end.
         let _ = self.frames.0.finish();

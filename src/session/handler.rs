@@ -235,9 +235,9 @@ where
         Handled::Done((self.0)(inbound))
     }
 
-    /// Takes the batch's messages of the first one's kind in one call,
-    /// until one fails: nothing here waits, so calling back per message
-    /// would only add overhead.
+    /// Takes the leading run of messages of the first one's kind in one
+    /// call, until one fails: nothing here waits, so calling back per
+    /// message would only add overhead.
     fn handle_batch(&self, batch: &mut InboundBatch) -> Handled {
         let Some(kind) = batch.front().map(|first| MessageKind::of(&first.message)) else {
             return Handled::Done(Ok(()));

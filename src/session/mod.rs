@@ -243,7 +243,8 @@ pub(crate) fn write_buffer_pool(metrics: &Metrics) -> Arc<BufferPool> {
     pool
 }
 
-/// One message in this many has its handler time measured.
+/// One handler call in this many has its time measured (per message: a
+/// call that takes several divides it among them).
 const PROCESSING_SAMPLE: u64 = 16;
 
 /// Size of a pooled write buffer: an outbox chunk rolls over once it holds

@@ -519,8 +519,13 @@ fn deliver(
             if let Some(requests) = &connection.requests {
                 if reply_to != 0 {
                     // A reply goes to its caller, never to the handler; the
-                    // caller's next request may be written at once.
+                    // caller's next request may be written at once. Counted
+                    // before the caller wakes, as a handler's messages are.
                     connection.outbox.arm_direct();
+                    connection
+                        .counters
+                        .messages_in
+                        .fetch_add(std::mem::take(&mut dispatch.messages_in), Ordering::Relaxed);
                     if !requests.complete(reply_to, inbound) {
                         let unknown = requests.unknown_reply();
                         context.metrics.error("unknown_reply", "read");

@@ -21,7 +21,7 @@ use tracing::warn;
 
 use super::{
     Acks, Connection, FrameSigner, FrameWriter, SessionConfig, SessionContext,
-    outbox::{Entry, Outbox, Spare, Taken, UNICAST_HEADER_ROOM},
+    outbox::{Entry, Spare, Taken, UNICAST_HEADER_ROOM},
 };
 use crate::{
     codec::LENGTH_PREFIX_LEN,
@@ -51,7 +51,7 @@ enum Piece {
     Own(Range<usize>),
     /// A frame shared with other connections.
     Shared(Bytes),
-    /// Small shared frames, copied one after another into a pooled buffer.
+    /// Small shared frames, copied one after another into one buffer.
     Copied(Range<usize>),
 }
 
@@ -69,10 +69,31 @@ fn push_piece(pieces: &mut Vec<Piece>, piece: Piece) {
     }
 }
 
-/// Shared frames up to this size are copied into one buffer rather than
-/// written as slices of their own: a system call's cost grows with its
-/// slices, and a run of small broadcasts would be one slice each.
+/// Shared frames up to this size are copied into one buffer per write,
+/// where the transport prefers long segments, rather than written as slices
+/// of their own: a vectored write's cost grows with its slices, and a run of
+/// small broadcasts would be one slice each.
 const COPY_SHARED_MAX: usize = 1024;
+
+/// Most bytes copied so per write: what a blocked write holds beyond the
+/// shared frames themselves.
+const COPY_SHARED_TOTAL: usize = 64 * 1024;
+
+/// A buffer for the small shared frames of `entries`, sized to them, when
+/// there are at least two (a lone one is no cheaper copied).
+fn gathering(entries: &[Entry]) -> BytesMut {
+    let (count, bytes) = entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Entry::Shared { frame, .. } if frame.len() <= COPY_SHARED_MAX => Some(frame.len()),
+            _ => None,
+        })
+        .fold((0, 0), |(count, bytes), len| (count + 1, bytes + len));
+    if count < 2 {
+        return BytesMut::new();
+    }
+    BytesMut::with_capacity(bytes.min(COPY_SHARED_TOTAL))
+}
 
 /// Seals the unicast batch `batch` (room, then `count` entries) in place.
 fn seal(
@@ -98,8 +119,7 @@ fn seal(
 struct Write {
     pieces: Vec<Piece>,
     own: BytesMut,
-    /// Small shared frames gathered for this write, in a pooled buffer
-    /// (empty when none were).
+    /// Small shared frames gathered for this write (see `gathering`).
     copied: BytesMut,
     /// Application messages in it.
     messages: u64,
@@ -118,7 +138,7 @@ impl Write {
     /// sealed; the error is returned then.
     fn compose(
         &mut self,
-        outbox: &Outbox,
+        gather: bool,
         entries: &mut Vec<Entry>,
         chunk: &mut BytesMut,
         signer: Option<&FrameSigner>,
@@ -129,6 +149,11 @@ impl Write {
         let mut confirming = false;
         let mut failed = None;
         self.messages = 0;
+        self.copied = if gather {
+            gathering(entries)
+        } else {
+            BytesMut::new()
+        };
         for entry in entries.drain(..) {
             match entry {
                 Entry::Frames {
@@ -165,7 +190,7 @@ impl Write {
                     }
                 }
                 Entry::Shared { frame, application } => {
-                    self.push_shared(outbox, frame);
+                    self.push_shared(frame);
                     self.messages += u64::from(application);
                 }
                 // Counted from the batch: it may have taken broadcasts after
@@ -216,18 +241,10 @@ impl Write {
     }
 
     /// Adds a shared frame: copied after the small ones before it while the
-    /// pooled buffer has room, else as a slice of its own.
-    fn push_shared(&mut self, outbox: &Outbox, frame: Bytes) {
-        if frame.len() > COPY_SHARED_MAX {
-            self.pieces.push(Piece::Shared(frame));
-            return;
-        }
-        if self.copied.capacity() == 0 {
-            self.copied = outbox.lend_buffer();
-        }
+    /// gathering buffer has room (it never grows), else as a slice of its own.
+    fn push_shared(&mut self, frame: Bytes) {
         let at = self.copied.len();
-        if self.copied.capacity() - at < frame.len() {
-            // Never grown: it goes back to the pool as it came.
+        if frame.len() > COPY_SHARED_MAX || self.copied.capacity() - at < frame.len() {
             self.pieces.push(Piece::Shared(frame));
             return;
         }
@@ -328,6 +345,7 @@ async fn write_queued<W: FrameWriter>(
 ) -> u64 {
     let config = &context.config;
     let outbox = &connection.outbox;
+    let gather = writer.prefers_long_segments();
     let closed = connection.closed.cancelled();
     tokio::pin!(closed);
     let mut lent = Lent {
@@ -383,7 +401,7 @@ async fn write_queued<W: FrameWriter>(
             tokio::task::yield_now().await;
         }
         let close = match write.compose(
-            outbox,
+            gather,
             &mut entries,
             &mut chunk,
             signer,
@@ -399,9 +417,6 @@ async fn write_queued<W: FrameWriter>(
                 write.tally.discard();
                 if chunk.capacity() > 0 {
                     outbox.recycle(chunk);
-                }
-                if write.copied.capacity() > 0 {
-                    outbox.recycle(std::mem::take(&mut write.copied));
                 }
                 context.metrics.error("encode", "write");
                 warn!(error = %err, "a signed batch could not be sealed");
@@ -423,7 +438,6 @@ async fn write_queued<W: FrameWriter>(
         let leased = chunk.capacity() > 0;
         let chunk = chunk.freeze();
         let own = std::mem::take(&mut write.own).freeze();
-        let copied_leased = write.copied.capacity() > 0;
         let copied = std::mem::take(&mut write.copied).freeze();
         for piece in write.pieces.drain(..) {
             lent.segments.push(match piece {
@@ -471,10 +485,6 @@ async fn write_queued<W: FrameWriter>(
             // A buffer still shared (a transport keeps slices of it) is
             // released to the allocator instead, ending its lease all the same.
             outbox.recycle(chunk.try_into_mut().unwrap_or_default());
-        }
-        if copied_leased {
-            // As `chunk`: released instead if a transport keeps slices.
-            outbox.recycle(copied.try_into_mut().unwrap_or_default());
         }
         if let Ok(mut own) = own.try_into_mut() {
             own.clear();

@@ -46,6 +46,10 @@ impl FrameWriter for TcpWriter {
     fn direct(&self) -> Option<Arc<dyn DirectWrite>> {
         Some(self.0.0.0.clone())
     }
+
+    fn prefers_long_segments(&self) -> bool {
+        self.0.prefers_long_segments()
+    }
 }
 
 impl DirectWrite for OwnedWriteHalf {

@@ -18,12 +18,6 @@ use super::{Entry, Outbox, Refused, State};
 use crate::{proto::MessageKind, session::broadcast::PendingBatch};
 
 impl Outbox {
-    /// A pooled buffer for the writer to gather small shared frames into;
-    /// it goes back with [`recycle`](Outbox::recycle).
-    pub(in crate::session) fn lend_buffer(&self) -> bytes::BytesMut {
-        self.pool.take()
-    }
-
     /// Queues a frame encoded for many recipients, within the budget.
     pub(in crate::session) fn push_shared(
         &self,

@@ -55,7 +55,11 @@ impl KnownSender {
         if !self.field.is_empty() && body.starts_with(&self.field) {
             message.clear();
             message.sender_id.push_str(&self.id);
-            // Charged as the scan charges a string: at least 8 bytes.
+            // Charged as the scan charges a first string: at least 8 bytes.
+            // (A second `sender_id` in the rest, which the full scan charges
+            // twice, is charged once: the string then holds at most the
+            // larger of twice this and that one, which the two charges
+            // cover.)
             let leading = (self.id.len() as u64).max(8);
             return allowance.merge_into(body.slice(self.field.len()..), leading, message);
         }
@@ -65,22 +69,30 @@ impl KnownSender {
     }
 
     /// Remembers `sender_id` if `body` starts with it as its first field.
+    /// A body without one (an acknowledgement) leaves what was learnt: any
+    /// body that starts with the remembered bytes may take the shortcut.
     fn learn(&mut self, body: &[u8], sender_id: &str) {
-        self.field.clear();
         if sender_id.is_empty() || sender_id.len() > Self::MAX_LEN {
             return;
         }
-        prost::encoding::encode_key(1, WireType::LengthDelimited, &mut self.field);
-        prost::encoding::encode_varint(sender_id.len() as u64, &mut self.field);
-        self.field.extend_from_slice(sender_id.as_bytes());
-        if body.starts_with(&self.field) {
-            self.id.clear();
-            self.id.push_str(sender_id);
-        } else {
-            self.field.clear();
+        let Some(mut rest) = body.strip_prefix(&[SENDER_ID_KEY]) else {
+            return;
+        };
+        if prost::encoding::decode_varint(&mut rest).ok() != Some(sender_id.len() as u64)
+            || !rest.starts_with(sender_id.as_bytes())
+        {
+            return;
         }
+        let field = body.len() - rest.len() + sender_id.len();
+        self.field.clear();
+        self.field.extend_from_slice(&body[..field]);
+        self.id.clear();
+        self.id.push_str(sender_id);
     }
 }
+
+/// The key of `sender_id`, field 1, length-delimited.
+const SENDER_ID_KEY: u8 = 1 << 3 | WireType::LengthDelimited as u8;
 
 /// Decodes one received message. Acknowledgements ride on payload-less
 /// messages (docs/PROTOCOL.md §5.1), request and reply ids on application
@@ -331,10 +343,20 @@ mod tests {
             &mut known,
             &encoded("sequencer-2", b"d")
         ));
+        // A body without a sender (an ack) leaves what was learnt.
         assert!(!same_as_full_decode(&mut known, &encoded("", b"e")));
-        assert!(!same_as_full_decode(
+        assert!(same_as_full_decode(
             &mut known,
             &encoded("sequencer-2", b"f")
+        ));
+        // A body that is the sender and nothing else.
+        let alone = Message {
+            sender_id: "sequencer-2".into(),
+            payload: None,
+        };
+        assert!(same_as_full_decode(
+            &mut known,
+            &Bytes::from(alone.encode_to_vec())
         ));
         // A later `sender_id` in the same body wins, as in a full decode.
         let mut twice = encoded("sequencer-2", b"g").to_vec();
@@ -345,6 +367,11 @@ mod tests {
         longer.extend_from_slice(&[0x0a, 100]);
         longer.extend_from_slice(impostor.as_bytes());
         assert!(same_as_full_decode(&mut known, &Bytes::from(longer)));
+        // One that outgrows the first string's buffer, but not twice over.
+        let mut regrown = encoded("sequencer-2", b"g").to_vec();
+        regrown.extend_from_slice(&[0x0a, 21]);
+        regrown.extend_from_slice(&[b'x'; 21]);
+        assert!(same_as_full_decode(&mut known, &Bytes::from(regrown)));
         // Whatever follows the known sender is still checked.
         let mut broken = encoded("sequencer-2", b"h").to_vec();
         broken.push(0xff);
@@ -352,5 +379,18 @@ mod tests {
         let mut not_utf8 = encoded("sequencer-2", b"i").to_vec();
         not_utf8.extend_from_slice(&[0x0a, 0x01, 0xff]);
         assert!(same_as_full_decode(&mut known, &Bytes::from(not_utf8)));
+        // A length spelled in two bytes is learnt as spelled.
+        let spelled = |chain: &'static [u8]| {
+            let mut body = vec![0x0a, 0x8b, 0x00];
+            body.extend_from_slice(b"sequencer-3");
+            body.extend_from_slice(&encoded("", chain));
+            Bytes::from(body)
+        };
+        assert!(!same_as_full_decode(&mut known, &spelled(b"j")));
+        assert!(same_as_full_decode(&mut known, &spelled(b"k")));
+        assert!(!same_as_full_decode(
+            &mut known,
+            &encoded("sequencer-3", b"l")
+        ));
     }
 }
