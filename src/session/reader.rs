@@ -278,13 +278,19 @@ fn receive_in_place(
 ) -> Flow {
     let acks = connection.acks.is_some();
     let requests = connection.requests.is_some();
+    let size = body.len();
+    // Kept only where extension fields may follow: decoding consumes `body`.
+    let whole = (acks || requests).then(|| body.clone());
     let slot = dispatch
         .batch
         .push_slot(connection.identity.clone(), connection.id);
     let decoded = dispatch
         .sender
-        .decode_into(&body, &mut slot.message, allowance)
-        .and_then(|()| decode_ext(&body, &slot.message, acks, requests));
+        .decode_into(body, &mut slot.message, allowance)
+        .and_then(|()| match &whole {
+            Some(whole) => decode_ext(whole, &slot.message, acks, requests),
+            None => Ok(None),
+        });
     let ext = match decoded {
         Ok(ext) => ext,
         Err(err) => {
@@ -308,7 +314,7 @@ fn receive_in_place(
                 id: request_id,
             });
         }
-        dispatch.tally.add(kind, body.len());
+        dispatch.tally.add(kind, size);
         dispatch.messages_in += 1;
         dispatch.held += std::mem::size_of::<Inbound>() as u64;
         return Flow::Continue;
@@ -321,7 +327,7 @@ fn receive_in_place(
                 message: inbound.message,
                 ext,
             },
-            body.len(),
+            size,
             dispatch,
         ),
         None => Flow::Continue,

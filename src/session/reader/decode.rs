@@ -2,7 +2,7 @@
 //! messages of a signed one (opened into reused buffers), each within the
 //! frame's decode allowance.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use prost::{Message as _, encoding::WireType};
 use tracing::warn;
 
@@ -48,7 +48,7 @@ impl KnownSender {
     /// sender when the body starts with it, else learning it.
     pub(in crate::session) fn decode_into(
         &mut self,
-        body: &Bytes,
+        mut body: Bytes,
         message: &mut Message,
         allowance: &mut DecodeAllowance,
     ) -> Result<(), DecodeBoundError> {
@@ -61,10 +61,15 @@ impl KnownSender {
             // larger of twice this and that one, which the two charges
             // cover.)
             let leading = (self.id.len() as u64).max(8);
-            return allowance.merge_into(body.slice(self.field.len()..), leading, message);
+            body.advance(self.field.len());
+            return allowance.merge_into(body, leading, message);
+        }
+        if body.first() != Some(&SENDER_ID_KEY) {
+            // Nothing to learn from.
+            return allowance.decode_into(body, message);
         }
         allowance.decode_into(body.clone(), message)?;
-        self.learn(body, &message.sender_id);
+        self.learn(&body, &message.sender_id);
         Ok(())
     }
 
@@ -292,7 +297,7 @@ mod tests {
             payload: Some(Payload::Vote(Vote::default())),
         };
         let mut allowance = DecodeAllowance::for_frame(body.len());
-        let got = known.decode_into(body, &mut reused, &mut allowance);
+        let got = known.decode_into(body.clone(), &mut reused, &mut allowance);
         match expected {
             Ok(expected) => {
                 got.expect("decodes as in full");
@@ -311,7 +316,7 @@ mod tests {
         // allocates nothing of its own.
         drop(body.clone());
         let (allocated, got) =
-            peak_allocation(|| again.decode_into(body, &mut fresh, &mut allowance));
+            peak_allocation(|| again.decode_into(body.clone(), &mut fresh, &mut allowance));
         if got.is_ok() {
             let charged = allowance.bound() - allowance.remaining();
             assert!(
