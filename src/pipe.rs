@@ -71,6 +71,7 @@ pub trait FrameWriter: Send + 'static {
     fn direct(&self) -> Option<Arc<dyn DirectWrite>> {
         None
     }
+
     /// Whether one long segment costs less than many short ones: a byte
     /// stream, where every slice adds to a vectored write (and a system call
     /// takes only so many). The session then copies small shared frames
