@@ -543,3 +543,90 @@ async fn write_queued<W: FrameWriter>(
     }
     lost
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn frame(len: usize, fill: u8) -> Bytes {
+        Bytes::from(vec![fill; len])
+    }
+
+    fn shared(frame: &Bytes) -> Entry {
+        Entry::Shared {
+            frame: frame.clone(),
+            application: true,
+        }
+    }
+
+    /// Lays out `frames` as one write's shared entries; returns its
+    /// segments.
+    fn compose(gather: bool, frames: &[Bytes]) -> (Vec<Bytes>, u64) {
+        let metrics = Metrics::new("writer_test");
+        let mut write = Write {
+            pieces: Vec::new(),
+            own: BytesMut::new(),
+            copied: BytesMut::new(),
+            messages: 0,
+            tally: metrics.tally(Direction::Out),
+            last_ack: 0,
+        };
+        let mut entries: Vec<Entry> = frames.iter().map(shared).collect();
+        let close = write
+            .compose(gather, &mut entries, &mut BytesMut::new(), None, None, 0)
+            .expect("nothing to seal");
+        assert!(close.is_none());
+        let copied = std::mem::take(&mut write.copied).freeze();
+        let segments = write
+            .pieces
+            .drain(..)
+            .map(|piece| match piece {
+                Piece::Shared(frame) => frame,
+                Piece::Copied(range) => copied.slice(range),
+                Piece::Chunk(_) | Piece::Own(_) => unreachable!("only shared frames"),
+            })
+            .collect();
+        (segments, write.messages)
+    }
+
+    #[test]
+    fn small_shared_frames_are_gathered_in_order_around_large_ones() {
+        let (a, big, b, c) = (frame(100, 1), frame(4096, 2), frame(200, 3), frame(300, 4));
+        let frames = [a.clone(), big.clone(), b.clone(), c.clone()];
+        let (segments, messages) = compose(true, &frames);
+        assert_eq!(messages, 4);
+        // The large frame stays shared; the small ones around it are copied,
+        // the two adjacent ones into one segment.
+        assert_eq!(segments.len(), 3);
+        assert_eq!(segments[0], a);
+        assert_eq!(segments[1].as_ptr(), big.as_ptr(), "not copied");
+        assert_eq!(segments[2], [&b[..], &c[..]].concat());
+        assert_ne!(segments[0].as_ptr(), a.as_ptr(), "copied");
+        // A transport that sends frames one by one gets them as they are.
+        let (segments, _) = compose(false, &frames);
+        assert_eq!(segments.len(), 4);
+        assert!(
+            segments
+                .iter()
+                .zip(&frames)
+                .all(|(s, f)| s.as_ptr() == f.as_ptr())
+        );
+        // A lone small frame is not worth a copy.
+        let (segments, _) = compose(true, &[a.clone(), big.clone()]);
+        assert_eq!(segments[0].as_ptr(), a.as_ptr());
+    }
+
+    #[test]
+    fn gathering_stops_at_its_cap_and_keeps_the_order() {
+        let frames: Vec<Bytes> = (0..100u8).map(|i| frame(COPY_SHARED_MAX, i)).collect();
+        let (segments, messages) = compose(true, &frames);
+        assert_eq!(messages, 100);
+        let copied: usize = COPY_SHARED_TOTAL / COPY_SHARED_MAX;
+        // One segment of the first 64 frames, then the rest as they are.
+        assert_eq!(segments.len(), 1 + frames.len() - copied);
+        assert_eq!(segments[0].len(), COPY_SHARED_TOTAL);
+        let all: Vec<u8> = segments.concat();
+        assert_eq!(all, frames.concat());
+    }
+}
