@@ -26,7 +26,12 @@
 //! `--baseline raw` sends the same frames through a bare tokio-util
 //! `LengthDelimitedCodec` over loopback TCP (coalesced writes, no protobuf
 //! decoding, no authentication): the ceiling the transport is measured
-//! against. `size` is the encoded size of the message before the transport
+//! against. `--baseline prost` does the same with protobuf work on both
+//! ends: each message (with a sender id, as the transport stamps one) is
+//! encoded per send, each frame decoded into an owned `Message`, and the
+//! `rtt` echo decodes and re-encodes; it shows how much of the gap to `raw`
+//! any transport that hands over owned messages must pay. `size` is the
+//! encoded size of the message before the transport
 //! stamps `sender_id` (the client id) into it. Counts and rates cover the
 //! measured window only; a run that stalls is cut off at `seconds` + 10 s
 //! with what was measured so far and exit code 3. Exit code 1: the run
@@ -40,7 +45,7 @@ use std::{
     process::ExitCode,
     sync::{
         Arc, Mutex, OnceLock, PoisonError, Weak,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -71,6 +76,8 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Broadcasts outstanding per client: half the server's default send queue
 /// (4096), so a broadcast never finds a queue full and never drops a peer.
 const BROADCAST_WINDOW: u64 = 2048;
+/// Broadcasts sent between two checks of the window (and two yields).
+const BROADCAST_STEP: u64 = 64;
 /// A client handler wakes the broadcaster after this many deliveries.
 const WAKE_EVERY: u64 = 256;
 /// Bound on tearing everything down after the measurement.
@@ -103,6 +110,10 @@ enum Mode {
 enum Baseline {
     /// Length-delimited frames over plain loopback TCP.
     Raw,
+    /// As `raw`, but every message is encoded and every frame decoded with
+    /// prost, and the echo of `rtt` decodes and re-encodes: the floor of any
+    /// transport that takes and hands over owned messages.
+    Prost,
 }
 
 #[derive(Debug, Parser)]
@@ -167,13 +178,32 @@ const SETUP: u8 = 0;
 const RUNNING: u8 = 1;
 const DONE: u8 = 2;
 
+/// A value on cache lines of its own (two: Intel's adjacent-line prefetch
+/// pairs them), so that a core writing it does not take away the line
+/// another core reads or writes something else on.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// Receive counters: one per counting thread, so that the measurement does
+/// not make the two cores take turns on one cache line per message (32
+/// clients' handlers run on both), which the transport never does.
+const COUNTERS: usize = 16;
+
+static NEXT_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static COUNTER: usize = NEXT_COUNTER.fetch_add(1, Ordering::Relaxed) % COUNTERS;
+}
+
 /// Counters shared by the handlers, the drivers and the watchdog.
 struct Measure {
     /// Origin of the timestamps carried in messages.
     base: Instant,
-    phase: AtomicU8,
-    /// Messages counted where the application receives them.
-    messages: AtomicU64,
+    /// Read by the senders per message, written twice a run.
+    phase: Padded<AtomicU8>,
+    /// Messages counted where the application receives them, per thread.
+    messages: [Padded<AtomicU64>; COUNTERS],
     /// Latencies in nanoseconds, of the messages received while running.
     latency: Mutex<Histogram<u64>>,
     /// When, and at which count, the measured window opened and closed.
@@ -189,8 +219,8 @@ impl Measure {
     fn new() -> Self {
         Self {
             base: Instant::now(),
-            phase: AtomicU8::new(SETUP),
-            messages: AtomicU64::new(0),
+            phase: Padded(AtomicU8::new(SETUP)),
+            messages: Default::default(),
             latency: Mutex::new(
                 Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid bounds"),
             ),
@@ -203,21 +233,17 @@ impl Measure {
     }
 
     fn running(&self) -> bool {
-        self.phase.load(Ordering::Relaxed) == RUNNING
+        self.phase.0.load(Ordering::Relaxed) == RUNNING
     }
 
     fn start(&self) {
-        let _ = self
-            .started
-            .set((Instant::now(), self.messages.load(Ordering::Relaxed)));
-        self.phase.store(RUNNING, Ordering::Release);
+        let _ = self.started.set((Instant::now(), self.counted()));
+        self.phase.0.store(RUNNING, Ordering::Release);
     }
 
     fn stop(&self) {
-        self.phase.store(DONE, Ordering::Release);
-        let _ = self
-            .stopped
-            .set((Instant::now(), self.messages.load(Ordering::Relaxed)));
+        self.phase.0.store(DONE, Ordering::Release);
+        let _ = self.stopped.set((Instant::now(), self.counted()));
     }
 
     /// Nanoseconds since `base`, never 0 (0 marks an unsampled message).
@@ -227,7 +253,7 @@ impl Measure {
 
     /// Counts one message; records its latency when it carries a send time.
     fn received(&self, sent_at: u64) {
-        self.messages.fetch_add(1, Ordering::Relaxed);
+        COUNTER.with(|&n| self.messages[n].0.fetch_add(1, Ordering::Relaxed));
         if sent_at != 0 && self.running() {
             let latency = self.now().saturating_sub(sent_at).max(1);
             self.latency
@@ -237,6 +263,14 @@ impl Measure {
         }
     }
 
+    /// Messages counted so far.
+    fn counted(&self) -> u64 {
+        self.messages
+            .iter()
+            .map(|count| count.0.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Messages and seconds of the measured window so far.
     fn window(&self) -> (u64, f64) {
         let Some(&(from, first)) = self.started.get() else {
@@ -244,7 +278,7 @@ impl Measure {
         };
         let (to, last) = match self.stopped.get() {
             Some(&end) => end,
-            None => (Instant::now(), self.messages.load(Ordering::Relaxed)),
+            None => (Instant::now(), self.counted()),
         };
         (
             last.saturating_sub(first),
@@ -349,6 +383,7 @@ fn main() -> ExitCode {
     let labels = Arc::new(Labels {
         backend: match args.baseline {
             Some(Baseline::Raw) => "raw".into(),
+            Some(Baseline::Prost) => "prost".into(),
             None => backend_label(&transport),
         },
         auth: match (args.baseline, args.auth) {
@@ -413,7 +448,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match args.baseline {
-            Some(Baseline::Raw) => run_raw(&setup).await,
+            Some(baseline) => run_raw(&setup, baseline).await,
             None => run_transport(&setup).await,
         }
     });
@@ -595,8 +630,8 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
     let addr = server.start().await?.to_string();
 
     // Clients, each with its handler: counts (broadcast), round trips (rtt).
-    let delivered: Arc<Vec<AtomicU64>> =
-        Arc::new((0..args.clients).map(|_| AtomicU64::new(0)).collect());
+    let delivered: Arc<Vec<Padded<AtomicU64>>> =
+        Arc::new((0..args.clients).map(|_| Padded::default()).collect());
     let wake = Arc::new(Notify::new());
     let mut clients: Vec<Arc<dyn Client>> = Vec::new();
     let mut echoes: Vec<Arc<Notify>> = Vec::new();
@@ -621,7 +656,7 @@ async fn run_transport(setup: &Setup<'_>) -> Result<(), BoxError> {
                 client.set_handler(Arc::new(SyncHandler(
                     move |inbound: Inbound| -> Result<(), HandlerError> {
                         measure.received(sent_at(&inbound.message));
-                        let count = delivered[n as usize].fetch_add(1, Ordering::Relaxed) + 1;
+                        let count = delivered[n as usize].0.fetch_add(1, Ordering::Relaxed) + 1;
                         if count.is_multiple_of(WAKE_EVERY) {
                             wake.notify_one();
                         }
@@ -832,7 +867,7 @@ async fn rtt_sender(
 async fn broadcaster(
     server: Arc<dyn Server>,
     clients: Vec<Arc<dyn Client>>,
-    delivered: Arc<Vec<AtomicU64>>,
+    delivered: Arc<Vec<Padded<AtomicU64>>>,
     wake: Arc<Notify>,
     template: Message,
     measure: Arc<Measure>,
@@ -843,19 +878,25 @@ async fn broadcaster(
             .iter()
             .zip(&clients)
             .filter(|(_, client)| client.is_connected())
-            .map(|(count, _)| count.load(Ordering::Relaxed))
+            .map(|(count, _)| count.0.load(Ordering::Relaxed))
             .min()
     };
     // Checking connectivity takes a lock per client: do it only when the
     // window looks full.
-    let slowest_fast = || delivered.iter().map(|c| c.load(Ordering::Relaxed)).min();
+    let slowest_fast = || delivered.iter().map(|c| c.0.load(Ordering::Relaxed)).min();
     while measure.running() {
-        if sent.saturating_sub(slowest_fast().unwrap_or(sent)) >= BROADCAST_WINDOW {
+        // Checked once per `BROADCAST_STEP` broadcasts, for a whole step:
+        // each check reads every client's counter, which the clients'
+        // handlers keep writing on both cores.
+        if sent.is_multiple_of(BROADCAST_STEP)
+            && sent.saturating_sub(slowest_fast().unwrap_or(sent)) + BROADCAST_STEP
+                > BROADCAST_WINDOW
+        {
             let Some(slowest) = slowest() else {
                 warn!("no client left connected");
                 return;
             };
-            if sent.saturating_sub(slowest) >= BROADCAST_WINDOW {
+            if sent.saturating_sub(slowest) + BROADCAST_STEP > BROADCAST_WINDOW {
                 let _ = tokio::time::timeout(Duration::from_millis(5), wake.notified()).await;
                 continue;
             }
@@ -882,7 +923,7 @@ async fn broadcaster(
             }
         }
         // `broadcast` never awaits: let the writers on this worker run.
-        if sent.is_multiple_of(64) {
+        if sent.is_multiple_of(BROADCAST_STEP) {
             tokio::task::yield_now().await;
         }
     }
@@ -923,10 +964,17 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 struct RawFrames {
     frame: Bytes,
     stamp_at: usize,
+    /// The prost baseline's message, with the sender id the transport
+    /// would stamp: encoded per send, decoded per receipt.
+    prost: Option<Message>,
 }
 
 impl RawFrames {
-    fn new(template: &Message) -> Self {
+    fn new(template: &Message, baseline: Baseline) -> Self {
+        let prost = (baseline == Baseline::Prost).then(|| Message {
+            sender_id: client_id(0),
+            ..own_copy(template)
+        });
         let frame = Bytes::from(template.encode_to_vec());
         // Same lengths, so the same layout: find the marker's position.
         let marker = 0x0123_4567_89ab_cdef_u64;
@@ -935,7 +983,40 @@ impl RawFrames {
             .windows(8)
             .position(|w| w == marker.to_be_bytes())
             .expect("the chain id is in the encoding");
-        Self { frame, stamp_at }
+        Self {
+            frame,
+            stamp_at,
+            prost,
+        }
+    }
+
+    /// The `n`th frame to send: the template's bytes (the raw baseline),
+    /// or its message encoded into `scratch` (prost); every
+    /// `SAMPLE_EVERY`th carries the send time.
+    fn next(&self, n: u64, measure: &Measure, scratch: &mut BytesMut) -> Bytes {
+        let sampled = n.is_multiple_of(SAMPLE_EVERY);
+        match &self.prost {
+            None if sampled => self.stamped(measure.now()),
+            None => self.frame.clone(),
+            Some(message) => {
+                let stamped_message;
+                let message = if sampled {
+                    stamped_message = stamped(message, measure.now());
+                    &stamped_message
+                } else {
+                    message
+                };
+                encode_frame(message, scratch)
+            }
+        }
+    }
+
+    /// The send time a received frame carries (0: none).
+    fn received(&self, frame: BytesMut) -> u64 {
+        if self.prost.is_none() {
+            return self.sent_at(&frame);
+        }
+        Message::decode(frame.freeze()).map_or(0, |message| sent_at(&message))
     }
 
     fn stamped(&self, sent_at: u64) -> Bytes {
@@ -953,6 +1034,18 @@ impl RawFrames {
     }
 }
 
+/// Encodes `message` into `scratch` and takes it out as a frame body;
+/// `scratch` is one buffer that many frames share.
+fn encode_frame(message: &Message, scratch: &mut BytesMut) -> Bytes {
+    if scratch.capacity() < message.encoded_len() {
+        scratch.reserve(64 * 1024);
+    }
+    message
+        .encode(scratch)
+        .expect("a buffer with room for the message");
+    scratch.split().freeze()
+}
+
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(16 << 20)
@@ -962,10 +1055,10 @@ fn codec() -> LengthDelimitedCodec {
 /// Frames fed per flush by the raw writers.
 const RAW_BATCH: usize = 64;
 
-async fn run_raw(setup: &Setup<'_>) -> Result<(), BoxError> {
+async fn run_raw(setup: &Setup<'_>, baseline: Baseline) -> Result<(), BoxError> {
     let args = setup.args;
     let measure = &setup.measure;
-    let frames = Arc::new(RawFrames::new(&setup.template));
+    let frames = Arc::new(RawFrames::new(&setup.template, baseline));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
 
@@ -993,7 +1086,7 @@ async fn run_raw(setup: &Setup<'_>) -> Result<(), BoxError> {
                 // Its own frame, as each client sends its own message.
                 tasks.push(tokio::spawn(raw_writer(
                     vec![client],
-                    Arc::new(RawFrames::new(&setup.template)),
+                    Arc::new(RawFrames::new(&setup.template, baseline)),
                     measure.clone(),
                 )));
             }
@@ -1014,7 +1107,7 @@ async fn run_raw(setup: &Setup<'_>) -> Result<(), BoxError> {
         }
         Mode::Rtt => {
             for (client, server) in dialled.into_iter().zip(accepted) {
-                tasks.push(tokio::spawn(raw_echo(server)));
+                tasks.push(tokio::spawn(raw_echo(server, baseline)));
                 tasks.push(tokio::spawn(raw_round_trips(
                     client,
                     frames.clone(),
@@ -1035,7 +1128,7 @@ async fn run_raw(setup: &Setup<'_>) -> Result<(), BoxError> {
 async fn raw_reader(stream: TcpStream, frames: Arc<RawFrames>, measure: Arc<Measure>) {
     let mut reader = FramedRead::new(stream, codec());
     while let Some(Ok(frame)) = reader.next().await {
-        measure.received(frames.sent_at(&frame));
+        measure.received(frames.received(frame));
     }
 }
 
@@ -1047,13 +1140,10 @@ async fn raw_writer(streams: Vec<TcpStream>, frames: Arc<RawFrames>, measure: Ar
         .map(|s| FramedWrite::new(s, codec()))
         .collect();
     let mut n: u64 = 0;
+    let mut scratch = BytesMut::new();
     while measure.running() {
         for _ in 0..RAW_BATCH {
-            let frame = if n.is_multiple_of(SAMPLE_EVERY) {
-                frames.stamped(measure.now())
-            } else {
-                frames.frame.clone()
-            };
+            let frame = frames.next(n, &measure, &mut scratch);
             n += 1;
             for sink in &mut sinks {
                 if sink.feed(frame.clone()).await.is_err() {
@@ -1069,13 +1159,22 @@ async fn raw_writer(streams: Vec<TcpStream>, frames: Arc<RawFrames>, measure: Ar
     }
 }
 
-/// Sends every frame back as it arrives.
-async fn raw_echo(stream: TcpStream) {
+/// Sends every frame back as it arrives; the prost baseline's echo
+/// decodes it and encodes it again, as a handler's reply would be.
+async fn raw_echo(stream: TcpStream, baseline: Baseline) {
     let (read, write) = stream.into_split();
     let mut reader = FramedRead::new(read, codec());
     let mut writer = FramedWrite::new(write, codec());
+    let mut scratch = BytesMut::new();
     while let Some(Ok(frame)) = reader.next().await {
-        if writer.send(frame.freeze()).await.is_err() {
+        let frame = match baseline {
+            Baseline::Raw => frame.freeze(),
+            Baseline::Prost => match Message::decode(frame.freeze()) {
+                Ok(message) => encode_frame(&message, &mut scratch),
+                Err(_) => return,
+            },
+        };
+        if writer.send(frame).await.is_err() {
             return;
         }
     }
@@ -1086,12 +1185,15 @@ async fn raw_round_trips(stream: TcpStream, frames: Arc<RawFrames>, measure: Arc
     let (read, write) = stream.into_split();
     let mut reader = FramedRead::new(read, codec());
     let mut writer = FramedWrite::new(write, codec());
+    let mut scratch = BytesMut::new();
     while measure.running() {
-        if writer.send(frames.stamped(measure.now())).await.is_err() {
+        // Every round trip carries its send time.
+        let frame = frames.next(0, &measure, &mut scratch);
+        if writer.send(frame).await.is_err() {
             return;
         }
         match reader.next().await {
-            Some(Ok(frame)) => measure.received(frames.sent_at(&frame)),
+            Some(Ok(frame)) => measure.received(frames.received(frame)),
             _ => return,
         }
     }

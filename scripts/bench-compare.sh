@@ -8,7 +8,7 @@
 #
 # Build a binary with `cargo build --release --all-features --example loadgen`
 # and copy target/release/examples/loadgen away before building the next.
-# The raw baseline rows run with the first binary only.
+# The baseline rows (raw, prost) run with the first binary only.
 set -euo pipefail
 
 reps="${REPS:-3}"
@@ -26,15 +26,19 @@ command -v python3 >/dev/null || { echo "python3 is required" >&2; exit 2; }
 
 rows=(
     "--baseline raw --mode stream --clients 1 --size 100"
+    "--baseline prost --mode stream --clients 1 --size 100"
     "--backend tcp --auth none --mode stream --clients 1 --size 100"
     "--baseline raw --mode broadcast --clients 32 --size 100"
+    "--baseline prost --mode broadcast --clients 32 --size 100"
     "--backend tcp --auth none --mode broadcast --clients 32 --size 100"
     "--baseline raw --mode rtt --clients 1 --size 100"
+    "--baseline prost --mode rtt --clients 1 --size 100"
     "--backend tcp --auth none --mode rtt --clients 1 --size 100"
     "--backend tcp --auth signed --crypto libsecp256k1 --mode stream --clients 1 --size 100"
     "--backend tcp --auth signed --crypto libsecp256k1 --mode broadcast --clients 32 --size 100"
     "--backend grpc --auth none --mode stream --clients 1 --size 100"
     "--baseline raw --mode stream --clients 100 --size 100"
+    "--baseline prost --mode stream --clients 100 --size 100"
     "--backend tcp --auth none --mode stream --clients 100 --size 100"
 )
 

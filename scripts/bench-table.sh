@@ -7,7 +7,9 @@
 #
 # Every row runs in its own process: a server and its clients on 127.0.0.1,
 # on a tokio runtime of 2 worker threads. The raw rows are the reference: the
-# same frames through a bare length-delimited TCP pipe in the same run.
+# same frames through a bare length-delimited TCP pipe in the same run. The
+# prost rows add encoding and decoding each message to that pipe: what any
+# transport handing over owned messages pays on top of raw.
 set -euo pipefail
 
 seconds="${BENCH_SECONDS:-3}"
@@ -50,6 +52,8 @@ results="$work/results.jsonl"
 rows=(
     "--baseline raw --mode stream --clients 1 --size 100"
     "--baseline raw --mode rtt --clients 1 --size 100"
+    "--baseline prost --mode stream --clients 1 --size 100"
+    "--baseline prost --mode rtt --clients 1 --size 100"
     "--backend tcp --auth none --mode stream --clients 1 --size 100"
     "--backend tcp --auth handshake --crypto k256 --mode stream --clients 1 --size 100"
     "--backend tcp --auth signed --crypto k256 --mode stream --clients 1 --size 100"
