@@ -107,13 +107,17 @@ pub struct Pipe<R, W> {
 }
 
 /// Frames received together: a first body, then complete frames in wire
-/// form (length prefix + body) sharing one buffer. Iterating yields the
-/// bodies, each a slice of a received buffer.
+/// form (length prefix + body) sharing one buffer; or bodies that arrived
+/// as messages of their own. Iterating yields the bodies, each a slice of a
+/// received buffer.
 #[derive(Debug, Clone, Default)]
 pub struct FrameBatch {
     first: Option<Bytes>,
     /// Whole frames, prefixes included, already checked against the limit.
     rest: Bytes,
+    /// Bodies received one by one (after `first` and `rest`, which are
+    /// empty when these are used).
+    bodies: std::vec::IntoIter<Bytes>,
     frames: usize,
     wire_len: usize,
 }
@@ -124,8 +128,24 @@ impl FrameBatch {
         Self {
             wire_len: LENGTH_PREFIX_LEN + body.len(),
             first: Some(body),
-            rest: Bytes::new(),
             frames: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Frame bodies that arrived as messages of their own (a transport that
+    /// carries frames in its own messages), already checked against the
+    /// limit. `wire_len` counts each as if length-prefixed.
+    pub fn from_bodies(bodies: Vec<Bytes>) -> Self {
+        let wire_len = bodies
+            .iter()
+            .map(|body| LENGTH_PREFIX_LEN + body.len())
+            .sum();
+        Self {
+            frames: bodies.len(),
+            wire_len,
+            bodies: bodies.into_iter(),
+            ..Self::default()
         }
     }
 
@@ -137,6 +157,7 @@ impl FrameBatch {
             first: Some(first),
             rest,
             frames: frames + 1,
+            ..Self::default()
         }
     }
 
@@ -164,7 +185,11 @@ impl Iterator for FrameBatch {
             self.frames -= 1;
             return Some(first);
         }
-        let prefix = self.rest.first_chunk::<LENGTH_PREFIX_LEN>()?;
+        let Some(prefix) = self.rest.first_chunk::<LENGTH_PREFIX_LEN>() else {
+            let body = self.bodies.next()?;
+            self.frames = self.frames.saturating_sub(1);
+            return Some(body);
+        };
         let len = u32::from_be_bytes(*prefix) as usize;
         self.rest.advance(LENGTH_PREFIX_LEN);
         self.frames = self.frames.saturating_sub(1);
@@ -259,6 +284,9 @@ mod tests {
         assert_eq!((batch.len(), batch.wire_len()), (4, 9 + 15));
         let bodies: Vec<Bytes> = batch.collect();
         assert_eq!(bodies, [&b"first"[..], b"ab", b"", b"z"]);
+        let bodies = FrameBatch::from_bodies(vec![Bytes::from_static(b"cd"), Bytes::new()]);
+        assert_eq!((bodies.len(), bodies.wire_len()), (2, 6 + 4));
+        assert_eq!(bodies.collect::<Vec<_>>(), [&b"cd"[..], b""]);
         let mut one = FrameBatch::one(Bytes::from_static(b"x"));
         assert_eq!((one.len(), one.wire_len()), (1, 5));
         assert_eq!(one.next().as_deref(), Some(&b"x"[..]));

@@ -1,12 +1,15 @@
 //! gRPC-specific behaviour: metadata, bearer tokens, trailers, size limits,
 //! TLS and retry. The shared end-to-end suite covers the rest.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use publisher_transport::{
-    ClientAuth, ClientConfig, DisconnectReason, GrpcClient, GrpcServer, Message, SecretKey,
-    ServerAuth, ServerConfig, TransportError, TrustStore,
+    ClientAuth, ClientConfig, DisconnectReason, GrpcClient, GrpcServer, Handled, Handler, Inbound,
+    InboundBatch, Message, SecretKey, ServerAuth, ServerConfig, TransportError, TrustStore,
     backend::grpc::{
         DISCONNECT_DETAILS_TRAILER, DISCONNECT_REASON_TRAILER, GrpcBackend, GrpcOptions,
     },
@@ -237,24 +240,17 @@ async fn messages_above_tonics_four_mib_default_pass() {
     server.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn the_disconnect_reason_arrives_in_trailers() {
-    // A raw tonic client: what any third-party gRPC client sees.
-    let server = GrpcServer::grpc(
-        server_config(),
-        GrpcBackend::new(GrpcOptions::default()),
-        None,
-    );
+/// Sends `items` from a raw tonic client (what any third-party gRPC client
+/// sees) to `server`, which must not require authentication, and returns
+/// the metadata its session ends with: trailers, or an error's.
+async fn raw_session(server: &GrpcServer, items: Vec<FrameBatch>) -> tonic::metadata::MetadataMap {
     let addr = server.start().await.unwrap();
     let mut client = FrameServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    // Without auth the server reads messages at once; a garbage body breaks the protocol.
-    let request = tokio_stream::iter(vec![FrameBatch {
-        frames: vec![Bytes::from_static(b"\xff\xff\xff")],
-    }]);
+    let request = tokio_stream::iter(items);
     let mut stream = client.session(request).await.unwrap().into_inner();
-    let ended = timeout(Duration::from_secs(10), async {
+    timeout(Duration::from_secs(10), async {
         loop {
             match stream.message().await {
                 Ok(Some(_)) => continue,
@@ -264,12 +260,99 @@ async fn the_disconnect_reason_arrives_in_trailers() {
         }
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_disconnect_reason_arrives_in_trailers() {
+    let server = GrpcServer::grpc(
+        server_config(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    // Without auth the server reads messages at once; a garbage body breaks the protocol.
+    let items = vec![FrameBatch {
+        frames: vec![Bytes::from_static(b"\xff\xff\xff")],
+    }];
+    let ended = raw_session(&server, items).await;
     assert_eq!(
         ended.get(DISCONNECT_REASON_TRAILER).unwrap(),
         "protocol_error"
     );
     server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_items_frames_reach_the_handler_together_and_a_bad_one_ends_the_session_after_them() {
+    // One item carries several frames; one of the next is empty (refused
+    // as the TCP codec refuses an empty frame).
+    let server = GrpcServer::grpc(
+        server_config(),
+        GrpcBackend::new(GrpcOptions::default()),
+        None,
+    );
+    let (tx, mut inbound) = tokio::sync::mpsc::unbounded_channel();
+    let handler = Arc::new(BatchSizes {
+        sizes: Mutex::new(Vec::new()),
+        tx,
+    });
+    server.set_handler(handler.clone());
+    let block = |n: u8| Message {
+        sender_id: String::new(),
+        payload: Some(Payload::Block(Block {
+            block_data: Bytes::from(vec![n; 3]),
+            ..Default::default()
+        })),
+    };
+    let encoded = |n: u8| Bytes::from(prost::Message::encode_to_vec(&block(n)));
+    let items = vec![
+        FrameBatch {
+            frames: vec![encoded(1), encoded(2), encoded(3)],
+        },
+        FrameBatch {
+            frames: vec![encoded(4), Bytes::new(), encoded(5)],
+        },
+    ];
+    let ended = raw_session(&server, items).await;
+    assert_eq!(
+        ended.get(DISCONNECT_REASON_TRAILER).unwrap(),
+        "protocol_error"
+    );
+    // Everything before the empty frame was handled, in order; nothing after.
+    for n in 1..=4 {
+        let got = timeout(Duration::from_secs(5), inbound.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, block(n));
+    }
+    // The session has ended: nothing behind the empty frame was decoded.
+    assert!(inbound.try_recv().is_err());
+    // The first item's three messages were handed over in one call.
+    assert_eq!(*handler.sizes.lock().unwrap(), [3, 1]);
+    server.stop().await.unwrap();
+}
+
+/// Records how many messages each `handle_batch` call finds waiting, and
+/// passes every message on.
+struct BatchSizes {
+    sizes: Mutex<Vec<usize>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Message>,
+}
+
+impl Handler for BatchSizes {
+    fn handle(&self, inbound: Inbound) -> Handled {
+        let _ = self.tx.send(inbound.message);
+        Handled::Done(Ok(()))
+    }
+
+    fn handle_batch(&self, batch: &mut InboundBatch) -> Handled {
+        self.sizes.lock().unwrap().push(batch.len());
+        while let Some(inbound) = batch.pop() {
+            let _ = self.tx.send(inbound.message);
+        }
+        Handled::Done(Ok(()))
+    }
 }
 
 #[tokio::test]
