@@ -231,13 +231,16 @@ impl<R: AsyncRead + Send + Unpin + 'static> FrameReader for StreamFrameReader<R>
             Ok(first) => first,
             Err(err) => return Some(Err(err)),
         };
-        // Every whole frame behind it, in one piece. A prefix over the limit
-        // ends the batch; the next read reports it.
+        // Every whole frame behind it, in one piece. A prefix the codec
+        // refuses (over the limit, or empty) ends the batch; the next read
+        // reports it.
         let (mut end, mut frames) = (0, 0);
         while let Some(prefix) = self.buffer[end..].first_chunk::<{ codec::LENGTH_PREFIX_LEN }>() {
             let len = u32::from_be_bytes(*prefix) as usize;
             let next = end + codec::LENGTH_PREFIX_LEN + len;
-            if len > self.codec.max_frame_size() || next > self.buffer.len() {
+            if codec::check_frame_len(len, self.codec.max_frame_size()).is_err()
+                || next > self.buffer.len()
+            {
                 break;
             }
             (end, frames) = (next, frames + 1);
@@ -421,6 +424,28 @@ mod tests {
             let asked = asks(size).await;
             assert_eq!(asked[0], first, "{size:?}: {asked:?}");
             assert_eq!(asked.iter().max(), Some(&cap), "{size:?}: {asked:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_frame_ends_the_batch_and_the_next_read_reports_it() {
+        // Frames behind the first in one read: an empty or oversize one is
+        // refused as it would be first, after the frames before it.
+        for (bad, refused) in [
+            (&b"\0\0\0\0"[..], CodecError::EmptyFrame),
+            (
+                &b"\0\0\0\x09123456789"[..],
+                CodecError::FrameTooLarge { size: 9, max: 8 },
+            ),
+        ] {
+            let mut wire = b"\0\0\0\x02ab\0\0\0\x02cd".to_vec();
+            wire.extend_from_slice(bad);
+            wire.extend_from_slice(b"\0\0\0\x02ef");
+            let mut reader = StreamFrameReader::new(io::Cursor::new(wire), 8);
+            let batch: Vec<Bytes> = reader.read_batch().await.unwrap().unwrap().collect();
+            assert_eq!(batch, [&b"ab"[..], b"cd"]);
+            let err = reader.read_batch().await.unwrap().unwrap_err();
+            assert_eq!(err.to_string(), refused.to_string());
         }
     }
 
