@@ -28,12 +28,12 @@
 //! decoding, no authentication): the ceiling the transport is measured
 //! against. `--baseline prost` does the same with protobuf work on both
 //! ends: each message (with a sender id, as the transport stamps one) is
-//! encoded per send, each frame decoded into an owned `Message`, and the
-//! `rtt` echo decodes and re-encodes; it shows how much of the gap to `raw`
-//! any transport that hands over owned messages must pay. `size` is the
-//! encoded size of the message before the transport
-//! stamps `sender_id` (the client id) into it. Counts and rates cover the
-//! measured window only; a run that stalls is cut off at `seconds` + 10 s
+//! encoded per send from one borrowed `Message`, each frame decoded into
+//! an owned `Message`, and the `rtt` echo decodes and re-encodes; it shows
+//! how much of the gap to `raw` any transport that hands over owned
+//! messages must pay. `size` is the encoded size of the message before the
+//! transport stamps `sender_id` (the client id) into it. Counts and rates
+//! cover the measured window only; a run that stalls is cut off at `seconds` + 10 s
 //! with what was measured so far and exit code 3. Exit code 1: the run
 //! failed (a send error, a dropped peer, nothing measured); 2: bad arguments
 //! (no JSON line then).
@@ -1037,8 +1037,9 @@ impl RawFrames {
 /// Encodes `message` into `scratch` and takes it out as a frame body;
 /// `scratch` is one buffer that many frames share.
 fn encode_frame(message: &Message, scratch: &mut BytesMut) -> Bytes {
-    if scratch.capacity() < message.encoded_len() {
-        scratch.reserve(64 * 1024);
+    let len = message.encoded_len();
+    if scratch.capacity() < len {
+        scratch.reserve(len.max(64 * 1024));
     }
     message
         .encode(scratch)
