@@ -350,3 +350,14 @@ pub(super) struct Dispatch {
     /// unsigned and idle connections do not carry it.
     pub(super) signed: Option<Box<super::reader::SignedScratch>>,
 }
+
+impl Dispatch {
+    /// Adds the application messages received since the last call to the
+    /// connection's counter.
+    pub(super) fn count_received(&mut self, connection: &Connection) {
+        connection
+            .counters
+            .messages_in
+            .fetch_add(std::mem::take(&mut self.messages_in), Ordering::Relaxed);
+    }
+}

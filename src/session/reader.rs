@@ -338,10 +338,7 @@ fn receive_in_place(
 async fn handle_batch(connection: &Connection, context: &SessionContext, dispatch: &mut Dispatch) {
     dispatch.held = 0;
     // Counted per batch, and before the handler sees them.
-    connection
-        .counters
-        .messages_in
-        .fetch_add(std::mem::take(&mut dispatch.messages_in), Ordering::Relaxed);
+    dispatch.count_received(connection);
     handle_waiting(connection, context, dispatch).await;
     // Replies that arrived behind the batch count once it is dispatched, so
     // that an ack never counts past a message the handler has not finished.
@@ -528,10 +525,7 @@ fn deliver(
                     // caller's next request may be written at once. Counted
                     // before the caller wakes, as a handler's messages are.
                     connection.outbox.arm_direct();
-                    connection
-                        .counters
-                        .messages_in
-                        .fetch_add(std::mem::take(&mut dispatch.messages_in), Ordering::Relaxed);
+                    dispatch.count_received(connection);
                     if !requests.complete(reply_to, inbound) {
                         let unknown = requests.unknown_reply();
                         context.metrics.error("unknown_reply", "read");

@@ -92,12 +92,7 @@ impl FrameReader for GrpcReader {
             if !self.pending.is_empty() {
                 // Left over when an item held a frame over the limit: the
                 // frames before it go first, then `read_frame` reports it.
-                let max = self.max_frame_size;
-                let fit = self
-                    .pending
-                    .iter()
-                    .take_while(|frame| codec::check_frame_len(frame.len(), max).is_ok())
-                    .count();
+                let fit = accepted(&self.pending, self.max_frame_size);
                 if fit == 0 {
                     return Some(self.read_frame().await?.map(Frames::one));
                 }
@@ -105,13 +100,8 @@ impl FrameReader for GrpcReader {
             }
             match self.stream.as_mut()?.next().await? {
                 Ok(item) => {
-                    let max = self.max_frame_size;
-                    if !item.frames.is_empty()
-                        && item
-                            .frames
-                            .iter()
-                            .all(|frame| codec::check_frame_len(frame.len(), max).is_ok())
-                    {
+                    let frames = item.frames.len();
+                    if frames > 0 && accepted(&item.frames, self.max_frame_size) == frames {
                         // The decoded item's vector carries the batch.
                         return Some(Ok(Frames::from_bodies(item.frames)));
                     }
@@ -143,6 +133,14 @@ impl FrameReader for GrpcReader {
     fn has_buffered_frame(&self) -> bool {
         !self.pending.is_empty()
     }
+}
+
+/// How many of `frames`, from the first, the length check accepts.
+fn accepted<'a>(frames: impl IntoIterator<Item = &'a Bytes>, max: usize) -> usize {
+    frames
+        .into_iter()
+        .take_while(|frame| codec::check_frame_len(frame.len(), max).is_ok())
+        .count()
 }
 
 pub(super) fn status_to_io(status: &Status) -> io::Error {
